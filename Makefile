@@ -1,0 +1,43 @@
+# tilechain: `make run` and `make test` work on a fresh clone (they set everything up).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTOS := $(wildcard protos/tilechain/v1/*.proto)
+
+.PHONY: setup protos docs up down run test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Regenerate the committed stubs (tests fail when they are stale).
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+
+# Regenerate the stage table in README.md from the stage classes.
+docs: $(STAMP)
+	$(PY) -m tilechain.docs
+
+up: $(STAMP)
+	$(VENV)/bin/tilechain up
+
+down:
+	@if [ -x $(VENV)/bin/tilechain ]; then $(VENV)/bin/tilechain down; fi
+
+# Set up, start the stack, run the default chain, print where its image went.
+run: up
+	$(VENV)/bin/tilechain run examples/chains/default.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_chain.py
+
+clean: down
+	rm -rf $(VENV) var

@@ -1,0 +1,144 @@
+"""Pixel formats, tile <-> array conversion and image file encoding, shared by the services,
+the gateway (attachments) and the client."""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from tilechain.v1 import tiles_pb2
+
+from .tiles import Rect, transport_grid
+
+MAX_TILE_BYTES = 4 * 1024 * 1024
+
+CHANNELS = {
+    tiles_pb2.PIXEL_FORMAT_RGB8: 3,
+    tiles_pb2.PIXEL_FORMAT_RGBA8: 4,
+    tiles_pb2.PIXEL_FORMAT_L8: 1,
+}
+PIL_MODES = {
+    tiles_pb2.PIXEL_FORMAT_RGB8: "RGB",
+    tiles_pb2.PIXEL_FORMAT_RGBA8: "RGBA",
+    tiles_pb2.PIXEL_FORMAT_L8: "L",
+}
+FORMAT_FOR_CHANNELS = {v: k for k, v in CHANNELS.items()}
+
+
+class ImageDecodeError(ValueError):
+    pass
+
+
+def channels(pixel_format: int) -> int:
+    return CHANNELS[pixel_format]
+
+
+def transport_edge(requested: int, channels: int) -> int:
+    """The transport tile edge to use: the requested one, shrunk until a tile fits in a message."""
+    edge = requested or 512
+    while edge * edge * channels > MAX_TILE_BYTES:
+        edge //= 2
+    return edge
+
+
+def to_pil(pixels: np.ndarray) -> Image.Image:
+    if pixels.shape[2] == 1:
+        return Image.fromarray(pixels[:, :, 0], "L")
+    return Image.fromarray(pixels, "RGBA" if pixels.shape[2] == 4 else "RGB")
+
+
+def from_pil(image: Image.Image) -> np.ndarray:
+    array = np.asarray(image)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def decode_image(data: bytes, mask: bool = False) -> np.ndarray:
+    """Decode PNG/JPEG/WebP bytes to (H, W, C) uint8: masks to L, images to RGB or RGBA."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            if mask:
+                image = image.convert("L")
+            elif image.mode not in ("RGB", "RGBA"):
+                image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
+            return from_pil(image)
+    except Exception as exc:  # PIL raises many types for bad data
+        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the header, without decoding the pixels."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception as exc:
+        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+
+
+def encode_image(pixels: np.ndarray, fmt: str, metadata: dict[str, Any] | None = None, quality: int = 95) -> bytes:
+    """Encode to png, jpeg or webp, with metadata as JSON: a PNG text chunk 'tilechain', or the
+    EXIF ImageDescription for JPEG and WebP."""
+    image = to_pil(pixels)
+    text = json.dumps(metadata, sort_keys=True) if metadata is not None else None
+    out = io.BytesIO()
+    if fmt == "png":
+        info = PngImagePlugin.PngInfo()
+        if text is not None:
+            info.add_text("tilechain", text)
+        image.save(out, "PNG", pnginfo=info)
+    elif fmt in ("jpeg", "webp"):
+        if fmt == "jpeg" and image.mode == "RGBA":
+            image = image.convert("RGB")
+        exif = Image.Exif()
+        if text is not None:
+            exif[0x010E] = text  # ImageDescription
+        image.save(out, fmt.upper(), quality=quality, exif=exif.tobytes())
+    else:
+        raise ValueError(f"unknown image format {fmt!r}")
+    return out.getvalue()
+
+
+def read_metadata(data: bytes) -> dict[str, Any] | None:
+    """The metadata encode_image wrote, or None."""
+    with Image.open(io.BytesIO(data)) as image:
+        text = image.info.get("tilechain") if image.format == "PNG" else image.getexif().get(0x010E)
+    return json.loads(text) if text else None
+
+
+def tile_message(canvas_id: int, rect: Rect, pixels: np.ndarray) -> tiles_pb2.Tile:
+    """A transport tile of rect cut from a full (H, W, C) canvas array."""
+    region = np.ascontiguousarray(pixels[rect.slices])
+    return tiles_pb2.Tile(
+        canvas_id=canvas_id, x=rect.x, y=rect.y, width=rect.width, height=rect.height, pixels=region.tobytes()
+    )
+
+
+def split_tiles(canvas_id: int, pixels: np.ndarray, edge: int) -> Iterator[tiles_pb2.Tile]:
+    height, width, chans = pixels.shape
+    for rect in transport_grid(width, height, transport_edge(edge, chans)):
+        yield tile_message(canvas_id, rect, pixels)
+
+
+def tile_rect(tile: tiles_pb2.Tile) -> Rect:
+    return Rect(tile.x, tile.y, tile.width, tile.height)
+
+
+def match_channels(pixels: np.ndarray, target: int) -> np.ndarray:
+    """Convert (H, W, C) pixels to target channels: drop or add an opaque alpha, grey to colour."""
+    have = pixels.shape[2]
+    if have == target:
+        return pixels
+    if have == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    elif have == 4:
+        pixels = pixels[:, :, :3]
+    if target == 4:
+        alpha = np.full(pixels.shape[:2] + (1,), 255, dtype=np.uint8)
+        return np.concatenate([pixels, alpha], axis=2)
+    if target == 1:
+        return np.asarray(to_pil(np.ascontiguousarray(pixels)).convert("L"))[:, :, None]
+    return pixels

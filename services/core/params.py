@@ -1,0 +1,146 @@
+"""Params schemas: declared by stage classes, published in catalogs, and checked by the same
+code in the gateway (against catalogs) and in the services (against the classes)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+from google.protobuf import json_format, struct_pb2
+
+from tilechain.v1 import stage_pb2
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+_TYPES: dict[type, int] = {
+    int: stage_pb2.PARAM_TYPE_INT,
+    float: stage_pb2.PARAM_TYPE_FLOAT,
+    bool: stage_pb2.PARAM_TYPE_BOOL,
+    str: stage_pb2.PARAM_TYPE_STRING,
+    list: stage_pb2.PARAM_TYPE_LIST,
+    dict: stage_pb2.PARAM_TYPE_OBJECT,
+}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list", dict: "an object"}
+
+
+class ParamError(ValueError):
+    """A param that is unknown, missing, of the wrong type or out of range."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type
+    default: Any = REQUIRED
+    doc: str = ""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[Any, ...] = field(default=())
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def check(self, value: Any) -> Any:
+        """The value converted to this param's type, or ParamError."""
+        if self.type is bool:
+            ok = isinstance(value, bool)
+        elif self.type is int:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+            value = int(value) if ok else value
+        elif self.type is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            value = float(value) if ok else value
+        else:
+            ok = isinstance(value, self.type)
+        if not ok:
+            raise ParamError(self.name, f"expected {_TYPE_NAMES[self.type]}, got {value!r}")
+        if self.choices and value not in self.choices:
+            raise ParamError(self.name, f"{value!r} is not one of {', '.join(map(repr, self.choices))}")
+        if self.min is not None and value < self.min:
+            raise ParamError(self.name, f"{value!r} is below the minimum {number_text(self.min)}")
+        if self.max is not None and value > self.max:
+            raise ParamError(self.name, f"{value!r} is above the maximum {number_text(self.max)}")
+        return value
+
+    def to_proto(self) -> stage_pb2.ParamSpec:
+        spec = stage_pb2.ParamSpec(name=self.name, type=_TYPES[self.type], required=self.required, doc=self.doc)
+        spec.default.CopyFrom(to_value(None if self.required else self.default))
+        if self.min is not None:
+            spec.minimum = self.min
+        if self.max is not None:
+            spec.maximum = self.max
+        for choice in self.choices:
+            spec.choices.add().CopyFrom(to_value(choice))
+        return spec
+
+    @classmethod
+    def from_proto(cls, spec: stage_pb2.ParamSpec) -> Param:
+        kind = {v: k for k, v in _TYPES.items()}[spec.type]
+        def typed(v: Any) -> Any:
+            return kind(v) if kind in (int, float) and v is not None else v
+
+        return cls(
+            name=spec.name,
+            type=kind,
+            default=REQUIRED if spec.required else typed(from_value(spec.default)),
+            doc=spec.doc,
+            min=spec.minimum if spec.HasField("minimum") else None,
+            max=spec.maximum if spec.HasField("maximum") else None,
+            choices=tuple(typed(from_value(c)) for c in spec.choices),
+        )
+
+
+def number_text(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def validate_params(specs: Sequence[Param], raw: Mapping[str, Any]) -> dict[str, Any]:
+    """Check raw params against specs: unknown names, missing required ones, types, ranges.
+    Returns every param, defaults filled in."""
+    known = {p.name: p for p in specs}
+    for name in raw:
+        if name not in known:
+            names = ", ".join(sorted(known)) or "none"
+            raise ParamError(name, f"unknown param (this stage takes: {names})")
+    values: dict[str, Any] = {}
+    for spec in specs:
+        if spec.name in raw and raw[spec.name] is not None:
+            values[spec.name] = spec.check(raw[spec.name])
+        elif spec.required:
+            raise ParamError(spec.name, "is required")
+        else:
+            values[spec.name] = spec.default
+    return values
+
+
+def to_value(x: Any) -> struct_pb2.Value:
+    value = struct_pb2.Value()
+    json_format.ParseDict(x, value)
+    return value
+
+
+def from_value(value: struct_pb2.Value) -> Any:
+    return json_format.MessageToDict(value)
+
+
+def struct_to_dict(struct: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(struct)
+
+
+def dict_to_struct(data: Mapping[str, Any]) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(dict(data))
+    return struct

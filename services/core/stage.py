@@ -1,0 +1,220 @@
+"""The stage base class and the registry that maps type names to stage classes.
+
+A stage declares what it is (type, family, params, tiling) and implements the work on one
+processing tile (`process_tile`) or, when it needs global context, on whole canvases
+(`process_canvas`). Everything about streaming lives in the engine, not here."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+import grpc
+import numpy as np
+
+from tilechain.v1 import stage_pb2, tiles_pb2
+
+from .config import FAMILIES, Settings
+from .params import Param, ParamError, dict_to_struct, struct_to_dict, validate_params
+from .tiles import Rect
+
+Canvas = tiles_pb2.Canvas
+IMAGE = tiles_pb2.CANVAS_ROLE_IMAGE
+MASK = tiles_pb2.CANVAS_ROLE_MASK
+RGB8, RGBA8, L8 = tiles_pb2.PIXEL_FORMAT_RGB8, tiles_pb2.PIXEL_FORMAT_RGBA8, tiles_pb2.PIXEL_FORMAT_L8
+ROLE_NAMES = {"image": IMAGE, "mask": MASK}
+
+
+class StageError(Exception):
+    """A failure with the gRPC status it should surface as."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Cancelled(Exception):
+    """Raised inside stage code when the caller went away."""
+
+
+@dataclass
+class OutputPlan:
+    """One output canvas and the input canvases it is computed from, by the names the stage
+    uses for them ("image", "other", "mask", ...)."""
+
+    canvas: Canvas
+    sources: dict[str, Canvas] = field(default_factory=dict)
+
+
+@dataclass
+class TileWork:
+    """One processing tile: the output window and, per source, the input pixels it needs."""
+
+    output: Canvas
+    window: Rect                                            # in output canvas coordinates
+    inputs: dict[str, tuple[Canvas, Rect, np.ndarray]]     # name -> (source, rect in it, pixels)
+
+    def source(self, name: str = "image") -> Canvas:
+        return self.inputs[name][0]
+
+    def rect(self, name: str = "image") -> Rect:
+        return self.inputs[name][1]
+
+    def pixels(self, name: str = "image") -> np.ndarray:
+        return self.inputs[name][2]
+
+
+@dataclass
+class Context:
+    """What a running stage may use besides its inputs."""
+
+    job_id: str
+    settings: Settings
+    cancel_event: threading.Event = field(default_factory=threading.Event)
+    notices: list[str] = field(default_factory=list)
+
+    def check_cancelled(self) -> None:
+        if self.cancel_event.is_set():
+            raise Cancelled()
+
+
+class Stage:
+    type: ClassVar[str]
+    family: ClassVar[str]
+    doc: ClassVar[str] = ""
+    params: ClassVar[tuple[Param, ...]] = ()
+    max_tile: ClassVar[int] = 512          # processing tile edge in output pixels; 0 = whole canvas
+    overlap: ClassVar[int] = 0             # output pixels shared by neighbouring processing tiles
+    order: ClassVar[str] = "grid"          # or "spiral"
+    needs_whole_canvas: ClassVar[bool] = False
+    attachments: ClassVar[tuple[str, ...]] = ()           # roles a caller may attach: "image", "mask"
+    required_attachments: ClassVar[tuple[str, ...]] = ()
+    size_params: ClassVar[tuple[str, ...]] = ()           # params that set the output size
+    keeps_output: ClassVar[bool] = False    # the engine hands finished canvases to finish()
+
+    def __init__(self, name: str, values: Mapping[str, Any], context: Context) -> None:
+        self.name = name
+        self.p = dict(values)
+        self.context = context
+
+    # --- description ---------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str, raw_params: Mapping[str, Any], context: Context) -> Stage:
+        return cls(name, validate_params(cls.params, raw_params), context)
+
+    @classmethod
+    def spec(cls) -> stage_pb2.StageSpec:
+        return stage_pb2.StageSpec(
+            type=cls.type,
+            family=cls.family,
+            doc=cls.doc,
+            params=[p.to_proto() for p in cls.params],
+            max_tile=cls.max_tile,
+            overlap=cls.overlap,
+            needs_whole_canvas=cls.needs_whole_canvas,
+            order=stage_pb2.TILE_ORDER_SPIRAL if cls.order == "spiral" else stage_pb2.TILE_ORDER_GRID,
+            attachments=list(cls.attachments),
+            required_attachments=list(cls.required_attachments),
+        )
+
+    # --- planning ------------------------------------------------------------------------
+
+    def plan(self, inputs: list[Canvas]) -> list[OutputPlan]:
+        """The output canvases for these inputs. By default: one output per chain image, of the
+        size and format that output_canvas gives, computed from that image."""
+        outputs = []
+        for image in self.chain_images(inputs):
+            outputs.append(OutputPlan(self.output_canvas(image), {"image": image}))
+        return outputs
+
+    def output_canvas(self, image: Canvas) -> Canvas:
+        return self.derived(image, image.width, image.height)
+
+    def derived(self, source: Canvas, width: int, height: int, pixel_format: int | None = None) -> Canvas:
+        """A canvas made from source: its role and index, this stage added to its provenance."""
+        canvas = Canvas(
+            width=width,
+            height=height,
+            format=pixel_format or source.format,
+            role=source.role,
+            index=source.index,
+        )
+        canvas.provenance.CopyFrom(self.provenance(source))
+        return canvas
+
+    def provenance(self, source: Canvas | None = None) -> Any:
+        history = struct_to_dict(source.provenance).get("stages", []) if source is not None else []
+        history = history + [{"name": self.name, "type": self.type, "params": self.p}]
+        return dict_to_struct({"stages": history})
+
+    @staticmethod
+    def chain_images(inputs: list[Canvas]) -> list[Canvas]:
+        return [c for c in inputs if c.role == IMAGE and not c.attached]
+
+    @staticmethod
+    def attached(inputs: list[Canvas], role: int) -> Canvas | None:
+        return next((c for c in inputs if c.attached and c.role == role), None)
+
+    def mask(self, inputs: list[Canvas]) -> Canvas | None:
+        """The attached mask, else a mask from the previous stage."""
+        return self.attached(inputs, MASK) or next((c for c in inputs if c.role == MASK), None)
+
+    @staticmethod
+    def require_same_size(param: str, what: str, canvas: Canvas, image: Canvas) -> None:
+        if (canvas.width, canvas.height) != (image.width, image.height):
+            raise ParamError(
+                param,
+                f"{what} is {canvas.width}x{canvas.height} but the image is {image.width}x{image.height}",
+            )
+
+    # --- tiling --------------------------------------------------------------------------
+
+    def tile_size(self) -> int:
+        return 0 if self.needs_whole_canvas else self.max_tile
+
+    def input_rect(self, window: Rect, name: str, source: Canvas, output: Canvas) -> Rect:
+        """The rect of source that the output window is computed from, including any context
+        (halo) the operator reads around it; the engine clamps it to the source."""
+        return window
+
+    # --- work ----------------------------------------------------------------------------
+
+    def process_tile(self, work: TileWork) -> np.ndarray:
+        """Output pixels (window.height, window.width, channels), uint8."""
+        raise NotImplementedError
+
+    def process_canvas(self, output: OutputPlan, sources: dict[str, np.ndarray]) -> np.ndarray:
+        """Whole-canvas stages: the output canvas from whole source canvases."""
+        raise NotImplementedError
+
+    def finish(self, output: OutputPlan, pixels: np.ndarray) -> list[stage_pb2.Artifact]:
+        """keeps_output stages: called with each finished output canvas."""
+        return []
+
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register(cls: type[Stage]) -> type[Stage]:
+    if cls.type in STAGES:
+        raise ValueError(f"stage type {cls.type!r} registered twice")
+    if cls.family not in FAMILIES:
+        raise ValueError(f"stage {cls.type!r}: unknown family {cls.family!r}")
+    STAGES[cls.type] = cls
+    return cls
+
+
+def load_family(family: str) -> dict[str, type[Stage]]:
+    """Import a family's stage module (registering its stages) and return its stages."""
+    importlib.import_module(f"tilechain.services.{family}")
+    return {name: cls for name, cls in STAGES.items() if cls.family == family}
+
+
+def load_all() -> dict[str, type[Stage]]:
+    for family in FAMILIES:
+        load_family(family)
+    return dict(STAGES)

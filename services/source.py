@@ -1,0 +1,86 @@
+"""Source stages: make new images (noise, an attached image). A source stage replaces the
+chain's images with its own; it reads an input image only where its params say so."""
+
+from __future__ import annotations
+
+import secrets
+
+import numpy as np
+
+from .core.params import Param, ParamError
+from .core.stage import IMAGE, RGB8, OutputPlan, Stage, TileWork, register
+from tilechain.v1 import tiles_pb2
+
+
+@register
+class SourceNoise(Stage):
+    type = "source-noise"
+    family = "source"
+    doc = (
+        "Fill new images with noise: uniform, gaussian, or colours drawn from an input image's "
+        "histogram (the chain's image, or one attached), as onnx-web fills outpainting borders."
+    )
+    params = (
+        Param("width", int, 512, "Width of each image in pixels.", min=8, max=65536),
+        Param("height", int, 512, "Height of each image in pixels.", min=8, max=65536),
+        Param("method", str, "uniform", "Noise distribution.", choices=("uniform", "gaussian", "histogram")),
+        Param("seed", int, -1, "Random seed; -1 picks one (recorded in the provenance). Image i uses seed + i.", min=-1, max=2**32 - 1),
+        Param("count", int, 1, "Number of images.", min=1, max=16),
+    )
+    needs_whole_canvas = True
+    max_tile = 0
+    attachments = ("image",)
+    size_params = ("width", "height")
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        if self.p["seed"] == -1:
+            self.p["seed"] = secrets.randbelow(2**32 - 16)
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        sample = self.attached(inputs, IMAGE) or next(iter(self.chain_images(inputs)), None)
+        if self.p["method"] == "histogram" and sample is None:
+            raise ParamError("method", "'histogram' needs an input image: place the stage after one or attach one")
+        outputs = []
+        for index in range(self.p["count"]):
+            canvas = tiles_pb2.Canvas(width=self.p["width"], height=self.p["height"], format=RGB8, role=IMAGE, index=index)
+            canvas.provenance.CopyFrom(self.provenance())
+            sources = {"image": sample} if self.p["method"] == "histogram" else {}
+            outputs.append(OutputPlan(canvas, sources))
+        return outputs
+
+    def process_canvas(self, output: OutputPlan, sources: dict[str, np.ndarray]) -> np.ndarray:
+        return noise(self.p["method"], self.p["width"], self.p["height"], self.p["seed"] + output.canvas.index, sources.get("image"))
+
+
+def noise(method: str, width: int, height: int, seed: int, sample: np.ndarray | None = None) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if method == "uniform":
+        return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    if method == "gaussian":
+        return np.clip(rng.normal(127.5, 48.0, (height, width, 3)), 0, 255).astype(np.uint8)
+    assert sample is not None
+    rgb = sample[:, :, :3] if sample.shape[2] >= 3 else np.repeat(sample, 3, axis=2)
+    channels = []
+    for c in range(3):
+        counts = np.bincount(rgb[:, :, c].ravel(), minlength=256).astype(np.float64)
+        channels.append(rng.choice(256, size=(height, width), p=counts / counts.sum()).astype(np.uint8))
+    return np.stack(channels, axis=2)
+
+
+@register
+class SourceImage(Stage):
+    type = "source-image"
+    family = "source"
+    doc = "Start from an image attached to the request under this stage's name."
+    attachments = ("image",)
+    required_attachments = ("image",)
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        image = self.attached(inputs, IMAGE)
+        canvas = tiles_pb2.Canvas(width=image.width, height=image.height, format=image.format, role=IMAGE, index=0)
+        canvas.provenance.CopyFrom(self.provenance())
+        return [OutputPlan(canvas, {"image": image})]
+
+    def process_tile(self, work: TileWork) -> np.ndarray:
+        return work.pixels()

@@ -1,0 +1,59 @@
+"""A small client for the gateway: build a ChainRequest from a chain file and images, run it,
+and reassemble returned tiles into images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import numpy as np
+
+from tilechain.services.core.codecs import channels
+from tilechain.services.core.config import GATEWAY_MAX_REQUEST_BYTES, channel_options
+from tilechain.v1 import gateway_pb2, gateway_pb2_grpc
+
+
+def load_chain(path: Path) -> str:
+    return Path(path).read_text()
+
+
+def chain_request(
+    chain: str | dict[str, Any],
+    attachments: list[tuple[str, str, bytes]] = (),
+    return_tiles: int = gateway_pb2.TILE_RETURN_NONE,
+    transport_tile: int = 0,
+) -> gateway_pb2.ChainRequest:
+    """chain: JSON text or a dict; attachments: (stage name, "image" or "mask", encoded bytes)."""
+    text = chain if isinstance(chain, str) else json.dumps(chain)
+    return gateway_pb2.ChainRequest(
+        chain_json=text,
+        attachments=[gateway_pb2.Attachment(stage=s, role=r, data=d) for s, r, d in attachments],
+        return_tiles=return_tiles,
+        transport_tile=transport_tile,
+    )
+
+
+def connect(address: str) -> gateway_pb2_grpc.GatewayStub:
+    options = channel_options() + [("grpc.max_send_message_length", GATEWAY_MAX_REQUEST_BYTES)]
+    return gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(address, options=options))
+
+
+def run(stub: gateway_pb2_grpc.GatewayStub, request: gateway_pb2.ChainRequest, timeout: float | None = None) -> Iterator[gateway_pb2.JobEvent]:
+    return stub.RunChain(request, timeout=timeout)
+
+
+class TileAssembler:
+    """Collects TileEvents into whole images, keyed by (stage name, canvas id)."""
+
+    def __init__(self) -> None:
+        self.images: dict[tuple[str, int], np.ndarray] = {}
+
+    def add(self, event: gateway_pb2.TileEvent) -> None:
+        canvas, tile = event.canvas, event.tile
+        key = (event.name, canvas.id)
+        if key not in self.images:
+            self.images[key] = np.zeros((canvas.height, canvas.width, channels(canvas.format)), dtype=np.uint8)
+        region = np.frombuffer(tile.pixels, dtype=np.uint8).reshape(tile.height, tile.width, -1)
+        self.images[key][tile.y : tile.y + tile.height, tile.x : tile.x + tile.width] = region

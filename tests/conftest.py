@@ -1,0 +1,51 @@
+"""Fixtures: the real stack (six services and the gateway, each its own process) on free
+loopback ports, with its own output root."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from tilechain.client import connect
+from tilechain.stack import COMPONENTS, Stack
+from tilechain.v1 import gateway_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def output_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("outputs").resolve()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, output_root: Path) -> Iterator[Stack]:
+    addresses = {c: f"127.0.0.1:{free_port()}" for c in COMPONENTS}
+    stack = Stack(addresses, tmp_path_factory.mktemp("logs"))
+    env = {"TILECHAIN_OUTPUT_ROOT": str(output_root), "TILECHAIN_MAX_PIXELS": str(2048 * 2048)}
+    stack.start(extra_env=env)
+    yield stack
+    stack.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(stack: Stack) -> gateway_pb2_grpc.GatewayStub:
+    return connect(stack.addresses["gateway"])
+
+
+def run_events(gateway: gateway_pb2_grpc.GatewayStub, request, timeout: float = 60.0) -> list:
+    return list(gateway.RunChain(request, timeout=timeout))
+
+
+def rpc_error(gateway: gateway_pb2_grpc.GatewayStub, request) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        run_events(gateway, request)
+    return info.value

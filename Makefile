@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-PROTOS := $(wildcard protos/tilechain/v1/*.proto)
 
 .PHONY: setup protos docs up down run test bench clean
 
@@ -17,7 +16,7 @@ $(STAMP): pyproject.toml
 
 # Regenerate the committed stubs (tests fail when they are stale).
 protos: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. $(PROTOS)
+	$(PY) -m tilechain.protos
 
 # Regenerate the stage table in README.md from the stage classes.
 docs: $(STAMP)

@@ -1,0 +1,40 @@
+"""Generating the Python stubs from protos/ (`make protos`); the tests regenerate them into a
+temporary folder and compare, so committed stubs never go stale."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO_DIR = ROOT / "protos"
+
+
+def proto_files() -> list[Path]:
+    return sorted((PROTO_DIR / "tilechain" / "v1").glob("*.proto"))
+
+
+def generated_files(out_dir: Path) -> list[Path]:
+    return sorted(p for p in (out_dir / "tilechain" / "v1").glob("*_pb2*.py*"))
+
+
+def generate(out_dir: Path = ROOT) -> None:
+    from grpc_tools import protoc  # a dev dependency: only needed to regenerate
+
+    include = Path(protoc.__file__).parent / "_proto"
+    args = [
+        "protoc",
+        f"-I{PROTO_DIR}",
+        f"-I{include}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        f"--pyi_out={out_dir}",
+        *(str(p.relative_to(PROTO_DIR)) for p in proto_files()),
+    ]
+    (out_dir / "tilechain" / "v1").mkdir(parents=True, exist_ok=True)
+    if protoc.main(args) != 0:
+        raise SystemExit("protoc failed")
+
+
+if __name__ == "__main__":
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)

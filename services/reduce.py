@@ -49,7 +49,7 @@ class ReduceThumbnail(Stage):
     params = (
         Param("width", int, 256, "Largest width.", min=1, max=65536),
         Param("height", int, 256, "Largest height.", min=1, max=65536),
-        Param("method", str, "lanczos", "Resampling filter.", choices=tuple(FILTERS)),
+        Param("method", str, "lanczos", "Resampling filter.", choices=FILTERS),
     )
     size_params = ("width", "height")
 

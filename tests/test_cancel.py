@@ -66,3 +66,20 @@ def test_cancel_job_and_job_api(gateway, stack: Stack) -> None:
         assert "job_id" in error.details()
     else:
         raise AssertionError("GetJob of an unknown job succeeded")
+
+
+def test_deadline_reaches_every_service(gateway, stack: Stack, output_root: Path) -> None:
+    chain = {
+        "stages": [
+            {"name": "noise", "type": "source-noise", "params": {"width": 512, "height": 512, "seed": 4}},
+            {"name": "up", "type": "upscale-simple", "params": {"scale": 4}},
+            {"name": "save", "type": "persist-disk", "params": {"filename": "deadline/{job}.png"}},
+        ]
+    }
+    before = stats(stack, "persist")
+    # Tiles are returned but never read, so the job cannot finish before its deadline.
+    call = gateway.RunChain(chain_request(chain, return_tiles=gateway_pb2.TILE_RETURN_ALL, transport_tile=64), timeout=2.0)
+    assert call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    after = stats(stack, "persist", wait_idle=True)
+    assert after.streams_cancelled == before.streams_cancelled + 1
+    assert not (output_root / "deadline").exists() or not any((output_root / "deadline").iterdir())

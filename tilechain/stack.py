@@ -1,5 +1,5 @@
-"""Starting and stopping the local stack: the six stage services and the gateway, each its own
-process, on loopback. Used by `make up`/`make down` (via the CLI) and by the tests."""
+"""Starting and stopping the local stack: the six stage services, the gateway and Envoy in front
+of it, each its own process, on loopback. Used by `make up`/`make down` (via the CLI) and by the tests."""
 
 from __future__ import annotations
 
@@ -16,12 +16,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tilechain.services.core.config import FAMILIES, address_env, default_address
 
-COMPONENTS: tuple[str, ...] = (*FAMILIES, "gateway")
+COMPONENTS: tuple[str, ...] = (*FAMILIES, "gateway", "envoy")
 
 
 def command(component: str) -> list[str]:
     if component == "gateway":
         return [sys.executable, "-m", "tilechain.cli", "gateway"]
+    if component == "envoy":
+        # renders the config from the environment's addresses, runs envoy as its child
+        return [sys.executable, "-m", "tilechain.envoy"]
     return [sys.executable, "-m", "tilechain.cli", "serve", component]
 
 
@@ -50,7 +53,8 @@ class Stack:
             self.wait_serving(component)
 
     def wait_serving(self, component: str, timeout: float = 60.0) -> None:
-        """Block until the component's health check says SERVING; fail early if it died."""
+        """Block until the component's health check says SERVING; fail early if it died.
+        Envoy passes gRPC through to the gateway: its check is the gateway's, answered via Envoy."""
         process = self.processes.get(component)
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.addresses[component]) as channel:

@@ -4,15 +4,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup protos docs up down run test bench clean
+.PHONY: setup models protos docs up down run test bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) models
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+# The default local models: real architectures, small random weights (skips existing files).
+models: $(STAMP)
+	$(PY) -m tilechain.build_models
 
 # Regenerate the committed stubs (tests fail when they are stale).
 protos: $(STAMP)
@@ -22,7 +26,7 @@ protos: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m tilechain.docs
 
-up: $(STAMP)
+up: $(STAMP) models
 	$(VENV)/bin/tilechain up
 
 down:
@@ -32,10 +36,10 @@ down:
 run: up
 	$(VENV)/bin/tilechain run examples/chains/default.json
 
-test: $(STAMP)
+test: $(STAMP) models
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) models
 	$(PY) bench/bench_chain.py
 
 clean: down

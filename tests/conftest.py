@@ -1,4 +1,4 @@
-"""Fixtures: the real stack (six services and the gateway, each its own process) on free
+"""Fixtures: the real stack (six services, the gateway and Envoy, each its own process) on free
 loopback ports, with its own output root."""
 
 from __future__ import annotations
@@ -13,6 +13,9 @@ import pytest
 from tilechain.client import connect
 from tilechain.stack import COMPONENTS, Stack
 from tilechain.v1 import gateway_pb2_grpc
+
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:
@@ -30,7 +33,13 @@ def output_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stack(tmp_path_factory: pytest.TempPathFactory, output_root: Path) -> Iterator[Stack]:
     addresses = {c: f"127.0.0.1:{free_port()}" for c in COMPONENTS}
     stack = Stack(addresses, tmp_path_factory.mktemp("logs"))
-    env = {"TILECHAIN_OUTPUT_ROOT": str(output_root), "TILECHAIN_MAX_PIXELS": str(2048 * 2048)}
+    env = {
+        "TILECHAIN_OUTPUT_ROOT": str(output_root),
+        "TILECHAIN_MAX_PIXELS": str(2048 * 2048),
+        "TILECHAIN_MODELS_ROOT": str(ROOT / "var" / "models"),  # built by `make models`
+        "TILECHAIN_MODELS_CONFIG": str(ROOT / "models.yaml"),
+        "TILECHAIN_ENVOY_ADMIN_ADDR": f"127.0.0.1:{free_port()}",  # not 9901: a `make up` stack may hold it
+    }
     stack.start(extra_env=env)
     yield stack
     stack.stop()

@@ -15,7 +15,9 @@ END = "<!-- stage-table:end -->"
 def _param(p: Param) -> str:
     text = f"`{p.name}`"
     parts = []
-    if p.choices:
+    if p.keywords:
+        parts.append(" or ".join([p.type.__name__, *map(repr, p.keywords)]))
+    elif p.choices:
         parts.append("|".join(str(c) for c in p.choices))
     else:
         parts.append(p.type.__name__)

@@ -1,5 +1,6 @@
-"""Generating the Python stubs and the descriptor set from protos/ (`make protos`); the tests
-regenerate them into a temporary folder and compare, so committed files never go stale.
+"""Generating the Python stubs and the descriptor set from protos/ (`make protos`, which also
+refreshes k8s/base/envoy.yaml, where the descriptor set is embedded); the tests regenerate them
+into a temporary folder and compare, so committed files never go stale.
 
 The descriptor set (every tilechain.v1 file plus its imports) is what Envoy's gRPC-JSON
 transcoder reads to turn JSON into protobuf and back; it lives in the package, next to the
@@ -52,4 +53,9 @@ def generate(out_dir: Path = ROOT) -> None:
 
 
 if __name__ == "__main__":
-    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT)
+    out = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT
+    generate(out)
+    if out == ROOT:
+        from tilechain.envoy import write_k8s_config
+
+        write_k8s_config()  # it embeds the descriptor set

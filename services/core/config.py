@@ -48,7 +48,8 @@ class Settings:
     max_pixels: int = 8192 * 8192          # largest canvas a stage may produce or accept
     transport_tile: int = 512               # default transport tile edge
     output_root: Path = Path("var/outputs")  # persist-disk writes only below this
-    models_root: Path = Path("var/models")
+    models_root: Path = Path("var/models")      # models.yaml paths are relative to this
+    models_config: Path = Path("models.yaml")
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -58,4 +59,5 @@ class Settings:
             transport_tile=int(env.get("TILECHAIN_TRANSPORT_TILE", cls.transport_tile)),
             output_root=Path(env.get("TILECHAIN_OUTPUT_ROOT", cls.output_root)).resolve(),
             models_root=Path(env.get("TILECHAIN_MODELS_ROOT", cls.models_root)).resolve(),
+            models_config=Path(env.get("TILECHAIN_MODELS_CONFIG", cls.models_config)).resolve(),
         )

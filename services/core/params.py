@@ -48,6 +48,7 @@ class Param:
     min: float | None = None
     max: float | None = None
     choices: tuple[Any, ...] = field(default=())
+    keywords: tuple[str, ...] = field(default=())  # strings accepted besides the type ("auto")
 
     @property
     def required(self) -> bool:
@@ -55,6 +56,8 @@ class Param:
 
     def check(self, value: Any) -> Any:
         """The value converted to this param's type, or ParamError."""
+        if isinstance(value, str) and value in self.keywords:
+            return value
         if self.type is bool:
             ok = isinstance(value, bool)
         elif self.type is int:
@@ -66,7 +69,8 @@ class Param:
         else:
             ok = isinstance(value, self.type)
         if not ok:
-            raise ParamError(self.name, f"expected {_TYPE_NAMES[self.type]}, got {value!r}")
+            also = "".join(f" or {k!r}" for k in self.keywords)
+            raise ParamError(self.name, f"expected {_TYPE_NAMES[self.type]}{also}, got {value!r}")
         if self.choices and value not in self.choices:
             raise ParamError(self.name, f"{value!r} is not one of {', '.join(map(repr, self.choices))}")
         if self.min is not None and value < self.min:
@@ -76,7 +80,9 @@ class Param:
         return value
 
     def to_proto(self) -> stage_pb2.ParamSpec:
-        spec = stage_pb2.ParamSpec(name=self.name, type=_TYPES[self.type], required=self.required, doc=self.doc)
+        spec = stage_pb2.ParamSpec(
+            name=self.name, type=_TYPES[self.type], required=self.required, doc=self.doc, keywords=self.keywords
+        )
         spec.default.CopyFrom(to_value(None if self.required else self.default))
         if self.min is not None:
             spec.minimum = self.min
@@ -95,12 +101,17 @@ class Param:
         return cls(
             name=spec.name,
             type=kind,
-            default=REQUIRED if spec.required else typed(from_value(spec.default)),
+            default=REQUIRED if spec.required else _default(typed, from_value(spec.default), spec.keywords),
             doc=spec.doc,
             min=spec.minimum if spec.HasField("minimum") else None,
             max=spec.maximum if spec.HasField("maximum") else None,
             choices=tuple(typed(from_value(c)) for c in spec.choices),
+            keywords=tuple(spec.keywords),
         )
+
+
+def _default(typed: Any, value: Any, keywords: Any) -> Any:
+    return value if isinstance(value, str) and value in keywords else typed(value)
 
 
 def number_text(x: float) -> str:

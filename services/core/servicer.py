@@ -13,6 +13,7 @@ from tilechain.v1 import stage_pb2, stage_pb2_grpc
 from .config import Settings
 from .engine import TileEngine, plan_outputs
 from .params import ParamError, struct_to_dict
+from .models import ModelRegistry
 from .stage import Cancelled, Context, Stage, StageError, load_family
 
 log = logging.getLogger("tilechain.stage")
@@ -32,6 +33,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self.family = family
         self.settings = settings
         self.stages = load_family(family)
+        self.models = ModelRegistry(settings.models_config, settings.models_root)
         self.stats = stage_pb2.ServiceStats()
         self._idle = asyncio.Condition()
 
@@ -51,7 +53,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
 
     async def Plan(self, request: stage_pb2.StageStart, context: grpc.aio.ServicerContext) -> stage_pb2.PlanResult:
         try:
-            stage = self._create(request, Context(request.job_id, self.settings))
+            stage = self._create(request, Context(request.job_id, self.settings, self.models))
             outputs = plan_outputs(stage, list(request.inputs), self.settings)
         except ParamError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, param_message(request.name, request.type, exc))
@@ -77,7 +79,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self.stats.streams_started += 1
         await self._set_active(+1)
         start = stage_pb2.StageStart()
-        run_context = Context("", self.settings)
+        run_context = Context("", self.settings, self.models)
         outcome = "failed"
         try:
             first = await anext(messages, None)

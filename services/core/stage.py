@@ -17,6 +17,7 @@ import numpy as np
 from tilechain.v1 import stage_pb2, tiles_pb2
 
 from .config import FAMILIES, Settings
+from .models import ModelRegistry
 from .params import Param, ParamError, dict_to_struct, struct_to_dict, validate_params
 from .tiles import Rect
 
@@ -73,6 +74,7 @@ class Context:
 
     job_id: str
     settings: Settings
+    models: ModelRegistry | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     notices: list[str] = field(default_factory=list)
 

@@ -132,7 +132,7 @@ class DescribeRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ParamSpec(_message.Message):
-    __slots__ = ("name", "type", "default", "required", "minimum", "maximum", "choices", "doc")
+    __slots__ = ("name", "type", "default", "required", "minimum", "maximum", "choices", "doc", "keywords")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -141,6 +141,7 @@ class ParamSpec(_message.Message):
     MAXIMUM_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     DOC_FIELD_NUMBER: _ClassVar[int]
+    KEYWORDS_FIELD_NUMBER: _ClassVar[int]
     name: str
     type: ParamType
     default: _struct_pb2.Value
@@ -149,7 +150,8 @@ class ParamSpec(_message.Message):
     maximum: float
     choices: _containers.RepeatedCompositeFieldContainer[_struct_pb2.Value]
     doc: str
-    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[ParamType, str]] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., required: _Optional[bool] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., choices: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ..., doc: _Optional[str] = ...) -> None: ...
+    keywords: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[ParamType, str]] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., required: _Optional[bool] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., choices: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ..., doc: _Optional[str] = ..., keywords: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StageSpec(_message.Message):
     __slots__ = ("type", "family", "doc", "params", "max_tile", "overlap", "needs_whole_canvas", "order", "attachments", "required_attachments")

@@ -1,0 +1,105 @@
+"""`make models`: the default local models, in the real architectures with small random
+weights, so every model path runs offline, in CI, on a CPU. Real checkpoints replace them by
+path or hub id in models.yaml.
+
+Each model is built only if its file is missing; `--force` rebuilds."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import save_file
+
+
+def esrgan(scale: int) -> torch.nn.Module:
+    from spandrel.architectures.ESRGAN import ESRGAN
+
+    return ESRGAN(in_nc=3, out_nc=3, num_filters=16, num_blocks=1, scale=scale)
+
+
+def compact(scale: int) -> torch.nn.Module:
+    from spandrel.architectures.Compact import Compact
+
+    return Compact(num_in_ch=3, num_out_ch=3, num_feat=16, num_conv=4, upscale=scale)
+
+
+def swinir(scale: int) -> torch.nn.Module:
+    from spandrel.architectures.SwinIR import SwinIR
+
+    return SwinIR(
+        img_size=32, window_size=8, embed_dim=24, depths=[2], num_heads=[2], mlp_ratio=2.0,
+        upscale=scale, upsampler="pixelshuffledirect", in_chans=3, img_range=1.0, resi_connection="1conv",
+    )
+
+
+def gfpgan() -> torch.nn.Module:
+    # spandrel loads GFPGAN at its one published size (512 px, 512 style features), so the
+    # random model has the real size too (~340 MB).
+    from spandrel.architectures.GFPGAN import GFPGAN
+
+    return GFPGAN(
+        out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,
+        num_mlp=8, input_is_latent=True, different_w=True, narrow=1, sft_half=True,
+    )
+
+
+def codeformer() -> torch.nn.Module:
+    # the optional spandrel-extra-arches package; a small transformer and codebook (spandrel
+    # reads their sizes from the state dict), the real encoder and generator
+    from spandrel_extra_arches.architectures.CodeFormer import CodeFormer
+
+    return CodeFormer(dim_embd=64, n_head=8, n_layers=1, codebook_size=64, latent_size=256, connect_list=["32", "64", "128", "256"])
+
+
+def codeformer_available() -> bool:
+    try:
+        import spandrel_extra_arches  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {
+    "upscalers/esrgan-x4.safetensors": lambda: esrgan(4),
+    "upscalers/esrgan-x2.safetensors": lambda: esrgan(2),
+    "upscalers/compact-x4.safetensors": lambda: compact(4),
+    "upscalers/swinir-x2.safetensors": lambda: swinir(2),
+    "faces/gfpgan.safetensors": gfpgan,
+}
+if codeformer_available():
+    MODELS["faces/codeformer.safetensors"] = codeformer
+
+
+def build(root: Path, force: bool = False, only: str | None = None) -> list[Path]:
+    built = []
+    for relative, make in MODELS.items():
+        if only and only not in relative:
+            continue
+        path = root / relative
+        if path.exists() and not force:
+            continue
+        torch.manual_seed(0)
+        state = {k: v.contiguous() for k, v in make().state_dict().items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(state, str(tmp))
+        tmp.replace(path)
+        built.append(path)
+    return built
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m tilechain.build_models")
+    parser.add_argument("--root", default="var/models")
+    parser.add_argument("--force", action="store_true")
+    parser.add_argument("--only", help="build the models whose path contains this")
+    args = parser.parse_args()
+    for path in build(Path(args.root), args.force, args.only):
+        print(f"built {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,4 +1,5 @@
-"""Blend stages: combine the chain's images with attached images and masks."""
+"""Blend stages: combine the chain's images with attached images and masks, or rework them
+with a diffusion model (img2img, inpaint)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import numpy as np
 from tilechain.v1 import tiles_pb2
 
 from .core.codecs import channels, match_channels
+from .core.diffusion import DiffusionStage, mask_blur_param, prompt_params, sampling_params, strength_param, tile_params
 from .core.params import Param, ParamError
-from .core.stage import IMAGE, OutputPlan, Stage, TileWork, register
+from .core.stage import IMAGE, RGB8, OutputPlan, Stage, TileWork, register
 
 
 class _BlendStage(Stage):
@@ -66,3 +68,73 @@ class BlendMask(_BlendStage):
         image, other = self.operands(work)
         weight = work.pixels("mask").astype(np.float32) / 255.0
         return np.clip(np.rint(image + (other - image) * weight), 0, 255).astype(np.uint8)
+
+
+class _DiffusionBlend(DiffusionStage):
+    """Image-to-image diffusion over the chain's images (or one attached image), in tiles."""
+
+    family = "blend"
+    attachments = ("image",)
+
+    def images(self, inputs: list[tiles_pb2.Canvas]) -> list[tiles_pb2.Canvas]:
+        images = self.chain_images(inputs) or [c for c in inputs if c.attached and c.role == IMAGE]
+        if not images:
+            raise ParamError("image", "needs an input image: place the stage after one or attach one")
+        return images
+
+    def checkstrength_param(self) -> None:
+        if int(self.p["steps"] * self.p["strength"]) < 1:
+            raise ParamError("strength", f"{self.p['strength']} x {self.p['steps']} steps runs no step; raise strength or steps")
+
+    def output_canvas(self, image: tiles_pb2.Canvas) -> tiles_pb2.Canvas:
+        return self.derived(image, image.width, image.height, RGB8)
+
+
+@register
+class BlendImg2Img(_DiffusionBlend):
+    type = "blend-img2img"
+    doc = (
+        "Refine each image with a diffusion model from a prompt (img2img; the SDXL refiner too). "
+        "Images larger than the tile run as overlapping tiles in spiral order, feather-blended."
+    )
+    task = "img2img"
+    params = (*prompt_params("sd15"), strength_param(0.5), *sampling_params(), *tile_params(64))
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.check_model()
+        self.checkstrength_param()
+        return [OutputPlan(self.output_canvas(image), {"image": image}) for image in self.images(inputs)]
+
+    def tile_call(self, work: TileWork) -> dict:
+        return self.prompt_call() | {"strength": self.p["strength"]}
+
+
+@register
+class BlendInpaint(_DiffusionBlend):
+    type = "blend-inpaint"
+    doc = (
+        "Repaint the white area of a mask (attached, or from the previous stage) from a prompt: "
+        "inpainting checkpoints (9-channel UNet) or, with an ordinary checkpoint, masked img2img. "
+        "Tiles without any mask pass through untouched."
+    )
+    task = "inpaint"
+    attachments = ("image", "mask")
+    params = (*prompt_params("sd15-inpaint"), strength_param(1.0), mask_blur_param(), *sampling_params(), *tile_params(64))
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.check_model()
+        self.checkstrength_param()
+        mask = self.mask(inputs)
+        if mask is None:
+            raise ParamError("mask", "needs a mask: attach one to this stage or produce one in the previous stage")
+        outputs = []
+        for image in self.images(inputs):
+            self.require_same_size("mask", "the mask", mask, image)
+            outputs.append(OutputPlan(self.output_canvas(image), {"image": image, "mask": mask}))
+        return outputs
+
+    def process_tile(self, work: TileWork) -> np.ndarray:
+        pixels, mask = work.pixels()[:, :, :3], work.pixels("mask")[:, :, 0]
+        if not mask.any():
+            return pixels.copy()
+        return self.inpaint(work.window, pixels, mask, self.prompt_call() | {"strength": self.p["strength"]})

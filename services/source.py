@@ -1,4 +1,4 @@
-"""Source stages: make new images (noise, an attached image). A source stage replaces the
+"""Source stages: make new images (noise, an attached image, a diffusion model). A source stage replaces the
 chain's images with its own; it reads an input image only where its params say so."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import secrets
 
 import numpy as np
 
+from .core.diffusion import DiffusionStage, generator, prompt_params, sampling_params
 from .core.params import Param, ParamError
 from .core.stage import IMAGE, RGB8, OutputPlan, Stage, TileWork, register
 from tilechain.v1 import tiles_pb2
@@ -84,3 +85,54 @@ class SourceImage(Stage):
 
     def process_tile(self, work: TileWork) -> np.ndarray:
         return work.pixels()
+
+
+@register
+class SourceTxt2Img(DiffusionStage):
+    type = "source-txt2img"
+    family = "source"
+    doc = (
+        "Generate images from a prompt with a diffusion model (SD 1.x/2.x, SDXL, or any "
+        "diffusers text-to-image pipeline). The whole image is one pipeline call; for images "
+        "far beyond the model's native size, generate at native size and upscale, then refine "
+        "with blend-img2img, which tiles."
+    )
+    task = "txt2img"
+    params = (
+        *prompt_params("sd15"),
+        Param("width", int, 512, "Width in pixels, a multiple of 8.", min=64, max=4096),
+        Param("height", int, 512, "Height in pixels, a multiple of 8.", min=64, max=4096),
+        Param("count", int, 1, "Images per request; image i uses seed + i.", min=1, max=16),
+        *sampling_params(),
+    )
+    needs_whole_canvas = True
+    max_tile = 0
+    size_params = ("width", "height")
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.check_model()
+        for side in ("width", "height"):
+            if self.p[side] % 8:
+                raise ParamError(side, f"{self.p[side]} is not a multiple of 8 (the VAE works in 8-pixel blocks)")
+        self.images: np.ndarray | None = None
+        outputs = []
+        for index in range(self.p["count"]):
+            canvas = tiles_pb2.Canvas(width=self.p["width"], height=self.p["height"], format=RGB8, role=IMAGE, index=index)
+            canvas.provenance.CopyFrom(self.provenance())
+            outputs.append(OutputPlan(canvas, {}))
+        return outputs
+
+    def jobs_with_steps(self, jobs: int) -> int:
+        return 1  # one batched call makes every image
+
+    def process_canvas(self, output: OutputPlan, sources: dict[str, np.ndarray]) -> np.ndarray:
+        if self.images is None:  # all `count` images in one batched call, on the first output
+            count, seed = self.p["count"], self.p["seed"]
+            call = self.prompt_call() | {
+                "width": self.p["width"],
+                "height": self.p["height"],
+                "num_images_per_prompt": count,
+                "generator": [generator(seed + i) for i in range(count)],
+            }
+            self.images = self.run_pipeline(call)
+        return self.images[output.canvas.index]

@@ -1,4 +1,5 @@
-"""Upscale stages: make images larger, by resampling or with super-resolution models."""
+"""Upscale stages: make images larger, by resampling, with super-resolution models, with
+diffusion upscalers, or by outpainting a border."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import numpy as np
 from tilechain.v1 import tiles_pb2
 
 from .core.codecs import match_channels
+from .core.diffusion import DiffusionStage, mask_blur_param, prompt_params, sampling_params, strength_param, tile_params, tile_seed
 from .core.params import Param, ParamError
 from .core.resample import FILTERS, halo_for, resize_tile, resize_window, scaled_input_rect, source_rect
 from .core.stage import RGB8, OutputPlan, Stage, StageError, TileWork, register
@@ -194,3 +196,128 @@ class UpscaleBsrgan(SpandrelUpscale):
     doc = "BSRGAN models (an RRDBNet, which spandrel loads as ESRGAN)."
     params = _model_params("esrgan-x4")
     architectures = ("ESRGAN",)
+
+
+# --- diffusion upscalers and outpainting -----------------------------------------------------
+
+
+@register
+class UpscaleStableDiffusion(DiffusionStage):
+    type = "upscale-stable-diffusion"
+    family = "upscale"
+    doc = "x4 with the Stable Diffusion x4 upscaler, guided by a prompt; in overlapping tiles (128 input px by default)."
+    task = "upscale-x4"
+    scale = 4
+    params = (
+        *prompt_params("sd-x4-upscaler", steps=20, cfg=9.0),
+        Param("noise_level", int, 20, "Noise added to the low-resolution input: more gives more invented detail.", min=0, max=350),
+        Param("eta", float, 0.0, "DDIM eta.", min=0.0, max=1.0),
+        *tile_params(16),
+    )
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.check_model()
+        return super().plan(inputs)
+
+    def output_canvas(self, image: tiles_pb2.Canvas) -> tiles_pb2.Canvas:
+        return self.derived(image, image.width * 4, image.height * 4, RGB8)
+
+    def tile_call(self, work: TileWork) -> dict:
+        return self.prompt_call() | {"noise_level": self.p["noise_level"]}
+
+
+@register
+class UpscaleLatent(DiffusionStage):
+    type = "upscale-latent"
+    family = "upscale"
+    doc = "x2 with the Stable Diffusion latent upscaler (for SD 1.x images), guided by a prompt; in overlapping tiles."
+    task = "upscale-latent"
+    scale = 2
+    overlap = 32
+    params = (*prompt_params("sd-latent-x2", steps=20, cfg=0.0), *tile_params(16))
+    minimum = 64  # its UNet pads the latent by a pixel at its lowest level: 8x8 latents at least
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.check_model()
+        for image in self.chain_images(inputs):
+            if min(image.width, image.height) < self.minimum:
+                raise ParamError("image", f"{image.width}x{image.height} is below the latent upscaler's minimum of {self.minimum}x{self.minimum}")
+        return super().plan(inputs)
+
+    def output_canvas(self, image: tiles_pb2.Canvas) -> tiles_pb2.Canvas:
+        return self.derived(image, image.width * 2, image.height * 2, RGB8)
+
+    def tile_call(self, work: TileWork) -> dict:
+        return self.prompt_call()
+
+
+def parse_colour(value: str) -> tuple[int, int, int]:
+    text = value.lstrip("#")
+    if len(text) != 6 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise ParamError("colour", f"{value!r} is not a colour like '#7f7f7f'")
+    return int(text[0:2], 16), int(text[2:4], 16), int(text[4:6], 16)
+
+
+@register
+class UpscaleOutpaint(DiffusionStage):
+    type = "upscale-outpaint"
+    family = "upscale"
+    doc = (
+        "Extend each image by a border (one for all sides, or per side), fill it with noise or "
+        "a colour, and inpaint it from a prompt. Tiles inside the original pass through."
+    )
+    task = "inpaint"
+    params = (
+        *prompt_params("sd15-inpaint"),
+        Param("border", int, 0, "Pixels added on every side not given its own value.", min=0, max=4096),
+        Param("left", int, -1, "Pixels added on the left; -1 uses border.", min=-1, max=4096),
+        Param("right", int, -1, "Pixels added on the right; -1 uses border.", min=-1, max=4096),
+        Param("top", int, -1, "Pixels added at the top; -1 uses border.", min=-1, max=4096),
+        Param("bottom", int, -1, "Pixels added at the bottom; -1 uses border.", min=-1, max=4096),
+        Param("fill", str, "noise", "What the new area starts as before inpainting.", choices=("noise", "colour")),
+        Param("colour", str, "#7f7f7f", "The fill colour for fill='colour'."),
+        strength_param(1.0),
+        mask_blur_param(8),
+        *sampling_params(),
+        *tile_params(64),
+    )
+    size_params = ("border",)
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.check_model()
+        self.sides = {side: self.p[side] if self.p[side] >= 0 else self.p["border"] for side in ("left", "right", "top", "bottom")}
+        if not any(self.sides.values()):
+            raise ParamError("border", "no border to outpaint: set border or left/right/top/bottom")
+        self.fill_colour = parse_colour(self.p["colour"])
+        return super().plan(inputs)
+
+    def output_canvas(self, image: tiles_pb2.Canvas) -> tiles_pb2.Canvas:
+        s = self.sides
+        return self.derived(image, image.width + s["left"] + s["right"], image.height + s["top"] + s["bottom"], RGB8)
+
+    def original(self, source: tiles_pb2.Canvas) -> Rect:
+        """Where the input image lies on the output canvas."""
+        return Rect(self.sides["left"], self.sides["top"], source.width, source.height)
+
+    def input_rect(self, window: Rect, name: str, source: tiles_pb2.Canvas, output: tiles_pb2.Canvas) -> Rect:
+        inside = window.intersection(self.original(source))
+        if inside is None:  # all border: read one pixel, the engine needs a rect
+            return Rect(min(max(window.x - self.sides["left"], 0), source.width - 1), min(max(window.y - self.sides["top"], 0), source.height - 1), 1, 1)
+        return Rect(inside.x - self.sides["left"], inside.y - self.sides["top"], inside.width, inside.height)
+
+    def process_tile(self, work: TileWork) -> np.ndarray:
+        window = work.window
+        if self.p["fill"] == "noise":
+            rng = np.random.default_rng(tile_seed(self.p["seed"], window))
+            pixels = rng.integers(0, 256, (window.height, window.width, 3), dtype=np.uint8)
+        else:
+            pixels = np.empty((window.height, window.width, 3), np.uint8)
+            pixels[:] = self.fill_colour
+        mask = np.full((window.height, window.width), 255, np.uint8)
+        inside = window.intersection(self.original(work.source()))
+        if inside is not None:
+            pixels[inside.relative_to(window).slices] = work.pixels()[:, :, :3]
+            mask[inside.relative_to(window).slices] = 0
+        if not mask.any():
+            return pixels
+        return self.inpaint(window, pixels, mask, self.prompt_call() | {"strength": self.p["strength"]})

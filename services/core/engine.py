@@ -87,6 +87,8 @@ class TileEngine:
         self._wake = asyncio.Event()  # set when a processing tile becomes ready or input ends
         self.tiles_processed = 0
         self.tiles_emitted = 0
+        self.steps_run = 0  # denoising steps (or another finer unit) the stage reported
+        self.stepped_jobs_done = 0  # processing tiles that reported steps
         overlap = 0 if stage.needs_whole_canvas else stage.overlap
         self.outputs = [_Output(plan, transport_tile, blend=overlap > 0) for plan in outputs]
         self.buffers: dict[int, CanvasBuffer] = {}
@@ -180,6 +182,49 @@ class TileEngine:
             )
         return result
 
+    async def _compute_reporting_steps(self, job: _Job) -> AsyncIterator[np.ndarray | stage_pb2.StageOutput]:
+        """Run one processing tile in a worker thread; while it runs, pass on the steps the
+        stage reports (as progress in "steps" over the whole stage), then yield its result."""
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        context = self.stage.context
+
+        def on_step(done: int, total: int) -> None:  # in the worker thread
+            self.steps_run += 1
+            loop.call_soon_threadsafe(steps.put_nowait, (done, total))
+
+        context.on_step = on_step
+        work = asyncio.ensure_future(asyncio.to_thread(self._compute, job))
+        reported = False
+        try:
+            while True:
+                getter = asyncio.ensure_future(steps.get())
+                await asyncio.wait({work, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    break
+                done, total = getter.result()
+                reported = True
+                yield self._step_progress(done, total)
+            while not steps.empty():  # steps reported just before the tile finished
+                done, total = steps.get_nowait()
+                reported = True
+                yield self._step_progress(done, total)
+            if reported:
+                self.stepped_jobs_done += 1
+            yield work.result()
+        finally:
+            context.on_step = None
+            if not work.done():
+                context.cancel_event.set()  # the stream ended: stop the worker at its next step
+
+    def _step_progress(self, done: int, total: int) -> stage_pb2.StageOutput:
+        """Steps over the whole stage: those of the processing tiles before this one, plus
+        this one's."""
+        jobs = self.stage.jobs_with_steps(len(self.jobs))
+        return stage_pb2.StageOutput(progress=stage_pb2.Progress(
+            unit="steps", done=self.stepped_jobs_done * total + done, total=jobs * total))
+
     def _commit(self, job: _Job, result: np.ndarray) -> Iterator[stage_pb2.StageOutput]:
         out = self.outputs[job.output]
         window = job.window
@@ -223,7 +268,12 @@ class TileEngine:
                     waiter.cancel()
                     continue
                 job = heapq.heappop(self.ready)
-                result = await asyncio.to_thread(self._compute, job)
+                result = None
+                async for message in self._compute_reporting_steps(job):
+                    if isinstance(message, np.ndarray):
+                        result = message
+                    else:
+                        yield message
                 for message in self._commit(job, result):
                     yield message
                 remaining -= 1

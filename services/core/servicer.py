@@ -96,6 +96,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                     yield message
             finally:
                 self.stats.tiles_processed += engine.tiles_processed
+                self.stats.steps_run += engine.steps_run
             outcome = "finished"
         except ParamError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, param_message(start.name, start.type, exc))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import threading
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import grpc
 import numpy as np
@@ -77,10 +77,20 @@ class Context:
     models: ModelRegistry | None = None
     cancel_event: threading.Event = field(default_factory=threading.Event)
     notices: list[str] = field(default_factory=list)
+    # set by the engine while a processing tile runs: stage code reports (done, total) of its
+    # own finer unit (denoising steps), from its worker thread
+    on_step: Callable[[int, int], None] | None = None
 
     def check_cancelled(self) -> None:
         if self.cancel_event.is_set():
             raise Cancelled()
+
+    def step(self, done: int, total: int) -> None:
+        """Report progress inside a processing tile; raises Cancelled if the caller went away,
+        so a long tile stops within one step."""
+        self.check_cancelled()
+        if self.on_step is not None:
+            self.on_step(done, total)
 
 
 class Stage:
@@ -188,6 +198,10 @@ class Stage:
     def process_tile(self, work: TileWork) -> np.ndarray:
         """Output pixels (window.height, window.width, channels), uint8."""
         raise NotImplementedError
+
+    def jobs_with_steps(self, jobs: int) -> int:
+        """How many of the stage's processing tiles report steps (for the progress total)."""
+        return jobs
 
     def process_canvas(self, output: OutputPlan, sources: dict[str, np.ndarray]) -> np.ndarray:
         """Whole-canvas stages: the output canvas from whole source canvases."""

@@ -1,0 +1,474 @@
+"""Diffusion on diffusers, shared by the source, blend and upscale services.
+
+Three parts:
+- `BaseModel`: a models.yaml `base` entry and what its family can do (which diffusers pipeline
+  class runs which task).
+- `DiffusionRuntime`: the loaded pipelines, cached per (model, device, dtype). The img2img and
+  inpaint pipelines of a model are made with `from_pipe`, so they share its UNet, VAE and text
+  encoders. A call holds the model's lock while it sets the scheduler and LoRAs, because those
+  live on the shared components.
+- `DiffusionStage`: the stage base class. Canvases larger than the tile are processed as
+  overlapping pixel tiles in spiral order that the engine blends with feathered weights (the
+  onnx-web way; docs/diffusion.md says why this rather than latent averaging).
+
+Torch and diffusers are imported lazily, so that services without models start fast."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import secrets
+import threading
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .models import ModelCache, ModelEntry, ModelRegistry
+from .params import Param, ParamError
+from .stage import Context, Stage, TileWork
+from .tiles import Rect
+
+# family -> task -> diffusers pipeline class. The first task's class loads the model; the
+# others are made from it with from_pipe. "auto" leaves the choice to diffusers' AutoPipeline
+# classes, for families without an entry here (Kandinsky, PixArt, ...): those work on pixels.
+_SD = {"txt2img": "StableDiffusionPipeline", "img2img": "StableDiffusionImg2ImgPipeline", "inpaint": "StableDiffusionInpaintPipeline"}
+_SDXL = {"txt2img": "StableDiffusionXLPipeline", "img2img": "StableDiffusionXLImg2ImgPipeline", "inpaint": "StableDiffusionXLInpaintPipeline"}
+PIPELINES: dict[str, dict[str, str]] = {
+    "sd1": _SD,
+    "sd2": _SD,
+    "sdxl": _SDXL,
+    "sdxl-refiner": {"img2img": _SDXL["img2img"], "inpaint": _SDXL["inpaint"]},
+    "sd-x4-upscaler": {"upscale-x4": "StableDiffusionUpscalePipeline"},
+    "sd-latent-upscaler": {"upscale-latent": "StableDiffusionLatentUpscalePipeline"},
+    "auto": {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image", "inpaint": "AutoPipelineForInpainting"},
+}
+TASK_WORDS = {"txt2img": "text-to-image", "img2img": "image-to-image", "inpaint": "inpainting",
+              "upscale-x4": "x4 upscaling", "upscale-latent": "latent x2 upscaling"}
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A diffusion model from models.yaml and what it can run."""
+
+    entry: ModelEntry
+    family: str
+    inpaint_checkpoint: bool   # a 9-channel inpainting UNet: inpainting only
+    native: int                # the pixel size it was trained at: the default tile
+    scheduler: str             # default scheduler class name, "" = the model's own
+    dtype: str                 # "auto" (fp16 on CUDA, fp32 on the CPU), "float16", "bfloat16", "float32"
+
+    @property
+    def tasks(self) -> dict[str, str]:
+        tasks = PIPELINES[self.family]
+        if self.inpaint_checkpoint:
+            return {"inpaint": tasks["inpaint"]}
+        return tasks
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+
+def resolve_model(registry: ModelRegistry | None, name: str, task: str, stage_type: str) -> BaseModel:
+    """The base model for a stage, or ParamError('model') when it is unknown or cannot run
+    the stage's task."""
+    if registry is None:
+        raise ParamError("model", "no model registry is configured")
+    entry = registry.resolve("base", name)
+    options = entry.options
+    family = str(options.get("family", "sd1"))
+    if family not in PIPELINES:
+        raise ParamError("model", f"{name!r} has family {family!r} in models.yaml; known: {', '.join(PIPELINES)}")
+    model = BaseModel(
+        entry=entry,
+        family=family,
+        inpaint_checkpoint=bool(options.get("inpaint", False)),
+        native=int(options.get("native", 1024 if family.startswith("sdxl") else 512)),
+        scheduler=str(options.get("scheduler", "")),
+        dtype=str(options.get("dtype", "auto")),
+    )
+    if task not in model.tasks:
+        kind = "an inpainting checkpoint" if model.inpaint_checkpoint else f"a {family} model"
+        can = ", ".join(TASK_WORDS[t] for t in model.tasks)
+        raise ParamError("model", f"{name!r} is {kind} ({can}); {stage_type} needs {TASK_WORDS[task]}")
+    return model
+
+
+def scheduler_class(name: str) -> type:
+    """A diffusers scheduler class by name, or ParamError('scheduler')."""
+    import diffusers
+    from diffusers import SchedulerMixin
+
+    cls = getattr(diffusers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and n != "SchedulerMixin")
+        raise ParamError("scheduler", f"{name!r} is not a diffusers scheduler; e.g. {', '.join(known[:12])}, ...")
+    return cls
+
+
+def model_scheduler_name(model: BaseModel) -> str:
+    """The scheduler the model ships with, from models.yaml or its folder's config."""
+    if model.scheduler:
+        return model.scheduler
+    if model.entry.path is not None and model.entry.path.is_dir():
+        config = model.entry.path / "scheduler" / "scheduler_config.json"
+        if config.is_file():
+            return str(json.loads(config.read_text()).get("_class_name", ""))
+    return ""
+
+
+def scheduler_has_eta(cls: type) -> bool:
+    return "eta" in inspect.signature(cls.step).parameters
+
+
+def check_loras(registry: ModelRegistry, loras: dict[str, Any], model: BaseModel) -> dict[str, tuple[ModelEntry, float]]:
+    """{name: weight} -> {name: (entry, weight)}, or ParamError('loras')."""
+    resolved = {}
+    for name, weight in loras.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not -4.0 <= weight <= 4.0:
+            raise ParamError("loras", f"weight of {name!r} must be a number from -4 to 4, got {weight!r}")
+        try:
+            entry = registry.resolve("loras", name, param="loras")
+        except ParamError as exc:
+            raise ParamError("loras", exc.message) from None
+        base = entry.options.get("base")
+        if base and base in registry.entries["base"]:
+            base_family = registry.entries["base"][base].options.get("family", "sd1")
+            if base_family != model.family:
+                raise ParamError("loras", f"{name!r} is for {base} ({base_family}), not for a {model.family} model")
+        resolved[name] = (entry, float(weight))
+    return resolved
+
+
+# --- loaded pipelines ---------------------------------------------------------------------
+
+
+@dataclass
+class LoadedModel:
+    """One model on one device: its pipelines by task, sharing components."""
+
+    model: BaseModel
+    pipes: dict[str, Any]
+    scheduler_config: Any
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    loras: set[str] = field(default_factory=set)   # adapters loaded into the components
+    calls: int = 0
+
+
+def _torch_dtype(model: BaseModel) -> Any:
+    import torch
+
+    from .torch_runtime import device
+
+    if model.dtype != "auto":
+        return getattr(torch, model.dtype)
+    return torch.float16 if device().type == "cuda" else torch.float32
+
+
+def _adapter_name(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+class DiffusionRuntime:
+    """Loads pipelines once, runs them with per-call scheduler, LoRAs and progress."""
+
+    def __init__(self, max_models: int | None = None) -> None:
+        self.cache = ModelCache(max_models or int(os.environ.get("TILECHAIN_MAX_DIFFUSION_MODELS", "2")))
+        self.vae_decodes = 0  # counted for tests and benchmarks
+
+    def load(self, model: BaseModel) -> LoadedModel:
+        from .torch_runtime import device
+
+        dev = device()
+        dtype = _torch_dtype(model)
+        key = ("diffusion", model.entry.source, str(dev), str(dtype))
+        return self.cache.get(key, lambda: self._load(model, dev, dtype))
+
+    def _load(self, model: BaseModel, dev: Any, dtype: Any) -> LoadedModel:
+        import diffusers
+        import transformers
+
+        # the services log their own progress; the libraries' bars and notes would flood the logs
+        diffusers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+        first_task = next(iter(model.tasks))
+        cls = getattr(diffusers, model.tasks[first_task])
+        kwargs: dict[str, Any] = {"torch_dtype": dtype}
+        if model.family in ("sd1", "sd2"):
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        entry = model.entry
+        try:
+            if entry.path is not None and entry.path.is_file():
+                pipe = cls.from_single_file(str(entry.path), **kwargs)
+            else:
+                source = str(entry.path) if entry.path is not None else entry.hub
+                offline = os.environ.get("TILECHAIN_ALLOW_DOWNLOADS", "") != "1"
+                pipe = cls.from_pretrained(source, local_files_only=offline, **kwargs)
+        except Exception as exc:
+            raise ParamError("model", f"{model.name!r} ({entry.source}) does not load as {cls.__name__}: {type(exc).__name__}: {exc}") from None
+        pipe.to(dev)
+        pipe.set_progress_bar_config(disable=True)
+        self._count_decodes(pipe)
+        return LoadedModel(model, {first_task: pipe}, pipe.scheduler.config)
+
+    def _count_decodes(self, pipe: Any) -> None:
+        vae = getattr(pipe, "vae", None)
+        if vae is None or getattr(vae, "_tilechain_counted", False):
+            return
+        decode = vae.decode
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.vae_decodes += 1
+            return decode(*args, **kwargs)
+
+        vae.decode = counted
+        vae._tilechain_counted = True
+
+    def pipeline(self, loaded: LoadedModel, task: str) -> Any:
+        if task not in loaded.pipes:
+            import diffusers
+
+            cls = getattr(diffusers, loaded.model.tasks[task])
+            first = next(iter(loaded.pipes.values()))
+            pipe = cls.from_pipe(first)
+            pipe.set_progress_bar_config(disable=True)
+            loaded.pipes[task] = pipe
+        return loaded.pipes[task]
+
+    def run(
+        self,
+        model: BaseModel,
+        task: str,
+        call: dict[str, Any],
+        context: Context,
+        scheduler: str = "",
+        loras: dict[str, tuple[ModelEntry, float]] | None = None,
+    ) -> np.ndarray:
+        """One pipeline call; returns (N, H, W, 3) uint8. Reports each denoising step to the
+        context (which raises Cancelled once the caller has gone, stopping within a step)."""
+        loaded = self.load(model)
+        with loaded.lock:
+            pipe = self.pipeline(loaded, task)
+            self._set_scheduler(pipe, loaded, scheduler)
+            self._set_loras(pipe, loaded, loras or {})
+            kwargs = {**call, **self._callback(pipe, context, call.get("num_inference_steps", 1))}
+            if not kwargs.get("eta"):
+                kwargs.pop("eta", None)
+            loaded.calls += 1
+            images = pipe(**kwargs, output_type="np").images
+        return np.clip(np.rint(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
+
+    @staticmethod
+    def _set_scheduler(pipe: Any, loaded: LoadedModel, name: str) -> None:
+        if name:
+            pipe.scheduler = scheduler_class(name).from_config(loaded.scheduler_config)
+        elif type(pipe.scheduler).__name__ != loaded.scheduler_config.get("_class_name", ""):
+            import diffusers
+
+            pipe.scheduler = getattr(diffusers, loaded.scheduler_config["_class_name"]).from_config(loaded.scheduler_config)
+
+    @staticmethod
+    def _set_loras(pipe: Any, loaded: LoadedModel, loras: dict[str, tuple[ModelEntry, float]]) -> None:
+        if not loras:
+            if loaded.loras:
+                pipe.disable_lora()
+            return
+        for name, (entry, _) in loras.items():
+            adapter = _adapter_name(name)
+            if adapter not in loaded.loras:
+                try:
+                    pipe.load_lora_weights(str(entry.path) if entry.path else entry.hub, adapter_name=adapter)
+                except Exception as exc:
+                    raise ParamError("loras", f"{name!r} does not load into {loaded.model.name!r}: {type(exc).__name__}: {exc}") from None
+                loaded.loras.add(adapter)
+        pipe.enable_lora()
+        pipe.set_adapters([_adapter_name(n) for n in loras], [w for _, w in loras.values()])
+
+    @staticmethod
+    def _callback(pipe: Any, context: Context, steps: int) -> dict[str, Any]:
+        def total() -> int:
+            return int(getattr(pipe, "_num_timesteps", 0) or steps)
+
+        parameters = inspect.signature(pipe.__call__).parameters
+        if "callback_on_step_end" in parameters:
+            def on_step_end(pipe_: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                context.step(step + 1, total())
+                return tensors
+
+            return {"callback_on_step_end": on_step_end}
+        if "callback" in parameters:  # the upscale pipelines still use the older callback
+            return {"callback": lambda step, timestep, latents: context.step(step + 1, total()), "callback_steps": 1}
+        return {}
+
+
+RUNTIME = DiffusionRuntime()
+
+
+# --- stages --------------------------------------------------------------------------------
+
+
+def prompt_params(default_model: str, steps: int = 25, cfg: float = 7.0) -> tuple[Param, ...]:
+    """The params every prompted diffusion stage shares."""
+    return (
+        Param("model", str, default_model, "A base model named in models.yaml (or a folder under the models root)."),
+        Param("prompt", str, "", "What to draw."),
+        Param("negative_prompt", str, "", "What to avoid."),
+        Param("steps", int, steps, "Denoising steps.", min=1, max=500),
+        Param("cfg", float, cfg, "Classifier-free guidance scale; 1 or less turns guidance off.", min=0.0, max=50.0),
+        Param("seed", int, -1, "Random seed; -1 picks one (recorded in the provenance).", min=-1, max=2**32 - 1),
+    )
+
+
+def sampling_params() -> tuple[Param, ...]:
+    return (
+        Param("scheduler", str, "", "A diffusers scheduler class by name (e.g. DDIMScheduler, EulerAncestralDiscreteScheduler); '' keeps the model's."),
+        Param("clip_skip", int, 0, "Skip this many final CLIP layers for the prompt embedding.", min=0, max=12),
+        Param("eta", float, 0.0, "DDIM-style eta, for schedulers that take it.", min=0.0, max=1.0),
+        Param("loras", dict, {}, "LoRAs from models.yaml with their weights, e.g. {\"detail\": 0.8}.", ),
+    )
+
+
+def tile_params(default_overlap: int) -> tuple[Param, ...]:
+    return (
+        Param("tile", int, "auto", "Processing tile edge in input pixels; 'auto' is the model's native size.", min=64, max=4096, keywords=("auto",)),
+        Param("overlap", int, default_overlap, "Input pixels shared by neighbouring tiles, blended with a feathered ramp.", min=0, max=1024),
+    )
+
+
+def strength_param(default: float) -> Param:
+    return Param("strength", float, default, "How far to move from the input: 0 keeps it, 1 repaints it fully.", min=0.0, max=1.0)
+
+
+def mask_blur_param(default: int = 4) -> Param:
+    return Param("mask_blur", int, default, "Blur of the mask's edge in pixels; the result is blended back through the blurred mask.", min=0, max=128)
+
+
+def pad_to_multiple(pixels: np.ndarray, multiple: int) -> np.ndarray:
+    """Edge-pad (H, W, C) to multiples of `multiple` (the VAE and UNet need them)."""
+    height, width = pixels.shape[:2]
+    pad_y, pad_x = -height % multiple, -width % multiple
+    if pad_y or pad_x:
+        pixels = np.pad(pixels, ((0, pad_y), (0, pad_x), (0, 0)), mode="edge")
+    return pixels
+
+
+def tile_seed(seed: int, window: Rect) -> int:
+    """Each tile its own noise (a repeated pattern would show), the same on every run; the
+    tile at the origin, and so an untiled canvas, uses the seed itself."""
+    return (seed + window.y * 65_537 + window.x) % 2**63
+
+
+def generator(seed: int) -> Any:
+    import torch
+
+    # a CPU generator gives the same noise on every device
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+class DiffusionStage(Stage):
+    """A stage that runs a diffusers pipeline. Subclasses set `task` and build the call."""
+
+    task: ClassVar[str]
+    order = "spiral"
+    # what the catalog shows: an SD 1.x model's native tile and the default overlap; a
+    # running stage takes both from its model and params
+    max_tile = 512
+    overlap = 64
+    scale: ClassVar[int] = 1             # output pixels per input pixel
+    runtime: ClassVar[DiffusionRuntime] = RUNTIME
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.p.get("seed") == -1:
+            self.p["seed"] = secrets.randbelow(2**32 - 1)
+
+    def check_model(self) -> None:
+        """Resolve and check the model, scheduler and LoRAs (no loading): ParamError naming
+        the param when something does not fit."""
+        self.model = resolve_model(self.context.models, self.p["model"], self.task, self.type)
+        # the request's scheduler, else the one models.yaml names, else the model's own
+        self.scheduler = self.p.get("scheduler", "") or self.model.scheduler
+        name = self.scheduler or model_scheduler_name(self.model)
+        if self.scheduler:
+            scheduler_class(self.scheduler)
+        if self.p.get("eta") and name and not scheduler_has_eta(scheduler_class(name)):
+            raise ParamError("eta", f"the scheduler {name} takes no eta; use e.g. DDIMScheduler, or leave eta at 0")
+        self.loras = check_loras(self.context.models, self.p.get("loras", {}), self.model) if self.p.get("loras") else {}
+        tile = self.p.get("tile", "auto")
+        # 'auto': the model's native size, in output pixels
+        self.tile_in = max(64, self.model.native // self.scale) if tile == "auto" else tile
+        self.overlap = self.p.get("overlap", 0) * self.scale
+        if self.overlap and self.overlap >= self.tile_in * self.scale:
+            raise ParamError("overlap", f"{self.p['overlap']} must be smaller than the tile ({self.tile_in})")
+
+    def tile_size(self) -> int:
+        return 0 if self.needs_whole_canvas else self.tile_in * self.scale
+
+    def prompt_call(self) -> dict[str, Any]:
+        call: dict[str, Any] = {
+            "prompt": self.p["prompt"],
+            "negative_prompt": self.p["negative_prompt"] or None,
+            "num_inference_steps": self.p["steps"],
+            "guidance_scale": self.p["cfg"],
+        }
+        if self.p.get("clip_skip"):
+            call["clip_skip"] = self.p["clip_skip"]
+        if "eta" in self.p:
+            call["eta"] = self.p["eta"]
+        return call
+
+    def run_pipeline(self, call: dict[str, Any]) -> np.ndarray:
+        return self.runtime.run(self.model, self.task, call, self.context, self.scheduler, self.loras)
+
+    def tile_call(self, work: TileWork) -> dict[str, Any]:
+        """The call for one processing tile, besides image and generator (img2img, upscale)."""
+        raise NotImplementedError
+
+    def input_rect(self, window: Rect, name: str, source: Any, output: Any) -> Rect:
+        # windows of scaling stages start on multiples of the scale (tile and overlap are
+        # whole input pixels), so this is exact
+        return window.scaled_down(self.scale, source.width, source.height)
+
+    def process_tile(self, work: TileWork) -> np.ndarray:
+        return self.generate(work.window, work.pixels()[:, :, :3], self.tile_call(work))
+
+    def generate(self, window: Rect, pixels: np.ndarray, call: dict[str, Any], mask: np.ndarray | None = None) -> np.ndarray:
+        """Run the pipeline on one tile's pixels (and mask), padded to the multiple of 8 the
+        VAE needs; returns the tile's output pixels."""
+        from .codecs import to_pil
+
+        height, width = pixels.shape[:2]
+        padded = pad_to_multiple(pixels, 8)
+        call = dict(call, image=to_pil(padded), generator=generator(tile_seed(self.p["seed"], window)))
+        if mask is not None:
+            call["mask_image"] = to_pil(pad_to_multiple(mask[:, :, None], 8))
+            call["height"], call["width"] = padded.shape[:2]
+        out = self.run_pipeline(call)[0]
+        return out[: height * self.scale, : width * self.scale]
+
+    def inpaint(self, window: Rect, pixels: np.ndarray, mask: np.ndarray, call: dict[str, Any]) -> np.ndarray:
+        """Repaint where the mask is white. The mask is blurred by mask_blur and the result is
+        blended back over the original through it, so the unmasked pixels stay exactly as they
+        were and the edge is soft. With an ordinary checkpoint (a 4-channel UNet) diffusers'
+        inpaint pipeline keeps the unmasked latents at each step: masked img2img."""
+        weight = blur_mask(mask, self.p["mask_blur"])
+        soft = np.rint(weight * 255.0).astype(np.uint8)
+        out = self.generate(window, pixels, call, soft).astype(np.float32)
+        blended = pixels.astype(np.float32) * (1.0 - weight[:, :, None]) + out * weight[:, :, None]
+        return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def blur_mask(mask: np.ndarray, radius: int) -> np.ndarray:
+    """(H, W) uint8 mask -> (H, W) float32 in [0, 1], Gaussian-blurred by radius pixels."""
+    weight = mask.astype(np.float32) / 255.0
+    if radius <= 0:
+        return weight
+    import cv2
+
+    size = 2 * radius + 1
+    return cv2.GaussianBlur(weight, (size, size), sigmaX=radius / 2, borderType=cv2.BORDER_REPLICATE)

@@ -41,6 +41,7 @@ test: $(STAMP) models
 
 bench: $(STAMP) models
 	$(PY) bench/bench_chain.py
+	$(PY) bench/bench_upscale.py
 
 clean: down
 	rm -rf $(VENV) var

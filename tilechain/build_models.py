@@ -1,17 +1,22 @@
 """`make models`: the default local models, in the real architectures with small random
 weights, so every model path runs offline, in CI, on a CPU. Real checkpoints replace them by
-path or hub id in models.yaml.
+path or hub id in models.yaml. The diffusers pipelines (folders) and the LoRA come from
+tilechain.build_diffusion_models.
 
-Each model is built only if its file is missing; `--force` rebuilds."""
+Each model is built only if its file or folder is missing; `--force` rebuilds. Each is written
+under a temporary name and renamed when complete, so a half-built model never looks built."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import save_file
+
+from .build_diffusion_models import MODELS as DIFFUSION_MODELS
 
 
 def esrgan(scale: int) -> torch.nn.Module:
@@ -88,7 +93,34 @@ def build(root: Path, force: bool = False, only: str | None = None) -> list[Path
         save_file(state, str(tmp))
         tmp.replace(path)
         built.append(path)
+    for relative, write in DIFFUSION_MODELS.items():  # each writes its folder (or file) itself
+        if only and only not in relative:
+            continue
+        path = root / relative
+        if path.exists() and not force:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        remove(tmp)  # left by an interrupted build
+        torch.manual_seed(0)
+        write(tmp)
+        remove(path)
+        tmp.replace(path)
+        built.append(path)
     return built
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def size(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return path.stat().st_size
 
 
 def main() -> None:
@@ -98,7 +130,7 @@ def main() -> None:
     parser.add_argument("--only", help="build the models whose path contains this")
     args = parser.parse_args()
     for path in build(Path(args.root), args.force, args.only):
-        print(f"built {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        print(f"built {path} ({size(path) / 1e6:.1f} MB)")
 
 
 if __name__ == "__main__":

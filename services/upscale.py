@@ -236,6 +236,7 @@ class UpscaleLatent(DiffusionStage):
     overlap = 32
     params = (*prompt_params("sd-latent-x2", steps=20, cfg=0.0), *tile_params(16))
     minimum = 64  # its UNet pads the latent by a pixel at its lowest level: 8x8 latents at least
+    pad_multiple = 32  # and halves it twice more
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
         self.check_model()

@@ -263,3 +263,26 @@ def test_cancel_stops_within_a_step(gateway, stack: Stack) -> None:
     after = stats(stack, "source", wait_idle=True)
     assert after.streams_cancelled == before.streams_cancelled + 1
     assert after.steps_run - before.steps_run < 500  # it stopped, long before the last step
+
+
+def test_concurrent_txt2img_requests_run_as_one_batch(gateway) -> None:
+    """Three requests that arrive while the model is busy with a fourth run as one batch once
+    it is free, and each image equals the image its request makes alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = ["a red barn", "a blue boat", "a green hill"]
+    alone = [image_of(run_chain(gateway, [txt2img(prompt=p, seed=20 + i)])[1], "gen") for i, p in enumerate(prompts)]
+
+    blocker = gateway.RunChain(chain_request({"stages": [txt2img(steps=150, seed=1)]}))
+    for event in blocker:  # the model is busy from its first step on
+        if event.WhichOneof("kind") == "progress" and event.progress.progress.unit == "steps":
+            break
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        runs = [pool.submit(run_chain, gateway, [txt2img(prompt=p, seed=20 + i)]) for i, p in enumerate(prompts)]
+        rest = list(blocker)
+        results = [run.result() for run in runs]
+    assert rest[-1].status.state == gateway_pb2.JOB_STATE_SUCCEEDED
+    for (events, images), image in zip(results, alone):
+        notices = [e.notice.message for e in events if e.WhichOneof("kind") == "notice"]
+        assert "ran in one batch with 2 other request(s)" in notices
+        assert np.abs(image_of(images, "gen").astype(int) - image).max() <= 2

@@ -20,6 +20,7 @@ import json
 import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from .models import ModelCache, ModelEntry, ModelRegistry
 from .params import Param, ParamError
-from .stage import Context, Stage, TileWork
+from .stage import Cancelled, Context, Stage, TileWork
 from .tiles import Rect
 
 # family -> task -> diffusers pipeline class. The first task's class loads the model; the
@@ -154,6 +155,7 @@ class LoadedModel:
     scheduler_config: Any
     lock: threading.Lock = field(default_factory=threading.Lock)
     loras: set[str] = field(default_factory=set)   # adapters loaded into the components
+    queue: dict[tuple, list[_Request]] = field(default_factory=dict)  # text-to-image calls waiting, by batch key
     calls: int = 0
 
 
@@ -171,11 +173,65 @@ def _adapter_name(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)
 
 
+# call arguments that differ per image inside one batch
+PER_IMAGE = ("prompt", "negative_prompt", "generator", "num_images_per_prompt")
+
+
+def num_images(call: dict[str, Any]) -> int:
+    return int(call.get("num_images_per_prompt", 1))
+
+
+def merge_calls(calls: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-image arguments of several calls as one batched call's."""
+    prompts: list[str] = []
+    negatives: list[str] = []
+    generators: list[Any] = []
+    for call in calls:
+        count = num_images(call)
+        prompts += [call["prompt"]] * count
+        negatives += [call.get("negative_prompt") or ""] * count
+        generators += call["generator"]
+    return {"prompt": prompts, "negative_prompt": negatives, "generator": generators, "num_images_per_prompt": 1}
+
+
+def _freeze(value: Any) -> Any:
+    """A hashable, comparable form of call arguments (for the batch key)."""
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, (str, int, float, bool, type(None))):
+        return value
+    return repr(value)
+
+
+@dataclass
+class _Request:
+    """One stage's pipeline call, waiting for or taking part in a batch."""
+
+    call: dict[str, Any]
+    context: Context
+    count: int
+    finished: bool = False
+    result: np.ndarray | None = None
+    error: BaseException | None = None
+
+    def outcome(self) -> np.ndarray:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
 class DiffusionRuntime:
-    """Loads pipelines once, runs them with per-call scheduler, LoRAs and progress."""
+    """Loads pipelines once, runs them with per-call scheduler, LoRAs and progress, and
+    batches compatible text-to-image calls across requests."""
 
     def __init__(self, max_models: int | None = None) -> None:
         self.cache = ModelCache(max_models or int(os.environ.get("TILECHAIN_MAX_DIFFUSION_MODELS", "2")))
+        self.batch_window = float(os.environ.get("TILECHAIN_BATCH_WINDOW_MS", "0")) / 1000.0
+        self._queue_lock = threading.Lock()
+        self.batch_sizes: list[int] = []  # per pipeline call, for tests and benchmarks
         self.vae_decodes = 0  # counted for tests and benchmarks
 
     def load(self, model: BaseModel) -> LoadedModel:
@@ -250,18 +306,58 @@ class DiffusionRuntime:
         loras: dict[str, tuple[ModelEntry, float]] | None = None,
     ) -> np.ndarray:
         """One pipeline call; returns (N, H, W, 3) uint8. Reports each denoising step to the
-        context (which raises Cancelled once the caller has gone, stopping within a step)."""
+        context (which raises Cancelled once the caller has gone, stopping within a step).
+
+        Text-to-image calls are batched across requests: calls that arrive while the model is
+        busy (or within TILECHAIN_BATCH_WINDOW_MS) and agree on everything but the prompts and
+        seeds run as one pipeline call. Each image keeps its own generator, so it is the image
+        the call would have made alone (up to float rounding in batched kernels)."""
         loaded = self.load(model)
+        request = _Request(call, context, num_images(call))
+        key = (task, scheduler, _freeze(loras or {}), _freeze({k: v for k, v in call.items() if k not in PER_IMAGE}))
+        batchable = task == "txt2img" and isinstance(call.get("generator"), list)
+        if batchable:
+            with self._queue_lock:
+                loaded.queue.setdefault(key, []).append(request)
+            if self.batch_window > 0:
+                time.sleep(self.batch_window)  # let concurrent requests join the batch
         with loaded.lock:
+            if request.finished:  # another request's thread ran it in its batch
+                return request.outcome()
+            if batchable:
+                with self._queue_lock:
+                    batch = loaded.queue.pop(key)
+            else:
+                batch = [request]
+            self._run_batch(loaded, task, batch, scheduler, loras or {})
+        return request.outcome()
+
+    def _run_batch(self, loaded: LoadedModel, task: str, batch: list[_Request], scheduler: str, loras: dict[str, tuple[ModelEntry, float]]) -> None:
+        try:
             pipe = self.pipeline(loaded, task)
             self._set_scheduler(pipe, loaded, scheduler)
-            self._set_loras(pipe, loaded, loras or {})
-            kwargs = {**call, **self._callback(pipe, context, call.get("num_inference_steps", 1))}
+            self._set_loras(pipe, loaded, loras)
+            kwargs = dict(batch[0].call)
+            if len(batch) > 1:
+                kwargs.update(merge_calls([r.call for r in batch]))
+                for request in batch:
+                    request.context.notices.append(f"ran in one batch with {len(batch) - 1} other request(s)")
+            kwargs.update(self._callback(pipe, batch, kwargs.get("num_inference_steps", 1)))
             if not kwargs.get("eta"):
                 kwargs.pop("eta", None)
             loaded.calls += 1
-            images = pipe(**kwargs, output_type="np").images
-        return np.clip(np.rint(np.asarray(images) * 255.0), 0, 255).astype(np.uint8)
+            self.batch_sizes.append(len(batch))
+            images = np.clip(np.rint(np.asarray(pipe(**kwargs, output_type="np").images) * 255.0), 0, 255).astype(np.uint8)
+            start = 0
+            for request in batch:
+                request.result = images[start : start + request.count]
+                start += request.count
+        except BaseException as exc:  # every request of the batch fails the same way
+            for request in batch:
+                request.error = exc
+        finally:
+            for request in batch:
+                request.finished = True
 
     @staticmethod
     def _set_scheduler(pipe: Any, loaded: LoadedModel, name: str) -> None:
@@ -290,19 +386,28 @@ class DiffusionRuntime:
         pipe.set_adapters([_adapter_name(n) for n in loras], [w for _, w in loras.values()])
 
     @staticmethod
-    def _callback(pipe: Any, context: Context, steps: int) -> dict[str, Any]:
-        def total() -> int:
-            return int(getattr(pipe, "_num_timesteps", 0) or steps)
+    def _callback(pipe: Any, batch: list[_Request], steps: int) -> dict[str, Any]:
+        """Report each step to every request of the batch; stop when all have been cancelled
+        (a batch goes on for the requests still waiting for it)."""
+
+        def on_step(step: int) -> None:
+            total = int(getattr(pipe, "_num_timesteps", 0) or steps)
+            live = [r.context for r in batch if not r.context.cancel_event.is_set()]
+            if not live:
+                raise Cancelled()
+            for context in live:
+                if context.on_step is not None:
+                    context.on_step(step + 1, total)
 
         parameters = inspect.signature(pipe.__call__).parameters
         if "callback_on_step_end" in parameters:
             def on_step_end(pipe_: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-                context.step(step + 1, total())
+                on_step(step)
                 return tensors
 
             return {"callback_on_step_end": on_step_end}
         if "callback" in parameters:  # the upscale pipelines still use the older callback
-            return {"callback": lambda step, timestep, latents: context.step(step + 1, total()), "callback_steps": 1}
+            return {"callback": lambda step, timestep, latents: on_step(step), "callback_steps": 1}
         return {}
 
 
@@ -380,6 +485,7 @@ class DiffusionStage(Stage):
     max_tile = 512
     overlap = 64
     scale: ClassVar[int] = 1             # output pixels per input pixel
+    pad_multiple: ClassVar[int] = 8      # tiles are edge-padded to this multiple (the VAE's blocks)
     runtime: ClassVar[DiffusionRuntime] = RUNTIME
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -438,15 +544,15 @@ class DiffusionStage(Stage):
         return self.generate(work.window, work.pixels()[:, :, :3], self.tile_call(work))
 
     def generate(self, window: Rect, pixels: np.ndarray, call: dict[str, Any], mask: np.ndarray | None = None) -> np.ndarray:
-        """Run the pipeline on one tile's pixels (and mask), padded to the multiple of 8 the
-        VAE needs; returns the tile's output pixels."""
+        """Run the pipeline on one tile's pixels (and mask), padded to the multiple the model
+        needs; returns the tile's output pixels."""
         from .codecs import to_pil
 
         height, width = pixels.shape[:2]
-        padded = pad_to_multiple(pixels, 8)
+        padded = pad_to_multiple(pixels, self.pad_multiple)
         call = dict(call, image=to_pil(padded), generator=generator(tile_seed(self.p["seed"], window)))
         if mask is not None:
-            call["mask_image"] = to_pil(pad_to_multiple(mask[:, :, None], 8))
+            call["mask_image"] = to_pil(pad_to_multiple(mask[:, :, None], self.pad_multiple))
             call["height"], call["width"] = padded.shape[:2]
         out = self.run_pipeline(call)[0]
         return out[: height * self.scale, : width * self.scale]

@@ -488,6 +488,14 @@ class DiffusionStage(Stage):
     pad_multiple: ClassVar[int] = 8      # tiles are edge-padded to this multiple (the VAE's blocks)
     runtime: ClassVar[DiffusionRuntime] = RUNTIME
 
+    @classmethod
+    def prepare(cls) -> None:
+        # seconds on a cold start, and the gateway gives Plan 10: diffusers imports lazily, so
+        # touch what Plan and the first call use
+        import diffusers
+
+        diffusers.SchedulerMixin, diffusers.StableDiffusionPipeline  # noqa: B018
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if self.p.get("seed") == -1:

@@ -33,6 +33,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self.family = family
         self.settings = settings
         self.stages = load_family(family)
+        for cls in self.stages.values():
+            cls.prepare()
         self.models = ModelRegistry(settings.models_config, settings.models_root)
         self.stats = stage_pb2.ServiceStats()
         self._idle = asyncio.Condition()

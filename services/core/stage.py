@@ -115,6 +115,11 @@ class Stage:
     # --- description ---------------------------------------------------------------------
 
     @classmethod
+    def prepare(cls) -> None:
+        """Called once when a service starts, before it reports SERVING: import what the
+        stage's requests need, so that the first Plan does not spend its deadline importing."""
+
+    @classmethod
     def create(cls, name: str, raw_params: Mapping[str, Any], context: Context) -> Stage:
         return cls(name, validate_params(cls.params, raw_params), context)
 

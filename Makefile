@@ -42,6 +42,7 @@ test: $(STAMP) models
 bench: $(STAMP) models
 	$(PY) bench/bench_chain.py
 	$(PY) bench/bench_upscale.py
+	$(PY) bench/bench_diffusion.py
 
 clean: down
 	rm -rf $(VENV) var

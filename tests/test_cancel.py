@@ -81,5 +81,9 @@ def test_deadline_reaches_every_service(gateway, stack: Stack, output_root: Path
     call = gateway.RunChain(chain_request(chain, return_tiles=gateway_pb2.TILE_RETURN_ALL, transport_tile=64), timeout=2.0)
     assert call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     after = stats(stack, "persist", wait_idle=True)
-    assert after.streams_cancelled == before.streams_cancelled + 1
+    # the persist stream ended unfinished: cancelled, or failed when the deadline fired inside
+    # the service first (both seen, depending on which side notices the deadline first)
+    stopped = lambda s: s.streams_cancelled + s.streams_failed  # noqa: E731
+    assert stopped(after) == stopped(before) + 1
+    assert after.streams_finished == before.streams_finished
     assert not (output_root / "deadline").exists() or not any((output_root / "deadline").iterdir())

@@ -234,3 +234,20 @@ def test_stage_service_rejects_bad_streams(stack: Stack) -> None:
     # still serving
     catalog = stub.Describe(stage_pb2.DescribeRequest())
     assert {s.type for s in catalog.stages} == {"reduce-crop", "reduce-thumbnail"}
+
+
+def test_attachment_over_the_default_8_mib_message_limit(gateway, output_root) -> None:
+    """The gateway takes requests up to 256 MiB; a 12 MB random-pixel PNG must get through."""
+    import numpy as np
+
+    from tilechain.client import chain_request
+    from tilechain.services.core.codecs import encode_image
+    from tilechain.v1 import gateway_pb2
+
+    pixels = np.random.default_rng(8).integers(0, 256, (2048, 2048, 3), dtype=np.uint8)
+    data = encode_image(pixels, "png")
+    assert len(data) > 8 * 1024 * 1024
+    chain = {"stages": [{"name": "in", "type": "source-image"},
+                        {"name": "small", "type": "reduce-thumbnail", "params": {"width": 64, "height": 64}}]}
+    events = list(gateway.RunChain(chain_request(chain, [("in", "image", data)]), timeout=120))
+    assert events[-1].status.state == gateway_pb2.JOB_STATE_SUCCEEDED

@@ -36,7 +36,9 @@ def chain_request(
 
 
 def connect(address: str) -> gateway_pb2_grpc.GatewayStub:
-    options = channel_options() + [("grpc.max_send_message_length", GATEWAY_MAX_REQUEST_BYTES)]
+    # replace the default, not append: gRPC takes the first of two equal keys
+    options = [o for o in channel_options() if o[0] != "grpc.max_send_message_length"]
+    options.append(("grpc.max_send_message_length", GATEWAY_MAX_REQUEST_BYTES))
     return gateway_pb2_grpc.GatewayStub(grpc.insecure_channel(address, options=options))
 
 

@@ -32,6 +32,8 @@ async def serve(
     add_services registers the servicers and returns their full service names."""
     options = channel_options()
     if max_receive_bytes:
+        # replace the default, not append: gRPC takes the first of two equal keys
+        options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
         options.append(("grpc.max_receive_message_length", max_receive_bytes))
     server = grpc.aio.server(options=options)
     names = add_services(server)

@@ -10,7 +10,7 @@ from tilechain.v1 import tiles_pb2
 from .core.codecs import channels, match_channels
 from .core.diffusion import DiffusionStage, mask_blur_param, prompt_params, sampling_params, strength_param, tile_params
 from .core.params import Param, ParamError
-from .core.stage import IMAGE, RGB8, OutputPlan, Stage, TileWork, register
+from .core.stage import IMAGE, OutputPlan, Stage, TileWork, register
 
 
 class _BlendStage(Stage):
@@ -56,8 +56,6 @@ class BlendMask(_BlendStage):
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
         mask = self.mask(inputs)
-        if mask is None:
-            raise ParamError("mask", "needs a mask: attach one to this stage or produce one in the previous stage")
         outputs = super().plan(inputs)
         for output in outputs:
             self.require_same_size("mask", "the mask", mask, output.sources["image"])
@@ -82,12 +80,11 @@ class _DiffusionBlend(DiffusionStage):
             raise ParamError("image", "needs an input image: place the stage after one or attach one")
         return images
 
-    def checkstrength_param(self) -> None:
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.check_model()
         if int(self.p["steps"] * self.p["strength"]) < 1:
             raise ParamError("strength", f"{self.p['strength']} x {self.p['steps']} steps runs no step; raise strength or steps")
-
-    def output_canvas(self, image: tiles_pb2.Canvas) -> tiles_pb2.Canvas:
-        return self.derived(image, image.width, image.height, RGB8)
+        return [OutputPlan(self.output_canvas(image), {"image": image}) for image in self.images(inputs)]
 
 
 @register
@@ -99,11 +96,6 @@ class BlendImg2Img(_DiffusionBlend):
     )
     task = "img2img"
     params = (*prompt_params("sd15"), strength_param(0.5), *sampling_params(), *tile_params(64))
-
-    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
-        self.check_model()
-        self.checkstrength_param()
-        return [OutputPlan(self.output_canvas(image), {"image": image}) for image in self.images(inputs)]
 
     def tile_call(self, work: TileWork) -> dict:
         return self.prompt_call() | {"strength": self.p["strength"]}
@@ -122,15 +114,11 @@ class BlendInpaint(_DiffusionBlend):
     params = (*prompt_params("sd15-inpaint"), strength_param(1.0), mask_blur_param(), *sampling_params(), *tile_params(64))
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
-        self.check_model()
-        self.checkstrength_param()
+        outputs = super().plan(inputs)
         mask = self.mask(inputs)
-        if mask is None:
-            raise ParamError("mask", "needs a mask: attach one to this stage or produce one in the previous stage")
-        outputs = []
-        for image in self.images(inputs):
-            self.require_same_size("mask", "the mask", mask, image)
-            outputs.append(OutputPlan(self.output_canvas(image), {"image": image, "mask": mask}))
+        for output in outputs:
+            self.require_same_size("mask", "the mask", mask, output.sources["image"])
+            output.sources["mask"] = mask
         return outputs
 
     def process_tile(self, work: TileWork) -> np.ndarray:

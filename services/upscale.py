@@ -215,13 +215,6 @@ class UpscaleStableDiffusion(DiffusionStage):
         *tile_params(16),
     )
 
-    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
-        self.check_model()
-        return super().plan(inputs)
-
-    def output_canvas(self, image: tiles_pb2.Canvas) -> tiles_pb2.Canvas:
-        return self.derived(image, image.width * 4, image.height * 4, RGB8)
-
     def tile_call(self, work: TileWork) -> dict:
         return self.prompt_call() | {"noise_level": self.p["noise_level"]}
 
@@ -239,14 +232,10 @@ class UpscaleLatent(DiffusionStage):
     pad_multiple = 32  # and halves it twice more
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
-        self.check_model()
         for image in self.chain_images(inputs):
             if min(image.width, image.height) < self.minimum:
                 raise ParamError("image", f"{image.width}x{image.height} is below the latent upscaler's minimum of {self.minimum}x{self.minimum}")
         return super().plan(inputs)
-
-    def output_canvas(self, image: tiles_pb2.Canvas) -> tiles_pb2.Canvas:
-        return self.derived(image, image.width * 2, image.height * 2, RGB8)
 
     def tile_call(self, work: TileWork) -> dict:
         return self.prompt_call()
@@ -285,7 +274,6 @@ class UpscaleOutpaint(DiffusionStage):
     size_params = ("border",)
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
-        self.check_model()
         self.sides = {side: self.p[side] if self.p[side] >= 0 else self.p["border"] for side in ("left", "right", "top", "bottom")}
         if not any(self.sides.values()):
             raise ParamError("border", "no border to outpaint: set border or left/right/top/bottom")

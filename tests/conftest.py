@@ -3,6 +3,8 @@ loopback ports, with its own output root."""
 
 from __future__ import annotations
 
+import os
+
 import socket
 from pathlib import Path
 from typing import Iterator
@@ -16,6 +18,7 @@ from tilechain.v1 import gateway_pb2_grpc
 
 
 ROOT = Path(__file__).resolve().parents[1]
+os.environ["HF_HUB_OFFLINE"] = "1"  # the in-process model tests never reach the network either
 
 
 def free_port() -> int:

@@ -3,7 +3,6 @@ written, and the servers still serving afterwards."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import grpc

@@ -12,9 +12,6 @@ import torch
 
 from tilechain.client import TileAssembler, chain_request
 from tilechain.services.core.codecs import encode_image
-from tilechain.services.core.config import Settings
-from tilechain.services.core.models import ModelRegistry
-from tilechain.services.core.stage import Context, load_all
 from tilechain.services.core.tiles import plan_windows, transport_grid
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2
@@ -22,7 +19,7 @@ from tilechain.v1 import gateway_pb2
 from .conftest import ROOT, rpc_error, run_events
 from .engine_harness import canvas, run_stage
 from .test_cancel import stats
-from .test_upscale_models import smooth_image
+from .test_upscale_models import smooth_image, stage
 
 MODELS = ROOT / "var" / "models"
 FAST = {"steps": 2, "prompt": "a lighthouse at dusk", "seed": 5}
@@ -169,9 +166,7 @@ def test_outpaint_extends_and_keeps_the_original(gateway) -> None:
 
 
 def img2img_stage(**params):
-    settings = Settings(models_root=MODELS, models_config=ROOT / "models.yaml")
-    context = Context("job", settings, ModelRegistry(settings.models_config, settings.models_root))
-    return load_all()["blend-img2img"].create("refine", {"strength": 0.5, "steps": 3, "seed": 2, "prompt": "x", **params}, context)
+    return stage("blend-img2img", {"strength": 0.5, "steps": 3, "seed": 2, "prompt": "x", **params})
 
 
 def column_steps(image: np.ndarray) -> np.ndarray:
@@ -205,15 +200,13 @@ def test_tiled_img2img_seams_are_no_worse_than_the_interior() -> None:
 
 
 def test_a_mask_free_tile_passes_through() -> None:
-    settings = Settings(models_root=MODELS, models_config=ROOT / "models.yaml")
-    stage = load_all()["blend-inpaint"].create("paint", {**FAST, "tile": 64, "overlap": 0}, Context(
-        "job", settings, ModelRegistry(settings.models_config, settings.models_root)))
+    inpaint = stage("blend-inpaint", {**FAST, "tile": 64, "overlap": 0})
     image = smooth_image(128, 64, seed=5)
     mask = np.zeros((64, 128, 1), np.uint8)
     mask[16:48, 80:112] = 255  # only in the right-hand tile
     from tilechain.services.core.stage import L8, MASK
 
-    out = run_stage(stage, [canvas(128, 64), canvas(128, 64, id=1, fmt=L8, role=MASK, attached=True)], {0: image, 1: mask},
+    out = run_stage(inpaint, [canvas(128, 64), canvas(128, 64, id=1, fmt=L8, role=MASK, attached=True)], {0: image, 1: mask},
                     {0: transport_grid(128, 64, 64), 1: transport_grid(128, 64, 64)})[0][0]
     assert np.array_equal(out[:, :64], image[:, :64])
     assert not np.array_equal(out[:, 64:], image[:, 64:])

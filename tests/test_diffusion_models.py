@@ -5,7 +5,6 @@ the tokenizer; the LoRA changes tiny-sd15's output and unloading it restores it.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest

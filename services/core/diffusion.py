@@ -28,7 +28,7 @@ import numpy as np
 
 from .models import ModelCache, ModelEntry, ModelRegistry
 from .params import Param, ParamError
-from .stage import Cancelled, Context, Stage, TileWork
+from .stage import RGB8, Cancelled, Context, Stage, TileWork
 from .tiles import Rect
 
 # family -> task -> diffusers pipeline class. The first task's class loads the model; the
@@ -156,7 +156,6 @@ class LoadedModel:
     lock: threading.Lock = field(default_factory=threading.Lock)
     loras: set[str] = field(default_factory=set)   # adapters loaded into the components
     queue: dict[tuple, list[_Request]] = field(default_factory=dict)  # text-to-image calls waiting, by batch key
-    calls: int = 0
 
 
 def _torch_dtype(model: BaseModel) -> Any:
@@ -231,8 +230,6 @@ class DiffusionRuntime:
         self.cache = ModelCache(max_models or int(os.environ.get("TILECHAIN_MAX_DIFFUSION_MODELS", "2")))
         self.batch_window = float(os.environ.get("TILECHAIN_BATCH_WINDOW_MS", "0")) / 1000.0
         self._queue_lock = threading.Lock()
-        self.batch_sizes: list[int] = []  # per pipeline call, for tests and benchmarks
-        self.vae_decodes = 0  # counted for tests and benchmarks
 
     def load(self, model: BaseModel) -> LoadedModel:
         from .torch_runtime import device
@@ -269,21 +266,7 @@ class DiffusionRuntime:
             raise ParamError("model", f"{model.name!r} ({entry.source}) does not load as {cls.__name__}: {type(exc).__name__}: {exc}") from None
         pipe.to(dev)
         pipe.set_progress_bar_config(disable=True)
-        self._count_decodes(pipe)
         return LoadedModel(model, {first_task: pipe}, pipe.scheduler.config)
-
-    def _count_decodes(self, pipe: Any) -> None:
-        vae = getattr(pipe, "vae", None)
-        if vae is None or getattr(vae, "_tilechain_counted", False):
-            return
-        decode = vae.decode
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.vae_decodes += 1
-            return decode(*args, **kwargs)
-
-        vae.decode = counted
-        vae._tilechain_counted = True
 
     def pipeline(self, loaded: LoadedModel, task: str) -> Any:
         if task not in loaded.pipes:
@@ -345,8 +328,6 @@ class DiffusionRuntime:
             kwargs.update(self._callback(pipe, batch, kwargs.get("num_inference_steps", 1)))
             if not kwargs.get("eta"):
                 kwargs.pop("eta", None)
-            loaded.calls += 1
-            self.batch_sizes.append(len(batch))
             images = np.clip(np.rint(np.asarray(pipe(**kwargs, output_type="np").images) * 255.0), 0, 255).astype(np.uint8)
             start = 0
             for request in batch:
@@ -490,6 +471,9 @@ class DiffusionStage(Stage):
 
     @classmethod
     def prepare(cls) -> None:
+        # nothing is fetched from the hub unless the operator allows it (read at import time)
+        if os.environ.get("TILECHAIN_ALLOW_DOWNLOADS", "") != "1":
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
         # seconds on a cold start, and the gateway gives Plan 10: diffusers imports lazily, so
         # touch what Plan and the first call use
         import diffusers
@@ -519,6 +503,13 @@ class DiffusionStage(Stage):
         self.overlap = self.p.get("overlap", 0) * self.scale
         if self.overlap and self.overlap >= self.tile_in * self.scale:
             raise ParamError("overlap", f"{self.p['overlap']} must be smaller than the tile ({self.tile_in})")
+
+    def plan(self, inputs: list[Any]) -> list[Any]:
+        self.check_model()
+        return super().plan(inputs)
+
+    def output_canvas(self, image: Any) -> Any:
+        return self.derived(image, image.width * self.scale, image.height * self.scale, RGB8)
 
     def tile_size(self) -> int:
         return 0 if self.needs_whole_canvas else self.tile_in * self.scale

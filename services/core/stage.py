@@ -85,13 +85,6 @@ class Context:
         if self.cancel_event.is_set():
             raise Cancelled()
 
-    def step(self, done: int, total: int) -> None:
-        """Report progress inside a processing tile; raises Cancelled if the caller went away,
-        so a long tile stops within one step."""
-        self.check_cancelled()
-        if self.on_step is not None:
-            self.on_step(done, total)
-
 
 class Stage:
     type: ClassVar[str]
@@ -176,9 +169,12 @@ class Stage:
     def attached(inputs: list[Canvas], role: int) -> Canvas | None:
         return next((c for c in inputs if c.attached and c.role == role), None)
 
-    def mask(self, inputs: list[Canvas]) -> Canvas | None:
-        """The attached mask, else a mask from the previous stage."""
-        return self.attached(inputs, MASK) or next((c for c in inputs if c.role == MASK), None)
+    def mask(self, inputs: list[Canvas]) -> Canvas:
+        """The attached mask, else a mask from the previous stage; ParamError if neither."""
+        mask = self.attached(inputs, MASK) or next((c for c in inputs if c.role == MASK), None)
+        if mask is None:
+            raise ParamError("mask", "needs a mask: attach one to this stage or produce one in the previous stage")
+        return mask
 
     @staticmethod
     def require_same_size(param: str, what: str, canvas: Canvas, image: Canvas) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import datetime as dt
 import os
 import platform
@@ -553,15 +552,19 @@ def write_results(r: dict, lines: list[str]) -> None:
             END,
         ]
     )
-    if RESULTS.exists():
-        current = RESULTS.read_text()
-        if BEGIN in current and END in current:
-            before, rest = current.split(BEGIN, 1)
-            RESULTS.write_text(before + block + rest.split(END, 1)[1])
-        else:
-            RESULTS.write_text(current.rstrip() + "\n\n" + block + "\n")
+    write_section(BEGIN, END, block, "# Benchmark: a 4096x4096 chain through the gateway")
+
+
+def write_section(begin: str, end: str, block: str, heading: str = "") -> None:
+    """Put block (which starts with begin and ends with end) into bench/RESULTS.md: in place of
+    the old section between the markers, else appended (after heading, if given)."""
+    current = RESULTS.read_text() if RESULTS.exists() else ""
+    if begin in current and end in current:
+        before, rest = current.split(begin, 1)
+        RESULTS.write_text(before + block + rest.split(end, 1)[1])
     else:
-        RESULTS.write_text("# Benchmark: a 4096x4096 chain through the gateway\n\n" + block + "\n")
+        lead = current.rstrip() + "\n\n" if current.strip() else ""
+        RESULTS.write_text(lead + (heading + "\n\n" if heading else "") + block + "\n")
 
 
 # --- main ---------------------------------------------------------------------------------

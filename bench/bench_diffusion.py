@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_chain import free_port, machine  # noqa: E402
+from bench_chain import free_port, machine, write_section  # noqa: E402
 
 from tilechain.client import chain_request, connect  # noqa: E402
 from tilechain.stack import Stack  # noqa: E402
@@ -294,12 +294,7 @@ def write_results(r: dict, lines: list[str]) -> None:
         *lines,
         END,
     ])
-    current = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    if BEGIN in current and END in current:
-        before, rest = current.split(BEGIN, 1)
-        RESULTS.write_text(before + block + rest.split(END, 1)[1])
-    else:
-        RESULTS.write_text(current.rstrip() + "\n\n" + block + "\n")
+    write_section(BEGIN, END, block)
 
 
 # --- main ---------------------------------------------------------------------------------

@@ -23,9 +23,7 @@ Run: python bench/bench_upscale.py [--repeats N] [--untiled] [--size PX] [--no-w
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import math
 import os
 import re
 import resource
@@ -40,10 +38,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_chain import TICK, cpu_seconds, free_port, machine, med, mib, proc_status, reset_peak, secs, self_cpu  # noqa: E402
+from bench_chain import TICK, write_section, cpu_seconds, free_port, machine, med, mib, proc_status, reset_peak, secs, self_cpu  # noqa: E402
 
 from tilechain.client import TileAssembler, chain_request, connect  # noqa: E402
 from tilechain.services.core.codecs import decode_image, encode_image  # noqa: E402
+from tilechain.services.core.tiles import feather_weights, plan_windows  # noqa: E402
 from tilechain.stack import Stack  # noqa: E402
 from tilechain.v1 import gateway_pb2  # noqa: E402
 
@@ -138,25 +137,6 @@ def machine_busy() -> float:
 
 # --- direct: spandrel in this process ---------------------------------------------------------
 
-def _starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Processing-tile origins on one axis: stride tile - overlap, the last one pulled back flush
-    with the edge (so every tile has the full size), as the stage's tiling does."""
-    if tile >= length:
-        return [0]
-    stride = tile - overlap
-    return [min(i * stride, length - tile) for i in range(math.ceil((length - overlap) / stride))]
-
-
-def _ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> np.ndarray:
-    w = np.ones(length, dtype=np.float32)
-    r = (np.arange(min(overlap, length), dtype=np.float32) + 0.5) / overlap
-    if not at_start:
-        w[: len(r)] = np.minimum(w[: len(r)], r)
-    if not at_end:
-        w[length - len(r):] = np.minimum(w[length - len(r):], r[::-1])
-    return w
-
-
 class Direct:
     """The model called by spandrel in this process, over the same processing tiles as the
     stage: output windows of TILE*scale px overlapping by OVERLAP*scale, each computed from its
@@ -195,24 +175,25 @@ class Direct:
         forward_s = forward_cpu = blend_s = 0.0
         tile_walls = []
         input_px = 0
-        for wy in _starts(out_h, tile_out, ov):
-            for wx in _starts(out_w, tile_out, ov):
-                wh, ww = min(tile_out, out_h - wy), min(tile_out, out_w - wx)
-                # the input under the window, plus context, clamped to the image
-                iy, ix = max(0, wy // s - self.context), max(0, wx // s - self.context)
-                iy1, ix1 = min(h, -(-(wy + wh) // s) + self.context), min(w, -(-(wx + ww) // s) + self.context)
-                tw, tc = time.perf_counter(), self_cpu()
-                up = self._forward(pixels[iy:iy1, ix:ix1])
-                forward_s += time.perf_counter() - tw
-                forward_cpu += self_cpu() - tc
-                tile_walls.append(time.perf_counter() - tw)
-                input_px += (iy1 - iy) * (ix1 - ix)
-                tb = time.perf_counter()
-                result = up[wy - iy * s : wy - iy * s + wh, wx - ix * s : wx - ix * s + ww]
-                fw = _ramp(wh, ov, wy == 0, wy + wh == out_h)[:, None] * _ramp(ww, ov, wx == 0, wx + ww == out_w)[None, :]
-                acc[wy : wy + wh, wx : wx + ww] += result * fw[:, :, None]
-                weight[wy : wy + wh, wx : wx + ww] += fw
-                blend_s += time.perf_counter() - tb
+        # the stage's own tile geometry and feather weights (tilechain's core), the model calls
+        # and the blending written out here
+        for window in plan_windows(out_w, out_h, tile_out, ov):
+            wy, wx, wh, ww = window.y, window.x, window.height, window.width
+            # the input under the window, plus context, clamped to the image
+            iy, ix = max(0, wy // s - self.context), max(0, wx // s - self.context)
+            iy1, ix1 = min(h, -(-(wy + wh) // s) + self.context), min(w, -(-(wx + ww) // s) + self.context)
+            tw, tc = time.perf_counter(), self_cpu()
+            up = self._forward(pixels[iy:iy1, ix:ix1])
+            forward_s += time.perf_counter() - tw
+            forward_cpu += self_cpu() - tc
+            tile_walls.append(time.perf_counter() - tw)
+            input_px += (iy1 - iy) * (ix1 - ix)
+            tb = time.perf_counter()
+            result = up[wy - iy * s : wy - iy * s + wh, wx - ix * s : wx - ix * s + ww]
+            fw = feather_weights(window, out_w, out_h, ov)
+            acc[wy : wy + wh, wx : wx + ww] += result * fw[:, :, None]
+            weight[wy : wy + wh, wx : wx + ww] += fw
+            blend_s += time.perf_counter() - tb
         tb = time.perf_counter()
         image = np.empty((out_h, out_w, 3), dtype=np.uint8)
         for y in range(0, out_h, TRANSPORT_TILE):  # in bands: no second full-size float array
@@ -498,12 +479,7 @@ def write_results(r: dict, lines: list[str]) -> None:
         *lines,
         END,
     ])
-    current = RESULTS.read_text() if RESULTS.exists() else ""
-    if BEGIN in current and END in current:
-        before, rest = current.split(BEGIN, 1)
-        RESULTS.write_text(before + block + rest.split(END, 1)[1])
-    else:
-        RESULTS.write_text((current.rstrip() + "\n\n" if current.strip() else "") + HEADING + "\n\n" + block + "\n")
+    write_section(BEGIN, END, block, HEADING)
 
 
 # --- main -----------------------------------------------------------------------------------

@@ -6,20 +6,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 import numpy as np
 
-from tilechain.services.core.codecs import FORMAT_FOR_CHANNELS, ImageDecodeError, decode_image, image_size
+from tilechain.services.core.codecs import FORMAT_FOR_CHANNELS, ImageDecodeError, decode_image, encoded_size
 from tilechain.services.core.config import Settings
 from tilechain.services.core.params import Param, ParamError, dict_to_struct, struct_to_dict, validate_params
-from tilechain.services.core.servicer import param_message, stage_label
-from tilechain.services.core.stage import ROLE_NAMES
+from tilechain.services.core.servicer import param_message
+from tilechain.services.core.stage import ROLE_NAMES, stage_label
 from tilechain.v1 import gateway_pb2, stage_pb2, tiles_pb2
 
 from .families import Family, FamilyUnavailable, family_of
+
+log = logging.getLogger("tilechain.gateway")
 
 
 class ChainError(Exception):
@@ -52,6 +55,9 @@ class PlannedStage:
     attachments: list[AttachedImage] = field(default_factory=list)
     inputs: list[tiles_pb2.Canvas] = field(default_factory=list)
     outputs: list[tiles_pb2.Canvas] = field(default_factory=list)
+    emits_latent: str = ""      # from the stage's plan: see stage.proto PlanResult
+    accepts_latent: str = ""
+    latent_output: bool = False  # hand the next stage latents
 
     @property
     def label(self) -> str:
@@ -65,6 +71,7 @@ class PlannedStage:
             params=dict_to_struct(self.params),
             inputs=self.inputs,
             transport_tile=transport_tile,
+            latent_output=self.latent_output,
         )
 
 
@@ -132,7 +139,7 @@ def decode_attachments(
         if any(a.role == role for a in stage.attachments):
             raise invalid(f"{stage.label}: more than one {role} attached")
         try:
-            width, height = image_size(attachment.data)
+            width, height = encoded_size(attachment.data)
             if width * height > settings.max_pixels:
                 raise invalid(
                     f"{stage.label}: attached {role} is {width}x{height}, over the limit of "
@@ -179,25 +186,46 @@ async def plan_chain(
 
     previous: list[tiles_pb2.Canvas] = []
     for stage in planned:
-        stage.inputs = list(previous)
-        for attached in stage.attachments:
-            height, width, chans = attached.pixels.shape
-            attached.canvas = tiles_pb2.Canvas(
-                id=len(stage.inputs),
-                width=width,
-                height=height,
-                format=FORMAT_FOR_CHANNELS[chans],
-                role=ROLE_NAMES[attached.role],
-                attached=True,
-            )
-            stage.inputs.append(attached.canvas)
-        try:
-            result = await stage.family.stub.Plan(stage.start(job_id, 0), timeout=10.0)
-        except grpc.aio.AioRpcError as exc:
-            raise rpc_error(stage, exc) from None
-        stage.outputs = list(result.outputs)
+        await plan_stage(stage, previous, job_id)
         previous = stage.outputs
+    if not request.decode_between_stages and request.return_tiles != gateway_pb2.TILE_RETURN_ALL:
+        await plan_latent_handoffs(planned, job_id)
     return planned
+
+
+async def plan_stage(stage: PlannedStage, previous: list[tiles_pb2.Canvas], job_id: str) -> None:
+    """Ask the stage's service to plan it on the previous stage's outputs plus its attachments."""
+    stage.inputs = list(previous)
+    for attached in stage.attachments:
+        height, width, chans = attached.pixels.shape
+        attached.canvas = tiles_pb2.Canvas(
+            id=len(stage.inputs),
+            width=width,
+            height=height,
+            format=FORMAT_FOR_CHANNELS[chans],
+            role=ROLE_NAMES[attached.role],
+            attached=True,
+        )
+        stage.inputs.append(attached.canvas)
+    try:
+        result = await stage.family.stub.Plan(stage.start(job_id, 0), timeout=10.0)
+    except grpc.aio.AioRpcError as exc:
+        raise rpc_error(stage, exc) from None
+    stage.outputs = list(result.outputs)
+    stage.emits_latent, stage.accepts_latent = result.emits_latent, result.accepts_latent
+
+
+async def plan_latent_handoffs(planned: list[PlannedStage], job_id: str) -> None:
+    """Where a stage can emit latents in the space the next stage accepts (two diffusion stages
+    on one VAE), re-plan the pair to hand over latents: the first skips its VAE decode and the
+    second its encode. The caller sees pixels only from the last stage, which never hands over."""
+    for before, after in zip(planned, planned[1:]):
+        if not before.emits_latent or before.emits_latent != after.accepts_latent:
+            continue
+        before.latent_output = True
+        await plan_stage(before, before.inputs[: len(before.inputs) - len(before.attachments)], job_id)
+        await plan_stage(after, before.outputs, job_id)
+        log.info("job %s: %s hands latents (%s) to %s", job_id, before.label, before.emits_latent, after.label)
 
 
 def rpc_error(stage: PlannedStage, exc: grpc.aio.AioRpcError) -> ChainError:

@@ -95,6 +95,7 @@ class BlendImg2Img(_DiffusionBlend):
         "Images larger than the tile run as overlapping tiles in spiral order, feather-blended."
     )
     task = "img2img"
+    makes_latents = takes_latents = True
     params = (*prompt_params("sd15"), strength_param(0.5), *sampling_params(), *tile_params(64))
 
     def tile_call(self, work: TileWork) -> dict:
@@ -122,7 +123,7 @@ class BlendInpaint(_DiffusionBlend):
         return outputs
 
     def process_tile(self, work: TileWork) -> np.ndarray:
-        pixels, mask = work.pixels()[:, :, :3], work.pixels("mask")[:, :, 0]
+        pixels, mask = work.pixels()[:, :, :3], work.pixels("mask")[:, :, 0]  # pixels: blend-inpaint takes no latents
         if not mask.any():
             return pixels.copy()
         return self.inpaint(work.window, pixels, mask, self.prompt_call() | {"strength": self.p["strength"]})

@@ -98,6 +98,7 @@ class SourceTxt2Img(DiffusionStage):
         "with blend-img2img, which tiles."
     )
     task = "txt2img"
+    makes_latents = True
     params = (
         *prompt_params("sd15"),
         Param("width", int, 512, "Width in pixels, a multiple of 8.", min=64, max=4096),
@@ -119,7 +120,7 @@ class SourceTxt2Img(DiffusionStage):
         for index in range(self.p["count"]):
             canvas = tiles_pb2.Canvas(width=self.p["width"], height=self.p["height"], format=RGB8, role=IMAGE, index=index)
             canvas.provenance.CopyFrom(self.provenance())
-            outputs.append(OutputPlan(canvas, {}))
+            outputs.append(OutputPlan(self.result_canvas(canvas), {}))
         return outputs
 
     def jobs_with_steps(self, jobs: int) -> int:

@@ -8,7 +8,7 @@ import numpy as np
 
 from tilechain.v1 import tiles_pb2
 
-from .core.codecs import match_channels
+from .core.codecs import image_size, match_channels
 from .core.diffusion import DiffusionStage, mask_blur_param, prompt_params, sampling_params, strength_param, tile_params, tile_seed
 from .core.params import Param, ParamError
 from .core.resample import FILTERS, halo_for, resize_tile, resize_window, scaled_input_rect, source_rect
@@ -225,6 +225,7 @@ class UpscaleLatent(DiffusionStage):
     family = "upscale"
     doc = "x2 with the Stable Diffusion latent upscaler (for SD 1.x images), guided by a prompt; in overlapping tiles."
     task = "upscale-latent"
+    makes_latents = takes_latents = True
     scale = 2
     overlap = 32
     params = (*prompt_params("sd-latent-x2", steps=20, cfg=0.0), *tile_params(16))
@@ -233,8 +234,9 @@ class UpscaleLatent(DiffusionStage):
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
         for image in self.chain_images(inputs):
-            if min(image.width, image.height) < self.minimum:
-                raise ParamError("image", f"{image.width}x{image.height} is below the latent upscaler's minimum of {self.minimum}x{self.minimum}")
+            width, height = image_size(image)
+            if min(width, height) < self.minimum:
+                raise ParamError("image", f"{width}x{height} is below the latent upscaler's minimum of {self.minimum}x{self.minimum}")
         return super().plan(inputs)
 
     def tile_call(self, work: TileWork) -> dict:

@@ -87,7 +87,7 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
     from tilechain.client import chain_request, connect, load_chain
 
     attachments = _parse_inputs(args.input, "image") + _parse_inputs(args.mask, "mask")
-    request = chain_request(load_chain(Path(args.chain)), attachments, transport_tile=args.transport_tile)
+    request = chain_request(load_chain(Path(args.chain)), attachments, transport_tile=args.transport_tile, decode_between_stages=args.decode_between_stages)
     stub = connect(args.gateway)
     bar = ProgressBar()
     try:
@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gateway", default=default_address("gateway"))
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds for the whole chain")
     p.add_argument("--transport-tile", type=int, default=0, help="transport tile edge (default 512)")
+    p.add_argument("--decode-between-stages", action="store_true", help="hand pixels between every two stages (no latent handoff)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("stages", help="print the stage catalog")

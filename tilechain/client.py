@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import grpc
 import numpy as np
 
-from tilechain.services.core.codecs import channels
+from tilechain.services.core.codecs import canvas_layout
 from tilechain.services.core.config import GATEWAY_MAX_REQUEST_BYTES, channel_options
 from tilechain.v1 import gateway_pb2, gateway_pb2_grpc
 
@@ -24,6 +24,7 @@ def chain_request(
     attachments: list[tuple[str, str, bytes]] = (),
     return_tiles: int = gateway_pb2.TILE_RETURN_NONE,
     transport_tile: int = 0,
+    decode_between_stages: bool = False,
 ) -> gateway_pb2.ChainRequest:
     """chain: JSON text or a dict; attachments: (stage name, "image" or "mask", encoded bytes)."""
     text = chain if isinstance(chain, str) else json.dumps(chain)
@@ -32,6 +33,7 @@ def chain_request(
         attachments=[gateway_pb2.Attachment(stage=s, role=r, data=d) for s, r, d in attachments],
         return_tiles=return_tiles,
         transport_tile=transport_tile,
+        decode_between_stages=decode_between_stages,
     )
 
 
@@ -55,7 +57,8 @@ class TileAssembler:
     def add(self, event: gateway_pb2.TileEvent) -> None:
         canvas, tile = event.canvas, event.tile
         key = (event.name, canvas.id)
+        chans, dtype = canvas_layout(canvas)
         if key not in self.images:
-            self.images[key] = np.zeros((canvas.height, canvas.width, channels(canvas.format)), dtype=np.uint8)
-        region = np.frombuffer(tile.pixels, dtype=np.uint8).reshape(tile.height, tile.width, -1)
+            self.images[key] = np.zeros((canvas.height, canvas.width, chans), dtype=dtype)
+        region = np.frombuffer(tile.pixels, dtype=dtype).reshape(tile.height, tile.width, chans)
         self.images[key][tile.y : tile.y + tile.height, tile.x : tile.x + tile.width] = region

@@ -27,6 +27,7 @@ PIL_MODES = {
     tiles_pb2.PIXEL_FORMAT_L8: "L",
 }
 FORMAT_FOR_CHANNELS = {v: k for k, v in CHANNELS.items()}
+LATENT_F32 = tiles_pb2.PIXEL_FORMAT_LATENT_F32
 
 
 class ImageDecodeError(ValueError):
@@ -37,10 +38,32 @@ def channels(pixel_format: int) -> int:
     return CHANNELS[pixel_format]
 
 
-def transport_edge(requested: int, channels: int) -> int:
+def is_latent(canvas: tiles_pb2.Canvas) -> bool:
+    return canvas.format == LATENT_F32
+
+
+def canvas_layout(canvas: tiles_pb2.Canvas) -> tuple[int, np.dtype]:
+    """Values per pixel and their type: uint8 for images and masks, float32 for latents.
+    ValueError for a format or latent description that cannot be read."""
+    if canvas.format == LATENT_F32:
+        if not 1 <= canvas.latent.channels <= 64 or not canvas.latent.scale:
+            raise ValueError(f"canvas {canvas.id}: a latent canvas needs latent.channels (1..64) and latent.scale")
+        return canvas.latent.channels, np.dtype("<f4")  # little-endian on the wire
+    if canvas.format not in CHANNELS:
+        raise ValueError(f"canvas {canvas.id}: unknown pixel format {canvas.format}")
+    return CHANNELS[canvas.format], np.dtype(np.uint8)
+
+
+def image_size(canvas: tiles_pb2.Canvas) -> tuple[int, int]:
+    """The canvas's size in image pixels (a latent canvas counts latent pixels)."""
+    scale = canvas.latent.scale if canvas.format == LATENT_F32 else 1
+    return canvas.width * scale, canvas.height * scale
+
+
+def transport_edge(requested: int, bytes_per_pixel: int) -> int:
     """The transport tile edge to use: the requested one, shrunk until a tile fits in a message."""
     edge = requested or 512
-    while edge * edge * channels > MAX_TILE_BYTES:
+    while edge * edge * bytes_per_pixel > MAX_TILE_BYTES:
         edge //= 2
     return edge
 
@@ -70,7 +93,7 @@ def decode_image(data: bytes, mask: bool = False) -> np.ndarray:
         raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from None
 
 
-def image_size(data: bytes) -> tuple[int, int]:
+def encoded_size(data: bytes) -> tuple[int, int]:
     """Width and height from the header, without decoding the pixels."""
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -119,7 +142,7 @@ def tile_message(canvas_id: int, rect: Rect, pixels: np.ndarray) -> tiles_pb2.Ti
 
 def split_tiles(canvas_id: int, pixels: np.ndarray, edge: int) -> Iterator[tiles_pb2.Tile]:
     height, width, chans = pixels.shape
-    for rect in transport_grid(width, height, transport_edge(edge, chans)):
+    for rect in transport_grid(width, height, transport_edge(edge, chans * pixels.itemsize)):
         yield tile_message(canvas_id, rect, pixels)
 
 

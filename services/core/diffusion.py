@@ -9,12 +9,16 @@ Three parts:
   live on the shared components.
 - `DiffusionStage`: the stage base class. Canvases larger than the tile are processed as
   overlapping pixel tiles in spiral order that the engine blends with feathered weights (the
-  onnx-web way; docs/diffusion.md says why this rather than latent averaging).
+  onnx-web way; docs/diffusion.md says why this rather than latent averaging). Stages on
+  one VAE can hand each other latents instead of pixels (`latent_space`, and the gateway's
+  latent handoff), skipping a decode and an encode.
 
 Torch and diffusers are imported lazily, so that services without models start fast."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import inspect
 import json
 import os
@@ -22,14 +26,17 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .models import ModelCache, ModelEntry, ModelRegistry
 from .params import Param, ParamError
-from .stage import RGB8, Cancelled, Context, Stage, TileWork
+from .codecs import LATENT_F32, image_size, is_latent
+from .stage import RGB8, SERVICE_COUNTERS, Cancelled, Context, OutputPlan, Stage, TileWork
 from .tiles import Rect
+from tilechain.v1 import tiles_pb2
 
 # family -> task -> diffusers pipeline class. The first task's class loads the model; the
 # others are made from it with from_pipe. "auto" leaves the choice to diffusers' AutoPipeline
@@ -95,6 +102,51 @@ def resolve_model(registry: ModelRegistry | None, name: str, task: str, stage_ty
         can = ", ".join(TASK_WORDS[t] for t in model.tasks)
         raise ParamError("model", f"{name!r} is {kind} ({can}); {stage_type} needs {TASK_WORDS[task]}")
     return model
+
+
+# Families whose pipelines take and return latents of their VAE (output_type="latent", and
+# 4-channel `image` input). Others ("auto": Kandinsky's MoVQ, ...) hand over pixels.
+LATENT_FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "sd-latent-upscaler")
+VAE_WEIGHTS = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.bin")
+
+
+def latent_space(model: BaseModel) -> tiles_pb2.Latent | None:
+    """The model's latent space, or None when it hands over pixels only. Two models share a
+    space when models.yaml gives them the same `latent_space`, or when their VAE folders hold
+    the same config and weights (a digest of them); a single-file or hub model without a
+    declared space shares only with itself."""
+    if model.family not in LATENT_FAMILIES:
+        return None
+    path = model.entry.path
+    vae = path / "vae" if path is not None and path.is_dir() else None
+    channels, scale, digest = 4, 8, ""
+    if vae is not None and (vae / "config.json").is_file():
+        config = json.loads((vae / "config.json").read_text())
+        channels = int(config.get("latent_channels", 4))
+        scale = 2 ** (len(config.get("block_out_channels", [0] * 4)) - 1)
+        digest = _vae_digest(vae, *_file_keys(vae))
+    declared = model.entry.options.get("latent_space")
+    space = str(declared) if declared else f"vae:{digest}" if digest else f"model:{model.entry.source}"
+    return tiles_pb2.Latent(space=space, channels=channels, scale=scale)
+
+
+def _file_keys(vae: Path) -> tuple[tuple[str, int, int], ...]:
+    files = [vae / "config.json"] + [vae / name for name in VAE_WEIGHTS if (vae / name).is_file()]
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+
+
+@functools.lru_cache(maxsize=64)
+def _vae_digest(vae: Path, *files: tuple[str, int, int]) -> str:
+    """sha256 of the VAE's config (less diffusers' bookkeeping keys) and weights; cached per
+    file size and mtime, so a real VAE (~300 MB) is read once per service."""
+    digest = hashlib.sha256()
+    config = {k: v for k, v in json.loads((vae / "config.json").read_text()).items() if not k.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for name, _, _ in files[1:]:
+        with open(name, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def scheduler_class(name: str) -> type:
@@ -266,6 +318,8 @@ class DiffusionRuntime:
             raise ParamError("model", f"{model.name!r} ({entry.source}) does not load as {cls.__name__}: {type(exc).__name__}: {exc}") from None
         pipe.to(dev)
         pipe.set_progress_bar_config(disable=True)
+        if getattr(pipe, "vae", None) is not None:
+            count_vae_calls(pipe.vae)  # shared by the from_pipe pipelines too
         return LoadedModel(model, {first_task: pipe}, pipe.scheduler.config)
 
     def pipeline(self, loaded: LoadedModel, task: str) -> Any:
@@ -288,7 +342,8 @@ class DiffusionRuntime:
         scheduler: str = "",
         loras: dict[str, tuple[ModelEntry, float]] | None = None,
     ) -> np.ndarray:
-        """One pipeline call; returns (N, H, W, 3) uint8. Reports each denoising step to the
+        """One pipeline call; returns (N, H, W, 3) uint8, or with output_type="latent" the
+        latents as (N, h, w, C) float32. Reports each denoising step to the
         context (which raises Cancelled once the caller has gone, stopping within a step).
 
         Text-to-image calls are batched across requests: calls that arrive while the model is
@@ -328,7 +383,12 @@ class DiffusionRuntime:
             kwargs.update(self._callback(pipe, batch, kwargs.get("num_inference_steps", 1)))
             if not kwargs.get("eta"):
                 kwargs.pop("eta", None)
-            images = np.clip(np.rint(np.asarray(pipe(**kwargs, output_type="np").images) * 255.0), 0, 255).astype(np.uint8)
+            kwargs.setdefault("output_type", "np")
+            output = pipe(**kwargs).images
+            if kwargs["output_type"] == "latent":
+                images = latents_to_array(output)
+            else:
+                images = np.clip(np.rint(np.asarray(output) * 255.0), 0, 255).astype(np.uint8)
             start = 0
             for request in batch:
                 request.result = images[start : start + request.count]
@@ -393,6 +453,34 @@ class DiffusionRuntime:
 
 
 RUNTIME = DiffusionRuntime()
+
+
+def count_vae_calls(vae: Any) -> None:
+    """Count the images this VAE decodes and encodes (ServiceStats.vae_decodes/_encodes): the
+    measure of what latent handoff saves."""
+    decode, encode = vae.decode, vae.encode
+
+    def counted_decode(z: Any, *args: Any, **kwargs: Any) -> Any:
+        SERVICE_COUNTERS["vae_decodes"] += int(z.shape[0])
+        return decode(z, *args, **kwargs)
+
+    def counted_encode(x: Any, *args: Any, **kwargs: Any) -> Any:
+        SERVICE_COUNTERS["vae_encodes"] += int(x.shape[0])
+        return encode(x, *args, **kwargs)
+
+    vae.decode, vae.encode = counted_decode, counted_encode
+
+
+def latents_to_array(latents: Any) -> np.ndarray:
+    """(N, C, h, w) tensor -> (N, h, w, C) float32: a latent canvas's layout."""
+    return latents.detach().float().cpu().permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def array_to_latents(array: np.ndarray) -> Any:
+    """(h, w, C) float32 -> (1, C, h, w) tensor; the pipeline moves it to its device and dtype."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))[None].astype(np.float32))
 
 
 # --- stages --------------------------------------------------------------------------------
@@ -509,10 +597,52 @@ class DiffusionStage(Stage):
         return super().plan(inputs)
 
     def output_canvas(self, image: Any) -> Any:
-        return self.derived(image, image.width * self.scale, image.height * self.scale, RGB8)
+        width, height = image_size(image)
+        return self.result_canvas(self.derived(image, width * self.scale, height * self.scale, RGB8))
 
     def tile_size(self) -> int:
         return 0 if self.needs_whole_canvas else self.tile_in * self.scale
+
+    # --- latent handoff ----------------------------------------------------------------------
+
+    makes_latents: ClassVar[bool] = False   # can emit its images as latents (output_type="latent")
+    takes_latents: ClassVar[bool] = False   # can start from latents instead of pixels
+
+    @functools.cached_property
+    def latent(self) -> tiles_pb2.Latent | None:
+        """The model's latent space (check_model has resolved the model)."""
+        return latent_space(self.model) if self.makes_latents or self.takes_latents else None
+
+    def result_canvas(self, canvas: Any) -> Any:
+        """An RGB8 output canvas, as a latent canvas instead when the gateway asked for latents
+        (and the size is whole latent pixels; plan_outputs refuses the request otherwise)."""
+        latent = self.latent
+        if self.latent_output and latent is not None and not (canvas.width % latent.scale or canvas.height % latent.scale):
+            canvas.format = LATENT_F32
+            canvas.width, canvas.height = canvas.width // latent.scale, canvas.height // latent.scale
+            canvas.latent.CopyFrom(latent)
+        return canvas
+
+    def handoff_space(self, outputs: list[OutputPlan], able: bool) -> str:
+        """The latent space for a handoff, or "": latents travel only where the stage works in
+        one tile (tiles are blended in pixels) and the images are whole latent pixels."""
+        latent = self.latent
+        if not able or latent is None:
+            return ""
+        tile = self.tile_size()
+        for output in outputs:
+            width, height = image_size(output.canvas)
+            if (tile and max(width, height) > tile) or width % latent.scale or height % latent.scale:
+                return ""
+        return latent.space
+
+    def emits_latent(self, outputs: list[OutputPlan]) -> str:
+        return self.handoff_space(outputs, self.makes_latents)
+
+    def accepts_latent(self, outputs: list[OutputPlan]) -> str:
+        return self.handoff_space(outputs, self.takes_latents)
+
+    # --- work ----------------------------------------------------------------------------------
 
     def prompt_call(self) -> dict[str, Any]:
         call: dict[str, Any] = {
@@ -520,6 +650,7 @@ class DiffusionStage(Stage):
             "negative_prompt": self.p["negative_prompt"] or None,
             "num_inference_steps": self.p["steps"],
             "guidance_scale": self.p["cfg"],
+            "output_type": "latent" if self.latent_output else "np",
         }
         if self.p.get("clip_skip"):
             call["clip_skip"] = self.p["clip_skip"]
@@ -535,26 +666,35 @@ class DiffusionStage(Stage):
         raise NotImplementedError
 
     def input_rect(self, window: Rect, name: str, source: Any, output: Any) -> Rect:
+        if is_latent(source) or is_latent(output):
+            return Rect(0, 0, source.width, source.height)  # a handoff stage works in one tile
         # windows of scaling stages start on multiples of the scale (tile and overlap are
         # whole input pixels), so this is exact
         return window.scaled_down(self.scale, source.width, source.height)
 
     def process_tile(self, work: TileWork) -> np.ndarray:
-        return self.generate(work.window, work.pixels()[:, :, :3], self.tile_call(work))
+        return self.generate(work.window, work.pixels(), self.tile_call(work))
 
     def generate(self, window: Rect, pixels: np.ndarray, call: dict[str, Any], mask: np.ndarray | None = None) -> np.ndarray:
-        """Run the pipeline on one tile's pixels (and mask), padded to the multiple the model
-        needs; returns the tile's output pixels."""
+        """Run the pipeline on one tile's pixels (or latents) and mask, padded to the multiple
+        the model needs; returns the tile's output pixels (or latents)."""
         from .codecs import to_pil
 
-        height, width = pixels.shape[:2]
-        padded = pad_to_multiple(pixels, self.pad_multiple)
-        call = dict(call, image=to_pil(padded), generator=generator(tile_seed(self.p["seed"], window)))
+        call = dict(call, generator=generator(tile_seed(self.p["seed"], window)))
+        if pixels.dtype == np.uint8:
+            unit_in = 1
+            padded = pad_to_multiple(pixels[:, :, :3], self.pad_multiple)
+            call["image"] = to_pil(padded)
+        else:  # latents handed over by the previous stage
+            unit_in = self.latent.scale
+            call["image"] = array_to_latents(pad_to_multiple(pixels, max(1, self.pad_multiple // unit_in)))
         if mask is not None:
             call["mask_image"] = to_pil(pad_to_multiple(mask[:, :, None], self.pad_multiple))
             call["height"], call["width"] = padded.shape[:2]
         out = self.run_pipeline(call)[0]
-        return out[: height * self.scale, : width * self.scale]
+        unit_out = self.latent.scale if call["output_type"] == "latent" else 1
+        height, width = pixels.shape[0] * unit_in * self.scale // unit_out, pixels.shape[1] * unit_in * self.scale // unit_out
+        return out[:height, :width]
 
     def inpaint(self, window: Rect, pixels: np.ndarray, mask: np.ndarray, call: dict[str, Any]) -> np.ndarray:
         """Repaint where the mask is white. The mask is blurred by mask_blur and the result is

@@ -19,7 +19,7 @@ import numpy as np
 
 from tilechain.v1 import stage_pb2, tiles_pb2
 
-from .codecs import channels, tile_message, tile_rect, transport_edge
+from .codecs import canvas_layout, is_latent, tile_message, tile_rect, transport_edge
 from .config import Settings
 from .params import ParamError
 from .stage import OutputPlan, Stage, StageError, TileWork
@@ -27,7 +27,13 @@ from .tiles import CanvasBuffer, Rect, TileError, feather_weights, plan_windows,
 
 
 def plan_outputs(stage: Stage, inputs: list[tiles_pb2.Canvas], settings: Settings) -> list[OutputPlan]:
-    """The stage's output canvases for these inputs, numbered, and checked against the limits."""
+    """The stage's output canvases for these inputs, numbered, and checked against the limits
+    and against what the stage can take and make (latents only where it says so)."""
+    for canvas in inputs:
+        try:
+            canvas_layout(canvas)
+        except ValueError as exc:
+            raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"{stage.label}: input {exc}") from None
     for role in stage.required_attachments:
         if not any(c.attached and c.role == {"image": 1, "mask": 2}[role] for c in inputs):
             raise ParamError(role, f"needs an attached {role} (attach one to stage '{stage.name}')")
@@ -42,6 +48,16 @@ def plan_outputs(stage: Stage, inputs: list[tiles_pb2.Canvas], settings: Setting
                 f"output canvas {canvas.width}x{canvas.height} is outside the limit of "
                 f"{settings.max_pixels} pixels (TILECHAIN_MAX_PIXELS)",
             )
+    accepts = stage.accepts_latent(outputs)
+    for canvas in inputs:
+        if is_latent(canvas) and canvas.latent.space != accepts:
+            takes = f"latents of {accepts!r} only" if accepts else "pixels, not latents, here"
+            raise StageError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{stage.label}: input canvas {canvas.id} holds latents of {canvas.latent.space!r}; the stage takes {takes}",
+            )
+    if stage.latent_output and not stage.emits_latent(outputs):
+        raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"{stage.label}: cannot emit latents for these inputs and params (latent_output)")
     return outputs
 
 
@@ -63,13 +79,13 @@ class _Output:
     def __init__(self, plan: OutputPlan, edge: int, blend: bool) -> None:
         canvas = plan.canvas
         self.plan = plan
-        self.chans = channels(canvas.format)
-        self.pixels = np.zeros((canvas.height, canvas.width, self.chans), dtype=np.uint8)
+        self.chans, dtype = canvas_layout(canvas)
+        self.pixels = np.zeros((canvas.height, canvas.width, self.chans), dtype=dtype)
         self.blend = blend
         if blend:
             self.acc = np.zeros((canvas.height, canvas.width, self.chans), dtype=np.float32)
             self.weight = np.zeros((canvas.height, canvas.width), dtype=np.float32)
-        self.transport = transport_grid(canvas.width, canvas.height, transport_edge(edge, self.chans))
+        self.transport = transport_grid(canvas.width, canvas.height, transport_edge(edge, self.chans * dtype.itemsize))
         self.pending = [0] * len(self.transport)
         self.jobs_left = 0
 
@@ -95,7 +111,7 @@ class TileEngine:
         for plan in outputs:
             for source in plan.sources.values():
                 if source.id not in self.buffers:
-                    self.buffers[source.id] = CanvasBuffer(source.width, source.height, channels(source.format))
+                    self.buffers[source.id] = CanvasBuffer(source.width, source.height, *canvas_layout(source))
         self.jobs = self._plan_jobs(overlap)
         self.waiting: dict[int, list[_Job]] = {}
         self.ready: list[_Job] = []
@@ -175,7 +191,7 @@ class TileEngine:
             }
             result = stage.process_tile(TileWork(out.plan.canvas, job.window, inputs))
         expected = (job.window.height, job.window.width, out.chans)
-        if result.shape != expected or result.dtype != np.uint8:
+        if result.shape != expected or result.dtype != out.pixels.dtype:
             raise StageError(
                 grpc.StatusCode.INTERNAL,
                 f"stage {stage.type} returned {result.dtype} {result.shape} for a {expected} tile",
@@ -243,7 +259,9 @@ class TileEngine:
                 rect = out.transport[i]
                 if out.blend:
                     blended = out.acc[rect.slices] / out.weight[rect.slices][:, :, None]
-                    out.pixels[rect.slices] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+                    if out.pixels.dtype == np.uint8:
+                        blended = np.clip(np.rint(blended), 0, 255)
+                    out.pixels[rect.slices] = blended
                 self.tiles_emitted += 1
                 yield stage_pb2.StageOutput(tile=tile_message(out.plan.canvas.id, rect, out.pixels))
         yield stage_pb2.StageOutput(

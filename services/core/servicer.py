@@ -14,13 +14,9 @@ from .config import Settings
 from .engine import TileEngine, plan_outputs
 from .params import ParamError, struct_to_dict
 from .models import ModelRegistry
-from .stage import Cancelled, Context, Stage, StageError, load_family
+from .stage import SERVICE_COUNTERS, Cancelled, Context, Stage, StageError, load_family, stage_label
 
 log = logging.getLogger("tilechain.stage")
-
-
-def stage_label(name: str, stage_type: str) -> str:
-    return f"stage '{name}' ({stage_type})"
 
 
 def param_message(name: str, stage_type: str, error: ParamError) -> str:
@@ -48,7 +44,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 f"{stage_label(start.name, start.type)}: unknown stage type for the {self.family} "
                 f"service (it serves: {served})",
             )
-        return cls.create(start.name, struct_to_dict(start.params), context)
+        return cls.create(start.name, struct_to_dict(start.params), context, start.latent_output)
 
     async def Describe(self, request: stage_pb2.DescribeRequest, context: grpc.aio.ServicerContext) -> stage_pb2.StageCatalog:
         return stage_pb2.StageCatalog(family=self.family, stages=[cls.spec() for cls in self.stages.values()])
@@ -61,12 +57,16 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, param_message(request.name, request.type, exc))
         except StageError as exc:
             await context.abort(exc.code, exc.message)
-        return stage_pb2.PlanResult(outputs=[o.canvas for o in outputs])
+        return stage_pb2.PlanResult(
+            outputs=[o.canvas for o in outputs], emits_latent=stage.emits_latent(outputs), accepts_latent=stage.accepts_latent(outputs)
+        )
 
     async def Stats(self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> stage_pb2.ServiceStats:
         if request.wait_idle:
             async with self._idle:
                 await self._idle.wait_for(lambda: self.stats.active_streams == 0)
+        self.stats.vae_decodes = SERVICE_COUNTERS["vae_decodes"]
+        self.stats.vae_encodes = SERVICE_COUNTERS["vae_encodes"]
         return self.stats
 
     async def _set_active(self, delta: int) -> None:

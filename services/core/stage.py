@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -26,6 +27,14 @@ IMAGE = tiles_pb2.CANVAS_ROLE_IMAGE
 MASK = tiles_pb2.CANVAS_ROLE_MASK
 RGB8, RGBA8, L8 = tiles_pb2.PIXEL_FORMAT_RGB8, tiles_pb2.PIXEL_FORMAT_RGBA8, tiles_pb2.PIXEL_FORMAT_L8
 ROLE_NAMES = {"image": IMAGE, "mask": MASK}
+
+# Service-wide counters that stage code bumps where the engine cannot see the work (images
+# through a VAE); the Stats RPC reports them.
+SERVICE_COUNTERS: Counter[str] = Counter()
+
+
+def stage_label(name: str, stage_type: str) -> str:
+    return f"stage '{name}' ({stage_type})"
 
 
 class StageError(Exception):
@@ -100,10 +109,15 @@ class Stage:
     size_params: ClassVar[tuple[str, ...]] = ()           # params that set the output size
     keeps_output: ClassVar[bool] = False    # the engine hands finished canvases to finish()
 
-    def __init__(self, name: str, values: Mapping[str, Any], context: Context) -> None:
+    def __init__(self, name: str, values: Mapping[str, Any], context: Context, latent_output: bool = False) -> None:
         self.name = name
         self.p = dict(values)
         self.context = context
+        self.latent_output = latent_output  # emit latent canvases (the gateway asked; see emits_latent)
+
+    @property
+    def label(self) -> str:
+        return stage_label(self.name, self.type)
 
     # --- description ---------------------------------------------------------------------
 
@@ -113,8 +127,8 @@ class Stage:
         stage's requests need, so that the first Plan does not spend its deadline importing."""
 
     @classmethod
-    def create(cls, name: str, raw_params: Mapping[str, Any], context: Context) -> Stage:
-        return cls(name, validate_params(cls.params, raw_params), context)
+    def create(cls, name: str, raw_params: Mapping[str, Any], context: Context, latent_output: bool = False) -> Stage:
+        return cls(name, validate_params(cls.params, raw_params), context, latent_output)
 
     @classmethod
     def spec(cls) -> stage_pb2.StageSpec:
@@ -183,6 +197,16 @@ class Stage:
                 param,
                 f"{what} is {canvas.width}x{canvas.height} but the image is {image.width}x{image.height}",
             )
+
+    # --- latent handoff (diffusion stages on one VAE; see docs/diffusion.md) ---------------
+
+    def emits_latent(self, outputs: list[OutputPlan]) -> str:
+        """The latent space these outputs could be emitted in instead of pixels, "" = none."""
+        return ""
+
+    def accepts_latent(self, outputs: list[OutputPlan]) -> str:
+        """The latent space whose latents the stage would take in place of its chain images, "" = none."""
+        return ""
 
     # --- tiling --------------------------------------------------------------------------
 

@@ -138,11 +138,12 @@ class TileError(ValueError):
 
 
 class CanvasBuffer:
-    """Pixels of one canvas, filled by transport tiles in any partition and order."""
+    """Pixels (or latents) of one canvas, filled by transport tiles in any partition and order."""
 
-    def __init__(self, width: int, height: int, channels: int) -> None:
+    def __init__(self, width: int, height: int, channels: int, dtype: np.dtype = np.dtype(np.uint8)) -> None:
         self.width, self.height, self.channels = width, height, channels
-        self.pixels = np.zeros((height, width, channels), dtype=np.uint8)
+        self.dtype = np.dtype(dtype)
+        self.pixels = np.zeros((height, width, channels), dtype=self.dtype)
         self._covered = np.zeros((height, width), dtype=bool)
         self._covered_count = 0
 
@@ -156,16 +157,16 @@ class CanvasBuffer:
                 f"tile {rect.width}x{rect.height} at ({rect.x},{rect.y}) lies outside the "
                 f"{self.width}x{self.height} canvas"
             )
-        expected = rect.area * self.channels
+        expected = rect.area * self.channels * self.dtype.itemsize
         if len(data) != expected:
             raise TileError(
                 f"tile {rect.width}x{rect.height} at ({rect.x},{rect.y}) has {len(data)} bytes, "
-                f"expected {expected} ({self.channels} channels)"
+                f"expected {expected} ({self.channels} channels of {self.dtype.itemsize} byte(s))"
             )
         covered = self._covered[rect.slices]
         if covered.any():
             raise TileError(f"tile at ({rect.x},{rect.y}) overlaps a tile already received")
-        self.pixels[rect.slices] = np.frombuffer(data, dtype=np.uint8).reshape(rect.height, rect.width, self.channels)
+        self.pixels[rect.slices] = np.frombuffer(data, dtype=self.dtype).reshape(rect.height, rect.width, self.channels)
         covered[...] = True
         self._covered_count += rect.area
 

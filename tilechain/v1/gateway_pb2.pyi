@@ -61,18 +61,20 @@ class Attachment(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., role: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ChainRequest(_message.Message):
-    __slots__ = ("chain", "chain_json", "attachments", "return_tiles", "transport_tile")
+    __slots__ = ("chain", "chain_json", "attachments", "return_tiles", "transport_tile", "decode_between_stages")
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     CHAIN_JSON_FIELD_NUMBER: _ClassVar[int]
     ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_TILES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_TILE_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BETWEEN_STAGES_FIELD_NUMBER: _ClassVar[int]
     chain: Chain
     chain_json: str
     attachments: _containers.RepeatedCompositeFieldContainer[Attachment]
     return_tiles: TileReturn
     transport_tile: int
-    def __init__(self, chain: _Optional[_Union[Chain, _Mapping]] = ..., chain_json: _Optional[str] = ..., attachments: _Optional[_Iterable[_Union[Attachment, _Mapping]]] = ..., return_tiles: _Optional[_Union[TileReturn, str]] = ..., transport_tile: _Optional[int] = ...) -> None: ...
+    decode_between_stages: bool
+    def __init__(self, chain: _Optional[_Union[Chain, _Mapping]] = ..., chain_json: _Optional[str] = ..., attachments: _Optional[_Iterable[_Union[Attachment, _Mapping]]] = ..., return_tiles: _Optional[_Union[TileReturn, str]] = ..., transport_tile: _Optional[int] = ..., decode_between_stages: _Optional[bool] = ...) -> None: ...
 
 class JobRef(_message.Message):
     __slots__ = ("job_id",)

@@ -36,20 +36,22 @@ TILE_ORDER_GRID: TileOrder
 TILE_ORDER_SPIRAL: TileOrder
 
 class StageStart(_message.Message):
-    __slots__ = ("job_id", "name", "type", "params", "inputs", "transport_tile")
+    __slots__ = ("job_id", "name", "type", "params", "inputs", "transport_tile", "latent_output")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_TILE_FIELD_NUMBER: _ClassVar[int]
+    LATENT_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     type: str
     params: _struct_pb2.Struct
     inputs: _containers.RepeatedCompositeFieldContainer[_tiles_pb2.Canvas]
     transport_tile: int
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_tiles_pb2.Canvas, _Mapping]]] = ..., transport_tile: _Optional[int] = ...) -> None: ...
+    latent_output: bool
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_tiles_pb2.Canvas, _Mapping]]] = ..., transport_tile: _Optional[int] = ..., latent_output: _Optional[bool] = ...) -> None: ...
 
 class InputEnd(_message.Message):
     __slots__ = ()
@@ -186,10 +188,14 @@ class StageCatalog(_message.Message):
     def __init__(self, family: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageSpec, _Mapping]]] = ...) -> None: ...
 
 class PlanResult(_message.Message):
-    __slots__ = ("outputs",)
+    __slots__ = ("outputs", "emits_latent", "accepts_latent")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    EMITS_LATENT_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_LATENT_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[_tiles_pb2.Canvas]
-    def __init__(self, outputs: _Optional[_Iterable[_Union[_tiles_pb2.Canvas, _Mapping]]] = ...) -> None: ...
+    emits_latent: str
+    accepts_latent: str
+    def __init__(self, outputs: _Optional[_Iterable[_Union[_tiles_pb2.Canvas, _Mapping]]] = ..., emits_latent: _Optional[str] = ..., accepts_latent: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("wait_idle",)
@@ -198,7 +204,7 @@ class StatsRequest(_message.Message):
     def __init__(self, wait_idle: _Optional[bool] = ...) -> None: ...
 
 class ServiceStats(_message.Message):
-    __slots__ = ("active_streams", "streams_started", "streams_finished", "streams_cancelled", "streams_failed", "tiles_processed", "steps_run")
+    __slots__ = ("active_streams", "streams_started", "streams_finished", "streams_cancelled", "streams_failed", "tiles_processed", "steps_run", "vae_decodes", "vae_encodes")
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     STREAMS_STARTED_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -206,6 +212,8 @@ class ServiceStats(_message.Message):
     STREAMS_FAILED_FIELD_NUMBER: _ClassVar[int]
     TILES_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     STEPS_RUN_FIELD_NUMBER: _ClassVar[int]
+    VAE_DECODES_FIELD_NUMBER: _ClassVar[int]
+    VAE_ENCODES_FIELD_NUMBER: _ClassVar[int]
     active_streams: int
     streams_started: int
     streams_finished: int
@@ -213,4 +221,6 @@ class ServiceStats(_message.Message):
     streams_failed: int
     tiles_processed: int
     steps_run: int
-    def __init__(self, active_streams: _Optional[int] = ..., streams_started: _Optional[int] = ..., streams_finished: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_failed: _Optional[int] = ..., tiles_processed: _Optional[int] = ..., steps_run: _Optional[int] = ...) -> None: ...
+    vae_decodes: int
+    vae_encodes: int
+    def __init__(self, active_streams: _Optional[int] = ..., streams_started: _Optional[int] = ..., streams_finished: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_failed: _Optional[int] = ..., tiles_processed: _Optional[int] = ..., steps_run: _Optional[int] = ..., vae_decodes: _Optional[int] = ..., vae_encodes: _Optional[int] = ...) -> None: ...

@@ -13,6 +13,7 @@ class PixelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PIXEL_FORMAT_RGB8: _ClassVar[PixelFormat]
     PIXEL_FORMAT_RGBA8: _ClassVar[PixelFormat]
     PIXEL_FORMAT_L8: _ClassVar[PixelFormat]
+    PIXEL_FORMAT_LATENT_F32: _ClassVar[PixelFormat]
 
 class CanvasRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -23,12 +24,13 @@ PIXEL_FORMAT_UNSPECIFIED: PixelFormat
 PIXEL_FORMAT_RGB8: PixelFormat
 PIXEL_FORMAT_RGBA8: PixelFormat
 PIXEL_FORMAT_L8: PixelFormat
+PIXEL_FORMAT_LATENT_F32: PixelFormat
 CANVAS_ROLE_UNSPECIFIED: CanvasRole
 CANVAS_ROLE_IMAGE: CanvasRole
 CANVAS_ROLE_MASK: CanvasRole
 
 class Canvas(_message.Message):
-    __slots__ = ("id", "width", "height", "format", "role", "index", "attached", "provenance")
+    __slots__ = ("id", "width", "height", "format", "role", "index", "attached", "provenance", "latent")
     ID_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +39,7 @@ class Canvas(_message.Message):
     INDEX_FIELD_NUMBER: _ClassVar[int]
     ATTACHED_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
+    LATENT_FIELD_NUMBER: _ClassVar[int]
     id: int
     width: int
     height: int
@@ -45,7 +48,18 @@ class Canvas(_message.Message):
     index: int
     attached: bool
     provenance: _struct_pb2.Struct
-    def __init__(self, id: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[PixelFormat, str]] = ..., role: _Optional[_Union[CanvasRole, str]] = ..., index: _Optional[int] = ..., attached: _Optional[bool] = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    latent: Latent
+    def __init__(self, id: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[PixelFormat, str]] = ..., role: _Optional[_Union[CanvasRole, str]] = ..., index: _Optional[int] = ..., attached: _Optional[bool] = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., latent: _Optional[_Union[Latent, _Mapping]] = ...) -> None: ...
+
+class Latent(_message.Message):
+    __slots__ = ("space", "channels", "scale")
+    SPACE_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    space: str
+    channels: int
+    scale: int
+    def __init__(self, space: _Optional[str] = ..., channels: _Optional[int] = ..., scale: _Optional[int] = ...) -> None: ...
 
 class Tile(_message.Message):
     __slots__ = ("canvas_id", "x", "y", "width", "height", "pixels")

@@ -8,7 +8,7 @@ import numpy as np
 from tilechain.v1 import tiles_pb2
 
 from .core.codecs import channels, match_channels
-from .core.diffusion import DiffusionStage, mask_blur_param, prompt_params, sampling_params, strength_param, tile_params
+from .core.diffusion import DiffusionStage, count_param, mask_blur_param, prompt_params, sampling_params, strength_param, tile_params
 from .core.params import Param, ParamError
 from .core.stage import IMAGE, OutputPlan, Stage, TileWork, register
 
@@ -84,7 +84,7 @@ class _DiffusionBlend(DiffusionStage):
         self.check_model()
         if int(self.p["steps"] * self.p["strength"]) < 1:
             raise ParamError("strength", f"{self.p['strength']} x {self.p['steps']} steps runs no step; raise strength or steps")
-        return [OutputPlan(self.output_canvas(image), {"image": image}) for image in self.images(inputs)]
+        return self.variant_outputs(self.images(inputs))
 
 
 @register
@@ -96,7 +96,7 @@ class BlendImg2Img(_DiffusionBlend):
     )
     task = "img2img"
     makes_latents = takes_latents = True
-    params = (*prompt_params("sd15"), strength_param(0.5), *sampling_params(), *tile_params(64))
+    params = (*prompt_params("sd15"), strength_param(0.5), count_param(), *sampling_params(), *tile_params(64))
 
     def tile_call(self, work: TileWork) -> dict:
         return self.prompt_call() | {"strength": self.p["strength"]}
@@ -112,7 +112,7 @@ class BlendInpaint(_DiffusionBlend):
     )
     task = "inpaint"
     attachments = ("image", "mask")
-    params = (*prompt_params("sd15-inpaint"), strength_param(1.0), mask_blur_param(), *sampling_params(), *tile_params(64))
+    params = (*prompt_params("sd15-inpaint"), strength_param(1.0), mask_blur_param(), count_param(), *sampling_params(), *tile_params(64))
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
         outputs = super().plan(inputs)
@@ -126,4 +126,4 @@ class BlendInpaint(_DiffusionBlend):
         pixels, mask = work.pixels()[:, :, :3], work.pixels("mask")[:, :, 0]  # pixels: blend-inpaint takes no latents
         if not mask.any():
             return pixels.copy()
-        return self.inpaint(work.window, pixels, mask, self.prompt_call() | {"strength": self.p["strength"]})
+        return self.variant(work, lambda: self.inpaint(work.window, pixels, mask, self.prompt_call() | {"strength": self.p["strength"]}))

@@ -7,7 +7,7 @@ import secrets
 
 import numpy as np
 
-from .core.diffusion import DiffusionStage, generator, prompt_params, sampling_params
+from .core.diffusion import DiffusionStage, count_param, generator, prompt_params, sampling_params
 from .core.params import Param, ParamError
 from .core.stage import IMAGE, RGB8, OutputPlan, Stage, TileWork, register
 from tilechain.v1 import tiles_pb2
@@ -103,7 +103,7 @@ class SourceTxt2Img(DiffusionStage):
         *prompt_params("sd15"),
         Param("width", int, 512, "Width in pixels, a multiple of 8.", min=64, max=4096),
         Param("height", int, 512, "Height in pixels, a multiple of 8.", min=64, max=4096),
-        Param("count", int, 1, "Images per request; image i uses seed + i.", min=1, max=16),
+        count_param("Images per request"),
         *sampling_params(),
     )
     needs_whole_canvas = True

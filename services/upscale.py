@@ -311,4 +311,4 @@ class UpscaleOutpaint(DiffusionStage):
             mask[inside.relative_to(window).slices] = 0
         if not mask.any():
             return pixels
-        return self.inpaint(window, pixels, mask, self.prompt_call() | {"strength": self.p["strength"]})
+        return self.inpaint(window, pixels, mask, self.prompt_call() | {"strength": self.p["strength"]})[0]

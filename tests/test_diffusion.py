@@ -114,6 +114,22 @@ def test_txt2img_then_img2img(gateway) -> None:
     assert not np.array_equal(generated, refined)
 
 
+def test_img2img_count_makes_variants_in_one_call(gateway) -> None:
+    """count=2 on two input images: four outputs, image i's variant v at index 2i + v with seed
+    + v; variant 0 is the count=1 image; steps are reported once per batched call."""
+    refine = {"name": "refine", "type": "blend-img2img", "params": {"strength": 0.6, **FAST}}
+    _, single = run_chain(gateway, [txt2img(count=2), refine])
+    events, images = run_chain(gateway, [txt2img(count=2), {**refine, "params": {**refine["params"], "count": 2}}])
+    started = next(e.stage for e in events if e.WhichOneof("kind") == "stage" and e.stage.name == "refine")
+    assert [c.index for c in started.outputs] == [0, 1, 2, 3]
+    variants = [image_of(images, "refine", i).astype(int) for i in range(4)]
+    assert np.abs(variants[0] - image_of(single, "refine", 0)).max() <= 2
+    assert np.abs(variants[2] - image_of(single, "refine", 1)).max() <= 2
+    assert np.abs(variants[0] - variants[1]).mean() > 1  # another seed, another image
+    steps = [e.progress.progress for e in events if e.WhichOneof("kind") == "progress" and e.progress.progress.unit == "steps" and e.progress.name == "refine"]
+    assert steps[-1].done == steps[-1].total == 2 * 1  # two calls (one per input image) of one step (0.6 x 2)
+
+
 @pytest.mark.parametrize("model", ["sd15-inpaint", "sd15"])  # a 9-channel checkpoint; masked img2img
 def test_txt2img_then_inpaint_keeps_the_unmasked_pixels(gateway, model: str) -> None:
     stages = [txt2img(), {"name": "paint", "type": "blend-inpaint", "params": {"model": model, "mask_blur": 2, **FAST}}]
@@ -123,6 +139,18 @@ def test_txt2img_then_inpaint_keeps_the_unmasked_pixels(gateway, model: str) -> 
     outside[12:52, 12:52] = False  # the mask plus its blur
     assert np.array_equal(generated[outside], painted[outside])
     assert np.abs(generated[20:44, 20:44] - painted[20:44, 20:44]).mean() > 5
+
+
+def test_inpaint_count_keeps_the_unmasked_pixels_in_every_variant(gateway) -> None:
+    stages = [txt2img(), {"name": "paint", "type": "blend-inpaint", "params": {"mask_blur": 2, "count": 3, **FAST}}]
+    _, images = run_chain(gateway, stages, [("paint", "mask", png(square_mask()))])
+    generated = image_of(images, "gen").astype(int)
+    outside = np.ones((64, 64), bool)
+    outside[12:52, 12:52] = False
+    painted = [image_of(images, "paint", v).astype(int) for v in range(3)]
+    for image in painted:
+        assert np.array_equal(generated[outside], image[outside])
+    assert np.abs(painted[0][20:44, 20:44] - painted[2][20:44, 20:44]).mean() > 1
 
 
 def test_inpaint_then_img2img(gateway) -> None:

@@ -518,6 +518,10 @@ def strength_param(default: float) -> Param:
     return Param("strength", float, default, "How far to move from the input: 0 keeps it, 1 repaints it fully.", min=0.0, max=1.0)
 
 
+def count_param(what: str = "Images per input image") -> Param:
+    return Param("count", int, 1, f"{what}, made in one batched call; image v uses seed + v.", min=1, max=16)
+
+
 def mask_blur_param(default: int = 4) -> Param:
     return Param("mask_blur", int, default, "Blur of the mask's edge in pixels; the result is blended back through the blurred mask.", min=0, max=128)
 
@@ -673,14 +677,51 @@ class DiffusionStage(Stage):
         return window.scaled_down(self.scale, source.width, source.height)
 
     def process_tile(self, work: TileWork) -> np.ndarray:
-        return self.generate(work.window, work.pixels(), self.tile_call(work))
+        return self.variant(work, lambda: self.generate(work.window, work.pixels(), self.tile_call(work)))
+
+    @property
+    def count(self) -> int:
+        return int(self.p.get("count", 1))
+
+    def variant(self, work: TileWork, make: Any) -> np.ndarray:
+        """This output's image of the tile. With count > 1 each input image has `count`
+        outputs (variant v uses seed + v); `make` runs them all as one batched call on the
+        first variant's tile, and the others wait here until their own tiles ask for them."""
+        if self.count == 1:
+            return make()[0]
+        variants: dict[tuple[int, Rect], dict[int, np.ndarray]] = self.__dict__.setdefault("_variants", {})
+        key = (work.source().id, work.window)
+        if key not in variants:
+            variants[key] = dict(enumerate(make()))
+        waiting = variants[key]
+        out = waiting.pop(work.output.index % self.count)
+        if not waiting:
+            del variants[key]
+        return out
+
+    def variant_outputs(self, images: list[Any]) -> list[OutputPlan]:
+        """`count` outputs per input image: image i's variant v has index i * count + v."""
+        outputs = []
+        for image in images:
+            for v in range(self.count):
+                canvas = self.output_canvas(image)
+                canvas.index = image.index * self.count + v
+                outputs.append(OutputPlan(canvas, {"image": image}))
+        return outputs
+
+    def jobs_with_steps(self, jobs: int) -> int:
+        return jobs // self.count  # the variants of a tile run in one call
 
     def generate(self, window: Rect, pixels: np.ndarray, call: dict[str, Any], mask: np.ndarray | None = None) -> np.ndarray:
         """Run the pipeline on one tile's pixels (or latents) and mask, padded to the multiple
-        the model needs; returns the tile's output pixels (or latents)."""
+        the model needs; returns the tile's `count` output images (or latents), (N, h, w, C)."""
         from .codecs import to_pil
 
-        call = dict(call, generator=generator(tile_seed(self.p["seed"], window)))
+        seeds = [tile_seed(self.p["seed"] + v, window) for v in range(self.count)]
+        if self.count == 1:
+            call = dict(call, generator=generator(seeds[0]))
+        else:
+            call = dict(call, generator=[generator(seed) for seed in seeds], num_images_per_prompt=self.count)
         if pixels.dtype == np.uint8:
             unit_in = 1
             padded = pad_to_multiple(pixels[:, :, :3], self.pad_multiple)
@@ -691,20 +732,21 @@ class DiffusionStage(Stage):
         if mask is not None:
             call["mask_image"] = to_pil(pad_to_multiple(mask[:, :, None], self.pad_multiple))
             call["height"], call["width"] = padded.shape[:2]
-        out = self.run_pipeline(call)[0]
+        out = self.run_pipeline(call)
         unit_out = self.latent.scale if call["output_type"] == "latent" else 1
         height, width = pixels.shape[0] * unit_in * self.scale // unit_out, pixels.shape[1] * unit_in * self.scale // unit_out
-        return out[:height, :width]
+        return out[:, :height, :width]
 
     def inpaint(self, window: Rect, pixels: np.ndarray, mask: np.ndarray, call: dict[str, Any]) -> np.ndarray:
-        """Repaint where the mask is white. The mask is blurred by mask_blur and the result is
-        blended back over the original through it, so the unmasked pixels stay exactly as they
-        were and the edge is soft. With an ordinary checkpoint (a 4-channel UNet) diffusers'
-        inpaint pipeline keeps the unmasked latents at each step: masked img2img."""
-        weight = blur_mask(mask, self.p["mask_blur"])
-        soft = np.rint(weight * 255.0).astype(np.uint8)
+        """Repaint where the mask is white, `count` images (N, h, w, 3). The mask is blurred by
+        mask_blur and the result is blended back over the original through it, so the unmasked
+        pixels stay exactly as they were and the edge is soft. With an ordinary checkpoint (a
+        4-channel UNet) diffusers' inpaint pipeline keeps the unmasked latents at each step:
+        masked img2img."""
+        weight = blur_mask(mask, self.p["mask_blur"])[:, :, None]
+        soft = np.rint(weight[:, :, 0] * 255.0).astype(np.uint8)
         out = self.generate(window, pixels, call, soft).astype(np.float32)
-        blended = pixels.astype(np.float32) * (1.0 - weight[:, :, None]) + out * weight[:, :, None]
+        blended = pixels.astype(np.float32) * (1.0 - weight) + out * weight
         return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 

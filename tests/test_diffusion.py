@@ -307,3 +307,56 @@ def test_concurrent_txt2img_requests_run_as_one_batch(gateway) -> None:
         notices = [e.notice.message for e in events if e.WhichOneof("kind") == "notice"]
         assert "ran in one batch with 2 other request(s)" in notices
         assert np.abs(image_of(images, "gen").astype(int) - image).max() <= 2
+
+
+def test_concurrent_img2img_requests_run_as_one_batch(gateway) -> None:
+    """The same for image-to-image: three requests, each with its own image, prompt and seed,
+    queued behind a long one, run as one batch and each gets the image it makes alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def chain(index: int, **params) -> tuple[list, list]:
+        stages = [{"name": "in", "type": "source-image"},
+                  {"name": "refine", "type": "blend-img2img", "params": {**FAST, "prompt": f"variation {index}", "seed": 40 + index, "strength": 1.0, **params}}]
+        return stages, [("in", "image", png(smooth_image(64, 64, seed=index)))]
+
+    def refined(index: int) -> tuple[list, np.ndarray]:
+        events, images = run_chain(gateway, *chain(index))
+        return events, image_of(images, "refine")
+
+    alone = [refined(i)[1] for i in range(3)]
+    stages, attachments = chain(9, steps=150)
+    blocker = gateway.RunChain(chain_request({"stages": stages}, attachments))
+    for event in blocker:
+        if event.WhichOneof("kind") == "progress" and event.progress.progress.unit == "steps":
+            break
+    with ThreadPoolExecutor(3) as pool:
+        runs = [pool.submit(refined, i) for i in range(3)]
+        rest = list(blocker)
+        results = [run.result() for run in runs]
+    assert rest[-1].status.state == gateway_pb2.JOB_STATE_SUCCEEDED
+    for (events, image), expected in zip(results, alone):
+        notices = [e.notice.message for e in events if e.WhichOneof("kind") == "notice"]
+        assert "ran in one batch with 2 other request(s)" in notices
+        assert np.abs(image.astype(int) - expected).max() <= 2
+    assert np.abs(results[0][1].astype(int) - results[1][1]).mean() > 1
+
+
+def test_merge_calls_repeats_each_calls_image_per_image_it_makes() -> None:
+    from PIL import Image
+
+    from tilechain.services.core.diffusion import batch_key, generator, merge_calls
+
+    latents = [torch.full((1, 4, 8, 8), float(i)) for i in range(2)]
+    calls = [
+        {"prompt": "a", "image": latents[0], "generator": [generator(1)], "num_images_per_prompt": 1, "strength": 0.5},
+        {"prompt": "b", "image": latents[1], "generator": [generator(2), generator(3)], "num_images_per_prompt": 2, "strength": 0.5},
+    ]
+    merged = merge_calls(calls)
+    assert merged["prompt"] == ["a", "b", "b"] and merged["num_images_per_prompt"] == 1
+    assert merged["image"].shape == (3, 4, 8, 8) and merged["image"][:, 0, 0, 0].tolist() == [0.0, 1.0, 1.0]
+    assert len(merged["generator"]) == 3
+    assert batch_key("img2img", "", {}, calls[0]) == batch_key("img2img", "", {}, calls[1])
+    smaller = dict(calls[0], image=torch.zeros((1, 4, 4, 4)))
+    assert batch_key("img2img", "", {}, smaller) != batch_key("img2img", "", {}, calls[0])
+    pil = [dict(calls[0], image=Image.new("RGB", (64, 64))), dict(calls[0], image=Image.new("RGB", (64, 32)))]
+    assert batch_key("img2img", "", {}, pil[0]) != batch_key("img2img", "", {}, pil[1])

@@ -225,7 +225,9 @@ def _adapter_name(name: str) -> str:
 
 
 # call arguments that differ per image inside one batch
-PER_IMAGE = ("prompt", "negative_prompt", "generator", "num_images_per_prompt")
+PER_IMAGE = ("prompt", "negative_prompt", "generator", "num_images_per_prompt", "image", "mask_image")
+# tasks whose pipelines take lists of prompts, images and generators (the upscalers do not all)
+BATCHED_TASKS = ("txt2img", "img2img", "inpaint")
 
 
 def num_images(call: dict[str, Any]) -> int:
@@ -233,16 +235,45 @@ def num_images(call: dict[str, Any]) -> int:
 
 
 def merge_calls(calls: list[dict[str, Any]]) -> dict[str, Any]:
-    """The per-image arguments of several calls as one batched call's."""
-    prompts: list[str] = []
-    negatives: list[str] = []
-    generators: list[Any] = []
+    """The per-image arguments of several calls as one batched call's: each call's prompt,
+    negative prompt, image and mask repeated for each of its images, generators in order."""
+    merged: dict[str, list[Any]] = {"prompt": [], "negative_prompt": [], "generator": []}
+    for name in ("image", "mask_image"):
+        if name in calls[0]:
+            merged[name] = []
     for call in calls:
         count = num_images(call)
-        prompts += [call["prompt"]] * count
-        negatives += [call.get("negative_prompt") or ""] * count
-        generators += call["generator"]
-    return {"prompt": prompts, "negative_prompt": negatives, "generator": generators, "num_images_per_prompt": 1}
+        merged["prompt"] += [call["prompt"]] * count
+        merged["negative_prompt"] += [call.get("negative_prompt") or ""] * count
+        merged["generator"] += call["generator"]
+        for name in ("image", "mask_image"):
+            if name in merged:
+                merged[name] += [call[name]] * count
+    out: dict[str, Any] = {**merged, "num_images_per_prompt": 1}
+    if "image" in merged and _is_tensor(merged["image"][0]):
+        import torch
+
+        out["image"] = torch.cat(merged["image"])  # latents: one (N, C, h, w) batch
+    return out
+
+
+def _is_tensor(value: Any) -> bool:
+    return type(value).__module__.startswith("torch")
+
+
+def _shape(value: Any) -> Any:
+    """What must match for images to share a batch: PIL size and mode, or tensor shape."""
+    if _is_tensor(value):
+        return ("tensor", tuple(value.shape))
+    return ("pil", value.size, value.mode)
+
+
+def batch_key(task: str, scheduler: str, loras: Any, call: dict[str, Any]) -> tuple:
+    """Calls with equal keys can run as one batch: the same everything but the per-image
+    arguments, and images of one shape."""
+    shared = {k: v for k, v in call.items() if k not in PER_IMAGE}
+    shapes = tuple(_shape(call[name]) for name in ("image", "mask_image") if name in call)
+    return (task, scheduler, _freeze(loras or {}), _freeze(shared), shapes)
 
 
 def _freeze(value: Any) -> Any:
@@ -346,14 +377,15 @@ class DiffusionRuntime:
         latents as (N, h, w, C) float32. Reports each denoising step to the
         context (which raises Cancelled once the caller has gone, stopping within a step).
 
-        Text-to-image calls are batched across requests: calls that arrive while the model is
-        busy (or within TILECHAIN_BATCH_WINDOW_MS) and agree on everything but the prompts and
-        seeds run as one pipeline call. Each image keeps its own generator, so it is the image
-        the call would have made alone (up to float rounding in batched kernels)."""
+        Text-to-image, image-to-image and inpainting calls are batched across requests: calls
+        that arrive while the model is busy (or within TILECHAIN_BATCH_WINDOW_MS) and agree on
+        everything but the prompts, seeds and images (images of one shape) run as one pipeline
+        call. Each image keeps its own generator, so it is the image the call would have made
+        alone (up to float rounding in batched kernels)."""
         loaded = self.load(model)
         request = _Request(call, context, num_images(call))
-        key = (task, scheduler, _freeze(loras or {}), _freeze({k: v for k, v in call.items() if k not in PER_IMAGE}))
-        batchable = task == "txt2img" and isinstance(call.get("generator"), list)
+        key = batch_key(task, scheduler, loras, call)
+        batchable = task in BATCHED_TASKS and isinstance(call.get("generator"), list)
         if batchable:
             with self._queue_lock:
                 loaded.queue.setdefault(key, []).append(request)
@@ -718,10 +750,10 @@ class DiffusionStage(Stage):
         from .codecs import to_pil
 
         seeds = [tile_seed(self.p["seed"] + v, window) for v in range(self.count)]
-        if self.count == 1:
-            call = dict(call, generator=generator(seeds[0]))
-        else:
+        if self.task in BATCHED_TASKS:  # a generator list: the runtime may batch it with other requests
             call = dict(call, generator=[generator(seed) for seed in seeds], num_images_per_prompt=self.count)
+        else:  # the upscalers take one image, one generator
+            call = dict(call, generator=generator(seeds[0]))
         if pixels.dtype == np.uint8:
             unit_in = 1
             padded = pad_to_multiple(pixels[:, :, :3], self.pad_multiple)

@@ -39,6 +39,9 @@ def stage_table(specs: list[stage_pb2.StageSpec] | None = None) -> str:
         else:
             order = "spiral" if spec.order == stage_pb2.TILE_ORDER_SPIRAL else "grid"
             tiling = f"{spec.max_tile} px, overlap {spec.overlap}, {order}"
+        latents = [word for word, able in (("out", spec.makes_latents), ("in", spec.takes_latents)) if able]
+        if latents:
+            tiling += f"; latents {' and '.join(latents)}"
         attached = ", ".join(a + (" (required)" if a in spec.required_attachments else "") for a in spec.attachments) or "-"
         params = "<br>".join(_param(Param.from_proto(p)) for p in spec.params) or "-"
         rows.append(f"| `{spec.type}` | {spec.family} | {tiling} | {attached} | {spec.doc}<br>{params} |")

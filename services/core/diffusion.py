@@ -641,9 +641,6 @@ class DiffusionStage(Stage):
 
     # --- latent handoff ----------------------------------------------------------------------
 
-    makes_latents: ClassVar[bool] = False   # can emit its images as latents (output_type="latent")
-    takes_latents: ClassVar[bool] = False   # can start from latents instead of pixels
-
     @functools.cached_property
     def latent(self) -> tiles_pb2.Latent | None:
         """The model's latent space (check_model has resolved the model)."""

@@ -108,6 +108,8 @@ class Stage:
     required_attachments: ClassVar[tuple[str, ...]] = ()
     size_params: ClassVar[tuple[str, ...]] = ()           # params that set the output size
     keeps_output: ClassVar[bool] = False    # the engine hands finished canvases to finish()
+    makes_latents: ClassVar[bool] = False   # can emit its images as latents (see emits_latent)
+    takes_latents: ClassVar[bool] = False   # can start from latents instead of pixels (accepts_latent)
 
     def __init__(self, name: str, values: Mapping[str, Any], context: Context, latent_output: bool = False) -> None:
         self.name = name
@@ -143,6 +145,8 @@ class Stage:
             order=stage_pb2.TILE_ORDER_SPIRAL if cls.order == "spiral" else stage_pb2.TILE_ORDER_GRID,
             attachments=list(cls.attachments),
             required_attachments=list(cls.required_attachments),
+            makes_latents=cls.makes_latents,
+            takes_latents=cls.takes_latents,
         )
 
     # --- planning ------------------------------------------------------------------------

@@ -360,3 +360,29 @@ def test_merge_calls_repeats_each_calls_image_per_image_it_makes() -> None:
     assert batch_key("img2img", "", {}, smaller) != batch_key("img2img", "", {}, calls[0])
     pil = [dict(calls[0], image=Image.new("RGB", (64, 64))), dict(calls[0], image=Image.new("RGB", (64, 32)))]
     assert batch_key("img2img", "", {}, pil[0]) != batch_key("img2img", "", {}, pil[1])
+
+
+def test_services_stay_offline_unless_downloads_are_allowed(monkeypatch, tmp_path: Path) -> None:
+    """prepare() (run at service start) sets HF_HUB_OFFLINE, so a hub id that is not in the
+    local cache fails at once, naming the model, instead of downloading."""
+    from tilechain.services.core.diffusion import RUNTIME, DiffusionStage, resolve_model
+    from tilechain.services.core.models import ModelRegistry
+    from tilechain.services.core.params import ParamError
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TILECHAIN_ALLOW_DOWNLOADS", raising=False)
+    DiffusionStage.prepare()
+    import os
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    config = tmp_path / "models.yaml"
+    config.write_text("base:\n  remote: {hub: tilechain-tests/no-such-model, family: sd1}\n")
+    model = resolve_model(ModelRegistry(config, MODELS), "remote", "txt2img", "source-txt2img")
+    with pytest.raises(ParamError) as caught:
+        RUNTIME.load(model)
+    assert caught.value.param == "model" and "hub:tilechain-tests/no-such-model" in caught.value.message
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("TILECHAIN_ALLOW_DOWNLOADS", "1")
+    DiffusionStage.prepare()
+    assert "HF_HUB_OFFLINE" not in os.environ

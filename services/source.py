@@ -136,4 +136,5 @@ class SourceTxt2Img(DiffusionStage):
                 "generator": [generator(seed + i) for i in range(count)],
             }
             self.images = self.run_pipeline(call)
-        return self.images[output.canvas.index]
+        # some pipelines round the size up (Kandinsky: to multiples of 64); keep the asked size
+        return self.images[output.canvas.index][: output.canvas.height, : output.canvas.width]

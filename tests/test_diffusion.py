@@ -360,6 +360,10 @@ def test_merge_calls_repeats_each_calls_image_per_image_it_makes() -> None:
     assert batch_key("img2img", "", {}, smaller) != batch_key("img2img", "", {}, calls[0])
     pil = [dict(calls[0], image=Image.new("RGB", (64, 64))), dict(calls[0], image=Image.new("RGB", (64, 32)))]
     assert batch_key("img2img", "", {}, pil[0]) != batch_key("img2img", "", {}, pil[1])
+    negative = dict(calls[0], negative_prompt="blurry")
+    assert batch_key("img2img", "", {}, negative) != batch_key("img2img", "", {}, calls[0])
+    assert merge_calls(calls)["negative_prompt"] is None  # none had one: None, as each alone
+    assert merge_calls([negative, dict(negative, prompt="c")])["negative_prompt"] == ["blurry", "blurry"]
 
 
 def test_services_stay_offline_unless_downloads_are_allowed(monkeypatch, tmp_path: Path) -> None:

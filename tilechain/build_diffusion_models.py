@@ -1,8 +1,9 @@
 """The default local diffusers models `make models` builds (through tilechain.build_models): the
 real diffusers architectures (SD 1.5, its inpainting UNet, SDXL base and refiner, the x4 and the
-latent x2 upscalers) with small random weights, saved with `save_pretrained` as local pipeline
-folders, plus a LoRA for tiny-sd15 and a CLIP tokenizer written here (no download). They prove
-the loading, tiling and chaining paths offline, in CI, on a CPU; they draw noise, not pictures.
+latent x2 upscalers, Kandinsky 2.2 and its inpainting decoder) with small random weights, saved
+with `save_pretrained` as local pipeline folders, plus a LoRA for tiny-sd15 and a CLIP tokenizer
+written here (no download). They prove the loading, tiling and chaining paths offline, in CI, on
+a CPU; they draw noise, not pictures.
 
 Sizes follow the real models' structure, shrunk (sizes from diffusers' own test components):
 the SD VAEs downscale by 8 (4 block levels), the x4 upscaler's by 4 (3 levels); a UNet's
@@ -13,6 +14,7 @@ real models share are the same weights here too (each component is built right a
 - tiny-sd15, tiny-sd15-inpaint and tiny-sd-latent-x2 share one VAE (their latents are
   compatible); tiny-sd15 and tiny-sd15-inpaint also share the text encoder.
 - tiny-sdxl and tiny-sdxl-refiner share the VAE and the second text encoder.
+- tiny-kandinsky22 and tiny-kandinsky22-inpaint share everything but the decoder's UNet.
 
 Each builder writes one model to the path it is given (a folder, or the LoRA's file); the
 caller writes into a temporary name and renames it when complete. diffusers and transformers are
@@ -345,6 +347,119 @@ def sd_latent_x2():
     )
 
 
+# Kandinsky 2.2 (kandinsky-community/kandinsky-2-2-prior and -decoder, as diffusers' combined
+# pipelines join them): a CLIP text encoder and an unCLIP prior turn the prompt into a CLIP image
+# embedding, which a UNet conditions on (`image_proj` and `image` added embedding, no text
+# cross-attention) to denoise the latents of MoVQ, a VQ autoencoder (4 levels: 8x, as the real
+# one; not SD's VAE, so the model hands over pixels). Sizes from diffusers' own test dummies; the
+# image embedding is 32 wide (1280 in the real model, CLIP ViT-bigG's). Native size 16 * 8 = 128
+# px (64 would be below the blend stages' default overlap). Kandinsky's decoder rounds the latent
+# size up to a multiple of 8, so exact image sizes are multiples of 64 px.
+KANDINSKY_EMBED = 32
+
+
+def kandinsky22_prior():
+    from diffusers import PriorTransformer
+
+    def make():
+        prior = PriorTransformer(num_attention_heads=2, attention_head_dim=12, embedding_dim=KANDINSKY_EMBED, num_layers=1,
+                                 num_embeddings=MAX_LENGTH)
+        # the real prior stores the CLIP image embeddings' mean and std; a zero std (the
+        # initial value) would make every embedding the mean
+        prior.clip_std = torch.nn.Parameter(torch.ones_like(prior.clip_std))
+        return prior
+    return seeded(make)
+
+
+def kandinsky22_image_encoder():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    # the prior's unconditional embedding is this encoder's embedding of a black 224 px image
+    config = CLIPVisionConfig(
+        hidden_size=KANDINSKY_EMBED, image_size=224, patch_size=14, projection_dim=KANDINSKY_EMBED, intermediate_size=37,
+        num_attention_heads=4, num_channels=3, num_hidden_layers=3, hidden_act="gelu",
+    )
+    return seeded(lambda: CLIPVisionModelWithProjection(config))
+
+
+def kandinsky22_image_processor():
+    from transformers import CLIPImageProcessor
+
+    # the real prior's preprocessor_config.json (OpenAI's CLIP normalisation)
+    return CLIPImageProcessor(
+        crop_size=224, do_center_crop=True, do_normalize=True, do_resize=True, resample=3, size=224,
+        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+
+
+def kandinsky22_unet(in_channels: int = 4):
+    """The decoder's UNet: 8 output channels (noise and learned variance); 9 input channels in
+    the inpainting decoder (latents, masked-image latents, mask)."""
+    from diffusers import UNet2DConditionModel
+
+    return seeded(lambda: UNet2DConditionModel(
+        sample_size=16, in_channels=in_channels, out_channels=8, addition_embed_type="image",
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", block_out_channels=(32, 64), layers_per_block=1,
+        encoder_hid_dim=KANDINSKY_EMBED, encoder_hid_dim_type="image_proj", cross_attention_dim=32,
+        attention_head_dim=4, resnet_time_scale_shift="scale_shift", class_embed_type=None,
+    ))
+
+
+def movq():
+    """MoVQ: a VQModel with spatially conditioned norms (their GroupNorm has 32 groups, so the
+    widths are multiples of 32); downscale 2**(levels-1) = 8."""
+    from diffusers import VQModel
+
+    return seeded(lambda: VQModel(
+        in_channels=3, out_channels=3, latent_channels=4, vq_embed_dim=4, num_vq_embeddings=12,
+        block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8, norm_type="spatial",
+        down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
+        up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3, sample_size=128,
+    ))
+
+
+def kandinsky22_components(inpaint: bool = False) -> dict[str, Any]:
+    from diffusers import DDPMScheduler, UnCLIPScheduler
+
+    return dict(
+        unet=kandinsky22_unet(9 if inpaint else 4),
+        # the real models' scheduler classes: DDPM for the decoder (which takes no eta), unCLIP for the prior
+        scheduler=DDPMScheduler(
+            num_train_timesteps=1000, beta_schedule="linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+            steps_offset=1, prediction_type="epsilon", thresholding=False,
+        ),
+        movq=movq(),
+        prior_prior=kandinsky22_prior(),
+        prior_image_encoder=kandinsky22_image_encoder(),
+        prior_text_encoder=text_encoder(KANDINSKY_EMBED, act="gelu", projection=True, projection_dim=KANDINSKY_EMBED),
+        prior_tokenizer=tokenizer(),
+        prior_scheduler=UnCLIPScheduler(
+            num_train_timesteps=1000, variance_type="fixed_small_log", prediction_type="sample", clip_sample=True,
+            clip_sample_range=10.0,
+        ),
+        prior_image_processor=kandinsky22_image_processor(),
+    )
+
+
+def kandinsky22():
+    """Kandinsky 2.2 text-to-image (prior + decoder), the folder AutoPipelineForText2Image loads;
+    its img2img pipeline comes from it with from_pipe."""
+    from diffusers import KandinskyV22CombinedPipeline
+
+    return KandinskyV22CombinedPipeline(**kandinsky22_components())
+
+
+def kandinsky22_inpaint():
+    """Kandinsky 2.2 inpainting (kandinsky-2-2-decoder-inpaint's structure: a 9-channel UNet;
+    Kandinsky's inpainting pipeline always feeds it the mask and masked-image latents, so the
+    text-to-image decoder cannot inpaint). Prior, MoVQ and text encoder are tiny-kandinsky22's."""
+    from diffusers import KandinskyV22InpaintCombinedPipeline
+
+    return KandinskyV22InpaintCombinedPipeline(**kandinsky22_components(inpaint=True))
+
+
 def save_pipeline(make: Callable[[], Any]) -> Callable[[Path], None]:
     def write(folder: Path) -> None:
         import diffusers
@@ -354,7 +469,8 @@ def save_pipeline(make: Callable[[], Any]) -> Callable[[Path], None]:
         transformers.utils.logging.disable_progress_bar()
         pipe = make()
         pipe.save_pretrained(folder, safe_serialization=True)
-        for name in ("tokenizer", "tokenizer_2"):  # transformers 5 writes tokenizer.json alone
+        # transformers 5 writes tokenizer.json alone (Kandinsky's combined pipelines name theirs prior_tokenizer)
+        for name in ("tokenizer", "tokenizer_2", "prior_tokenizer"):
             if getattr(pipe, name, None) is not None:
                 write_tokenizer_files(folder / name)
     return write
@@ -409,5 +525,7 @@ MODELS: dict[str, Callable[[Path], None]] = {
     "diffusion/tiny-sdxl-refiner": save_pipeline(sdxl_refiner),
     "diffusion/tiny-sd-x4-upscaler": save_pipeline(sd_x4_upscaler),
     "diffusion/tiny-sd-latent-x2": save_pipeline(sd_latent_x2),
+    "diffusion/tiny-kandinsky22": save_pipeline(kandinsky22),
+    "diffusion/tiny-kandinsky22-inpaint": save_pipeline(kandinsky22_inpaint),
     "loras/tiny-sd15-style.safetensors": sd15_lora,
 }

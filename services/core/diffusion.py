@@ -97,6 +97,8 @@ def resolve_model(registry: ModelRegistry | None, name: str, task: str, stage_ty
         scheduler=str(options.get("scheduler", "")),
         dtype=str(options.get("dtype", "auto")),
     )
+    if task == "inpaint" and family == "auto" and not model.inpaint_checkpoint and pipeline_class_name(entry).startswith("Kandinsky"):
+        raise ParamError("model", f"{name!r} is a Kandinsky text-to-image model; Kandinsky inpaints with its own decoder (a 9-channel UNet): name one with inpaint: true in models.yaml")
     if task not in model.tasks:
         kind = "an inpainting checkpoint" if model.inpaint_checkpoint else f"a {family} model"
         can = ", ".join(TASK_WORDS[t] for t in model.tasks)
@@ -147,6 +149,14 @@ def _vae_digest(vae: Path, *files: tuple[str, int, int]) -> str:
             for block in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(block)
     return digest.hexdigest()[:16]
+
+
+def pipeline_class_name(entry: ModelEntry) -> str:
+    """The pipeline class a local diffusers folder was saved from, "" if unknown."""
+    index = entry.path / "model_index.json" if entry.path is not None else None
+    if index is None or not index.is_file():
+        return ""
+    return str(json.loads(index.read_text()).get("_class_name", ""))
 
 
 def scheduler_class(name: str) -> type:
@@ -250,6 +260,8 @@ def merge_calls(calls: list[dict[str, Any]]) -> dict[str, Any]:
             if name in merged:
                 merged[name] += [call[name]] * count
     out: dict[str, Any] = {**merged, "num_images_per_prompt": 1}
+    if not any(merged["negative_prompt"]):
+        out["negative_prompt"] = None  # as each call alone: SDXL zeroes a missing one but encodes ""
     if "image" in merged and _is_tensor(merged["image"][0]):
         import torch
 
@@ -273,7 +285,8 @@ def batch_key(task: str, scheduler: str, loras: Any, call: dict[str, Any]) -> tu
     arguments, and images of one shape."""
     shared = {k: v for k, v in call.items() if k not in PER_IMAGE}
     shapes = tuple(_shape(call[name]) for name in ("image", "mask_image") if name in call)
-    return (task, scheduler, _freeze(loras or {}), _freeze(shared), shapes)
+    # with or without a negative prompt: a missing one and "" differ for some pipelines (SDXL)
+    return (task, scheduler, _freeze(loras or {}), _freeze(shared), shapes, bool(call.get("negative_prompt")))
 
 
 def _freeze(value: Any) -> Any:
@@ -386,6 +399,8 @@ class DiffusionRuntime:
         request = _Request(call, context, num_images(call))
         key = batch_key(task, scheduler, loras, call)
         batchable = task in BATCHED_TASKS and isinstance(call.get("generator"), list)
+        if model.family == "auto" and call.get("negative_prompt"):
+            batchable = False  # Kandinsky's combined pipelines cannot batch negative prompts (docs/diffusion.md)
         if batchable:
             with self._queue_lock:
                 loaded.queue.setdefault(key, []).append(request)
@@ -413,8 +428,16 @@ class DiffusionRuntime:
                 for request in batch:
                     request.context.notices.append(f"ran in one batch with {len(batch) - 1} other request(s)")
             kwargs.update(self._callback(pipe, batch, kwargs.get("num_inference_steps", 1)))
+            parameters = inspect.signature(pipe.__call__).parameters
+            image = kwargs.get("image")
+            first = image[0] if isinstance(image, list) else image
+            if "height" not in kwargs and "height" in parameters and hasattr(first, "getbbox"):
+                # Kandinsky's img2img resizes its image to height x width (512 by default)
+                kwargs["width"], kwargs["height"] = first.size
             if not kwargs.get("eta"):
                 kwargs.pop("eta", None)
+            elif "eta" not in parameters:  # the combined pipelines (Kandinsky) take no eta
+                raise ParamError("eta", f"{type(pipe).__name__} takes no eta; leave eta at 0")
             kwargs.setdefault("output_type", "np")
             output = pipe(**kwargs).images
             if kwargs["output_type"] == "latent":
@@ -440,6 +463,8 @@ class DiffusionRuntime:
             import diffusers
 
             pipe.scheduler = getattr(diffusers, loaded.scheduler_config["_class_name"]).from_config(loaded.scheduler_config)
+        if getattr(pipe, "decoder_pipe", None) is not None:  # combined pipelines run their decoder's
+            pipe.decoder_pipe.scheduler = pipe.scheduler
 
     @staticmethod
     def _set_loras(pipe: Any, loaded: LoadedModel, loras: dict[str, tuple[ModelEntry, float]]) -> None:
@@ -621,6 +646,11 @@ class DiffusionStage(Stage):
         if self.p.get("eta") and name and not scheduler_has_eta(scheduler_class(name)):
             raise ParamError("eta", f"the scheduler {name} takes no eta; use e.g. DDIMScheduler, or leave eta at 0")
         self.loras = check_loras(self.context.models, self.p.get("loras", {}), self.model) if self.p.get("loras") else {}
+        if self.model.family == "auto":
+            # Kandinsky rounds sizes up to multiples of 64 (its MoVQ's factor squared)
+            self.pad_multiple = max(self.pad_multiple, 64)
+            if self.p.get("negative_prompt") and self.count > 1 and pipeline_class_name(self.model.entry).startswith("Kandinsky"):
+                raise ParamError("negative_prompt", "Kandinsky's pipelines cannot pair a negative prompt with count > 1; make one image per request")
         tile = self.p.get("tile", "auto")
         # 'auto': the model's native size, in output pixels
         self.tile_in = max(64, self.model.native // self.scale) if tile == "auto" else tile

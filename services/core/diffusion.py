@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 
@@ -633,6 +633,8 @@ class DiffusionStage(Stage):
         super().__init__(*args, **kwargs)
         if self.p.get("seed") == -1:
             self.p["seed"] = secrets.randbelow(2**32 - 1)
+        # (input canvas id, window) -> the variants of that tile not yet taken (see variant)
+        self._variants: dict[tuple[int, Rect], dict[int, np.ndarray]] = {}
 
     def check_model(self) -> None:
         """Resolve and check the model, scheduler and LoRAs (no loading): ParamError naming
@@ -742,20 +744,19 @@ class DiffusionStage(Stage):
     def count(self) -> int:
         return int(self.p.get("count", 1))
 
-    def variant(self, work: TileWork, make: Any) -> np.ndarray:
+    def variant(self, work: TileWork, make: Callable[[], np.ndarray]) -> np.ndarray:
         """This output's image of the tile. With count > 1 each input image has `count`
         outputs (variant v uses seed + v); `make` runs them all as one batched call on the
         first variant's tile, and the others wait here until their own tiles ask for them."""
         if self.count == 1:
             return make()[0]
-        variants: dict[tuple[int, Rect], dict[int, np.ndarray]] = self.__dict__.setdefault("_variants", {})
         key = (work.source().id, work.window)
-        if key not in variants:
-            variants[key] = dict(enumerate(make()))
-        waiting = variants[key]
+        if key not in self._variants:
+            self._variants[key] = dict(enumerate(make()))
+        waiting = self._variants[key]
         out = waiting.pop(work.output.index % self.count)
         if not waiting:
-            del variants[key]
+            del self._variants[key]
         return out
 
     def variant_outputs(self, images: list[Any]) -> list[OutputPlan]:

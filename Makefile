@@ -43,6 +43,7 @@ bench: $(STAMP) models
 	$(PY) bench/bench_chain.py
 	$(PY) bench/bench_upscale.py
 	$(PY) bench/bench_diffusion.py
+	$(PY) bench/bench_malloc.py
 
 clean: down
 	rm -rf $(VENV) var

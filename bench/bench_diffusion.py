@@ -201,8 +201,8 @@ def concurrency(stub, steps: int, log, label: str) -> dict:
     }
 
 
-def start_stack(tmp: Path, tag: str, extra: dict[str, str]) -> Stack:
-    stack = Stack({c: f"127.0.0.1:{free_port()}" for c in COMPONENTS}, tmp / f"logs-{tag}")
+def start_stack(tmp: Path, tag: str, extra: dict[str, str], components: tuple[str, ...] = COMPONENTS) -> Stack:
+    stack = Stack({c: f"127.0.0.1:{free_port()}" for c in components}, tmp / f"logs-{tag}")
     env = {
         "TILECHAIN_OUTPUT_ROOT": str(tmp / f"outputs-{tag}"),
         "TILECHAIN_MODELS_ROOT": str(ROOT / "var" / "models"),
@@ -210,7 +210,7 @@ def start_stack(tmp: Path, tag: str, extra: dict[str, str]) -> Stack:
         **extra,
     }
     os.environ.pop("TILECHAIN_BATCH_WINDOW_MS", None)  # only `extra` decides the window
-    stack.start(components=COMPONENTS, extra_env=env)
+    stack.start(components=components, extra_env=env)
     return stack
 
 

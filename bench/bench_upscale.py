@@ -496,6 +496,10 @@ def main() -> int:
         print(json.dumps(probe()))
         return 0
     began = time.perf_counter()
+    # the direct run allocates as the services do (they tune glibc's malloc at start)
+    from tilechain.services.core.server import tune_malloc
+
+    tune_malloc()
 
     def log(text: str) -> None:
         print(text, flush=True)

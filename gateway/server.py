@@ -16,7 +16,7 @@ from tilechain.services.core.config import (
     address_env,
     default_address,
 )
-from tilechain.services.core.server import serve, setup_logging
+from tilechain.services.core.server import serve, setup_logging, tune_malloc
 from tilechain.v1 import gateway_pb2, gateway_pb2_grpc
 
 from .chain import ChainError, plan_chain
@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             help=f"the {family} service (env {address_env(family)})",
         )
     args = parser.parse_args(argv)
+    tune_malloc()
     setup_logging()
 
     async def run() -> None:

@@ -9,7 +9,7 @@ import asyncio
 from tilechain.v1 import stage_pb2, stage_pb2_grpc
 
 from .core.config import DEFAULT_PORTS, FAMILIES, Settings, address_env, default_address
-from .core.server import serve, setup_logging
+from .core.server import serve, setup_logging, tune_malloc
 from .core.servicer import StageServicer
 
 
@@ -21,6 +21,7 @@ def main(family: str, argv: list[str] | None = None) -> None:
         help=f"host:port to listen on (env {address_env(family)}, default port {DEFAULT_PORTS[family]})",
     )
     args = parser.parse_args(argv)
+    tune_malloc()
     setup_logging()
     servicer = StageServicer(family, Settings.from_env())
 

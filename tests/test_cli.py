@@ -53,9 +53,16 @@ def test_stages_lists_the_catalog(stack: Stack) -> None:
 
 def test_default_example_chain_is_valid(gateway) -> None:
     from tilechain.client import chain_request
-    from tilechain.v1 import gateway_pb2
+    from tilechain.v1 import gateway_pb2, tiles_pb2
 
-    events = list(gateway.RunChain(chain_request((ROOT / "examples/chains/default.json").read_text()), timeout=120))
+    events = list(gateway.RunChain(chain_request((ROOT / "examples/chains/default.json").read_text()), timeout=300))
     status = events[-1].status
-    assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED
+    assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED, status
+    assert [(a.width, a.height, a.format) for a in status.artifacts] == [(1024, 1024, "png")]
+    started = {e.stage.name: e.stage.outputs[0].format for e in events if e.WhichOneof("kind") == "stage" and e.stage.kind == gateway_pb2.StageEvent.KIND_STARTED}
+    assert started["gen"] == tiles_pb2.PIXEL_FORMAT_LATENT_F32  # txt2img hands img2img latents
+
+    events = list(gateway.RunChain(chain_request((ROOT / "examples/chains/noise-upscale.json").read_text()), timeout=120))
+    status = events[-1].status
+    assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED, status
     assert [(a.width, a.height, a.format) for a in status.artifacts] == [(512, 512, "png")]

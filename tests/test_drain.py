@@ -53,3 +53,17 @@ def test_sigterm_drains_the_stream_in_flight(tmp_path: Path) -> None:
         assert "draining in-flight streams" in log and "stopped" in log
     finally:
         stack.stop()
+
+
+def test_tune_malloc_sets_the_threshold_or_leaves_glibc_alone(monkeypatch) -> None:
+    """Every server process calls tune_malloc first (services/core/server.py): the threshold from
+    TILECHAIN_MALLOC_MMAP_THRESHOLD (default 1 GiB), or none with 0."""
+    import platform
+
+    from tilechain.services.core.server import DEFAULT_MMAP_THRESHOLD, tune_malloc
+
+    monkeypatch.setenv("TILECHAIN_MALLOC_MMAP_THRESHOLD", "0")
+    assert tune_malloc() == 0
+    monkeypatch.delenv("TILECHAIN_MALLOC_MMAP_THRESHOLD")
+    expected = DEFAULT_MMAP_THRESHOLD if platform.libc_ver()[0] == "glibc" else 0
+    assert tune_malloc() == expected

@@ -4,7 +4,9 @@ limits, and a graceful drain of in-flight streams on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import signal
 from typing import Callable
 
@@ -17,6 +19,37 @@ from .config import channel_options
 log = logging.getLogger("tilechain.server")
 
 DRAIN_SECONDS = 30.0
+
+
+# glibc's mallopt parameters
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -3, -8
+DEFAULT_MMAP_THRESHOLD = 1 << 30
+
+
+def tune_malloc() -> int:
+    """Called first thing in every server process, before other threads exist (they keep the
+    arena they started with). Serve large allocations from the heap instead of fresh mmaps; returns the threshold set
+    (0: left alone). By default glibc maps every block over 32 MiB anew and unmaps it on free,
+    so each tile's tensors and buffers page-fault in again: with an ESRGAN x4 on a CPU that
+    was more than half the model's CPU time (bench/RESULTS.md, "Malloc tuning"), at the cost
+    of a higher resident size, since freed memory stays with the process for reuse.
+    One arena: the stage code runs in worker threads, and a thread's own arena grows in heaps
+    of at most 64 MiB, so its larger blocks would be mmapped whatever the threshold; only the
+    main arena (brk) holds them.
+    TILECHAIN_MALLOC_MMAP_THRESHOLD sets the threshold in bytes; 0 keeps glibc's behaviour."""
+    threshold = int(os.environ.get("TILECHAIN_MALLOC_MMAP_THRESHOLD", DEFAULT_MMAP_THRESHOLD))
+    if threshold <= 0:
+        return 0
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (macOS, musl): nothing to tune
+        return 0
+    if not (libc.mallopt(M_MMAP_THRESHOLD, ctypes.c_int(min(threshold, 2**31 - 1)))
+            and libc.mallopt(M_TRIM_THRESHOLD, ctypes.c_int(min(4 * threshold, 2**31 - 1)))
+            and libc.mallopt(M_ARENA_MAX, ctypes.c_int(1))):
+        log.warning("glibc refused the malloc thresholds (TILECHAIN_MALLOC_MMAP_THRESHOLD=%d)", threshold)
+        return 0
+    return threshold
 
 
 def setup_logging() -> None:

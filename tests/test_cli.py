@@ -59,6 +59,12 @@ def test_default_example_chain_is_valid(gateway) -> None:
     status = events[-1].status
     assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED, status
     assert [(a.width, a.height, a.format) for a in status.artifacts] == [(1024, 1024, "png")]
+    from urllib.parse import urlparse
+
+    from tilechain.services.core.codecs import decode_image
+
+    saved = decode_image(Path(urlparse(status.artifacts[0].uri).path).read_bytes())
+    assert saved.std() > 5  # the random models draw texture, not a flat (black) image
     started = {e.stage.name: e.stage.outputs[0].format for e in events if e.WhichOneof("kind") == "stage" and e.stage.kind == gateway_pb2.StageEvent.KIND_STARTED}
     assert started["gen"] == tiles_pb2.PIXEL_FORMAT_LATENT_F32  # txt2img hands img2img latents
 

@@ -22,7 +22,15 @@ from .build_diffusion_models import MODELS as DIFFUSION_MODELS
 def esrgan(scale: int) -> torch.nn.Module:
     from spandrel.architectures.ESRGAN import ESRGAN
 
-    return ESRGAN(in_nc=3, out_nc=3, num_filters=16, num_blocks=1, scale=scale)
+    torch.manual_seed(0)
+    model = ESRGAN(in_nc=3, out_nc=3, num_filters=16, num_blocks=1, scale=scale)
+    # With default init the last conv's output is a faint negative (a black image after
+    # clipping); spread it around mid-grey so that chains through it show texture.
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.mul_(8.0)
+        last.bias.fill_(0.5)
+    return model
 
 
 def compact(scale: int) -> torch.nn.Module:

@@ -539,20 +539,25 @@ def report(r: dict) -> list[str]:
 
 def write_results(r: dict, lines: list[str]) -> None:
     i = r["info"]
-    block = "\n".join(
-        [
-            BEGIN,
-            "<!-- written by `make bench` (bench/bench_chain.py); edit outside the markers -->",
-            "",
-            f"Run {i['date']} on: {i['cpu']}, {i['cores']} cores, {i['ram']} RAM, {i['os']}, no GPU; "
-            f"Python {i['python']}, {i['libs']}; tilechain {i['rev']}.",
-            "Command: `make bench` (`python bench/bench_chain.py`).",
-            "",
-            *lines,
-            END,
-        ]
-    )
+    block = results_block(BEGIN, END, "bench_chain.py", i, "no GPU", f"Python {i['python']}, {i['libs']}",
+                          "`make bench` (`python bench/bench_chain.py`)", lines)
     write_section(BEGIN, END, block, "# Benchmark: a 4096x4096 chain through the gateway")
+
+
+def results_block(begin: str, end: str, script: str, info: dict, hardware: str, versions: str, command: str,
+                  lines: list[str], title: str = "") -> str:
+    """A bench's RESULTS.md section: its markers, who wrote it, the title, the machine, the
+    versions and the command, then its lines."""
+    head = [begin, f"<!-- written by `make bench` (bench/{script}); edit outside the markers -->", ""]
+    if title:
+        head += [f"## {title}", ""]
+    head += [
+        f"Run {info['date']} on: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, {info['os']}, {hardware}; "
+        f"{versions + '; ' if versions else ''}tilechain {info['rev']}.",
+        f"Command: {command}.",
+        "",
+    ]
+    return "\n".join([*head, *lines, end])
 
 
 def write_section(begin: str, end: str, block: str, heading: str = "") -> None:

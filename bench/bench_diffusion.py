@@ -39,7 +39,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_chain import free_port, machine, write_section  # noqa: E402
+from bench_chain import free_port, machine, results_block, write_section  # noqa: E402
 
 from tilechain.client import chain_request, connect  # noqa: E402
 from tilechain.stack import Stack  # noqa: E402
@@ -286,19 +286,9 @@ def report(r: dict) -> list[str]:
 
 def write_results(r: dict, lines: list[str]) -> None:
     i = r["info"]
-    block = "\n".join([
-        BEGIN,
-        "<!-- written by `make bench` (bench/bench_diffusion.py); edit outside the markers -->",
-        "",
-        "## Diffusion stages through the gateway",
-        "",
-        f"Run {i['date']} on: {i['cpu']}, {i['cores']} cores, {i['ram']} RAM, {i['os']}, no GPU; "
-        f"Python {i['python']}, torch {r['torch']}, diffusers {r['diffusers']}; tilechain {i['rev']}.",
-        f"Command: `python bench/bench_diffusion.py --steps {r['steps']} --repeats {r['repeats']}`.",
-        "",
-        *lines,
-        END,
-    ])
+    block = results_block(BEGIN, END, "bench_diffusion.py", i, "no GPU", f"Python {i['python']}, torch {r['torch']}, diffusers {r['diffusers']}",
+                          f"`python bench/bench_diffusion.py --steps {r['steps']} --repeats {r['repeats']}`", lines,
+                          "Diffusion stages through the gateway")
     write_section(BEGIN, END, block)
 
 

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_chain import machine, write_section  # noqa: E402
+from bench_chain import machine, results_block, write_section  # noqa: E402
 from bench_diffusion import start_stack  # noqa: E402
 from bench_upscale import make_image, upscale_chain  # noqa: E402
 
@@ -93,16 +93,7 @@ def main() -> int:
             f"{(a['user'] - b['user']) / n:.1f} + {(a['sys'] - b['sys']) / n:.1f} | {(a['minflt'] - b['minflt']) / n / 1e6:.2f} M | {a['hwm']:.0f} MiB |"
         )
     speedup = statistics.median(plain["walls"]) / statistics.median(tuned["walls"])
-    info = machine()
     lines = [
-        BEGIN,
-        "<!-- written by `make bench` (bench/bench_malloc.py); edit outside the markers -->",
-        "",
-        "## Malloc tuning in the services",
-        "",
-        f"Run {info['date']} on: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, {info['os']}, no GPU; tilechain {info['rev']}.",
-        f"Command: `python bench/bench_malloc.py --edge {args.edge} --repeats {args.repeats}`.",
-        "",
         f"`source-image -> upscale-resrgan(esrgan-x4, tile 512, overlap 32)` on a {args.edge}² image through the gateway; "
         "the upscale service's CPU (user + system s), minor page faults per run, and its peak RSS:",
         "",
@@ -111,11 +102,12 @@ def main() -> int:
         *rows,
         "",
         f"Speed-up of the tuned default: **{speedup:.2f}x**.",
-        END,
     ]
-    print("\n".join(lines))
+    block = results_block(BEGIN, END, "bench_malloc.py", machine(), "no GPU", "",
+                          f"`python bench/bench_malloc.py --edge {args.edge} --repeats {args.repeats}`", lines, "Malloc tuning in the services")
+    print(block)
     if not args.no_write:
-        write_section(BEGIN, END, "\n".join(lines))
+        write_section(BEGIN, END, block)
     return 0
 
 

@@ -38,7 +38,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_chain import TICK, write_section, cpu_seconds, free_port, machine, med, mib, proc_status, reset_peak, secs, self_cpu  # noqa: E402
+from bench_chain import TICK, results_block, write_section, cpu_seconds, free_port, machine, med, mib, proc_status, reset_peak, secs, self_cpu  # noqa: E402
 
 from tilechain.client import TileAssembler, chain_request, connect  # noqa: E402
 from tilechain.services.core.codecs import decode_image, encode_image  # noqa: E402
@@ -468,17 +468,8 @@ def report(r: dict) -> list[str]:
 
 def write_results(r: dict, lines: list[str]) -> None:
     i = r["info"]
-    block = "\n".join([
-        BEGIN,
-        "<!-- written by `make bench` (bench/bench_upscale.py); edit outside the markers -->",
-        "",
-        f"Run {i['date']} on: {i['cpu']}, {i['cores']} cores, {i['ram']} RAM, {i['os']}, {r['gpu']}; "
-        f"Python {i['python']}, {i['libs']}, torch {r['torch']}, spandrel {r['spandrel']}; tilechain {i['rev']}.",
-        f"Command: {r['command']}.",
-        "",
-        *lines,
-        END,
-    ])
+    block = results_block(BEGIN, END, "bench_upscale.py", i, r["gpu"],
+                          f"Python {i['python']}, {i['libs']}, torch {r['torch']}, spandrel {r['spandrel']}", r["command"], lines)
     write_section(BEGIN, END, block, HEADING)
 
 

@@ -223,7 +223,7 @@ async def plan_latent_handoffs(planned: list[PlannedStage], job_id: str) -> None
         if not before.emits_latent or before.emits_latent != after.accepts_latent:
             continue
         before.latent_output = True
-        await plan_stage(before, before.inputs[: len(before.inputs) - len(before.attachments)], job_id)
+        await plan_stage(before, planned[before.index - 1].outputs if before.index else [], job_id)
         await plan_stage(after, before.outputs, job_id)
         log.info("job %s: %s hands latents (%s) to %s", job_id, before.label, before.emits_latent, after.label)
 

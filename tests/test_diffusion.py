@@ -286,33 +286,49 @@ def test_cancel_stops_within_a_step(gateway, stack: Stack) -> None:
     assert after.steps_run - before.steps_run < 500  # it stopped, long before the last step
 
 
+def run_behind_a_blocker(gateway, blocker: gateway_pb2.ChainRequest, run, count: int = 3) -> list:
+    """Start the long `blocker` chain, wait until its model is busy (its first step), then call
+    run(0..count-1) concurrently, so that those calls queue for the model; their results, once
+    the blocker has succeeded."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    call = gateway.RunChain(blocker)
+    for event in call:  # the model is busy from its first step on
+        if event.WhichOneof("kind") == "progress" and event.progress.progress.unit == "steps":
+            break
+    with ThreadPoolExecutor(count) as pool:
+        runs = [pool.submit(run, i) for i in range(count)]
+        rest = list(call)
+        results = [r.result() for r in runs]
+    assert rest[-1].status.state == gateway_pb2.JOB_STATE_SUCCEEDED
+    return results
+
+
+def assert_batched_and_alone(results: list, alone: list[np.ndarray]) -> None:
+    """Each (events, image) ran in one batch of three and equals its image made alone."""
+    for (events, image), expected in zip(results, alone):
+        notices = [e.notice.message for e in events if e.WhichOneof("kind") == "notice"]
+        assert "ran in one batch with 2 other request(s)" in notices
+        assert np.abs(image.astype(int) - expected).max() <= 2
+
+
 def test_concurrent_txt2img_requests_run_as_one_batch(gateway) -> None:
     """Three requests that arrive while the model is busy with a fourth run as one batch once
     it is free, and each image equals the image its request makes alone."""
-    from concurrent.futures import ThreadPoolExecutor
-
     prompts = ["a red barn", "a blue boat", "a green hill"]
-    alone = [image_of(run_chain(gateway, [txt2img(prompt=p, seed=20 + i)])[1], "gen") for i, p in enumerate(prompts)]
 
-    blocker = gateway.RunChain(chain_request({"stages": [txt2img(steps=150, seed=1)]}))
-    for event in blocker:  # the model is busy from its first step on
-        if event.WhichOneof("kind") == "progress" and event.progress.progress.unit == "steps":
-            break
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        runs = [pool.submit(run_chain, gateway, [txt2img(prompt=p, seed=20 + i)]) for i, p in enumerate(prompts)]
-        rest = list(blocker)
-        results = [run.result() for run in runs]
-    assert rest[-1].status.state == gateway_pb2.JOB_STATE_SUCCEEDED
-    for (events, images), image in zip(results, alone):
-        notices = [e.notice.message for e in events if e.WhichOneof("kind") == "notice"]
-        assert "ran in one batch with 2 other request(s)" in notices
-        assert np.abs(image_of(images, "gen").astype(int) - image).max() <= 2
+    def generated(index: int) -> tuple[list, np.ndarray]:
+        events, images = run_chain(gateway, [txt2img(prompt=prompts[index], seed=20 + index)])
+        return events, image_of(images, "gen")
+
+    alone = [generated(i)[1] for i in range(3)]
+    results = run_behind_a_blocker(gateway, chain_request({"stages": [txt2img(steps=150, seed=1)]}), generated)
+    assert_batched_and_alone(results, alone)
 
 
 def test_concurrent_img2img_requests_run_as_one_batch(gateway) -> None:
     """The same for image-to-image: three requests, each with its own image, prompt and seed,
     queued behind a long one, run as one batch and each gets the image it makes alone."""
-    from concurrent.futures import ThreadPoolExecutor
 
     def chain(index: int, **params) -> tuple[list, list]:
         stages = [{"name": "in", "type": "source-image"},
@@ -325,19 +341,8 @@ def test_concurrent_img2img_requests_run_as_one_batch(gateway) -> None:
 
     alone = [refined(i)[1] for i in range(3)]
     stages, attachments = chain(9, steps=150)
-    blocker = gateway.RunChain(chain_request({"stages": stages}, attachments))
-    for event in blocker:
-        if event.WhichOneof("kind") == "progress" and event.progress.progress.unit == "steps":
-            break
-    with ThreadPoolExecutor(3) as pool:
-        runs = [pool.submit(refined, i) for i in range(3)]
-        rest = list(blocker)
-        results = [run.result() for run in runs]
-    assert rest[-1].status.state == gateway_pb2.JOB_STATE_SUCCEEDED
-    for (events, image), expected in zip(results, alone):
-        notices = [e.notice.message for e in events if e.WhichOneof("kind") == "notice"]
-        assert "ran in one batch with 2 other request(s)" in notices
-        assert np.abs(image.astype(int) - expected).max() <= 2
+    results = run_behind_a_blocker(gateway, chain_request({"stages": stages}, attachments), refined)
+    assert_batched_and_alone(results, alone)
     assert np.abs(results[0][1].astype(int) - results[1][1]).mean() > 1
 
 

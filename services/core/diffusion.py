@@ -427,8 +427,8 @@ class DiffusionRuntime:
                 kwargs.update(merge_calls([r.call for r in batch]))
                 for request in batch:
                     request.context.notices.append(f"ran in one batch with {len(batch) - 1} other request(s)")
-            kwargs.update(self._callback(pipe, batch, kwargs.get("num_inference_steps", 1)))
             parameters = inspect.signature(pipe.__call__).parameters
+            kwargs.update(self._callback(pipe, parameters, batch, kwargs.get("num_inference_steps", 1)))
             image = kwargs.get("image")
             first = image[0] if isinstance(image, list) else image
             if "height" not in kwargs and "height" in parameters and hasattr(first, "getbbox"):
@@ -484,7 +484,7 @@ class DiffusionRuntime:
         pipe.set_adapters([_adapter_name(n) for n in loras], [w for _, w in loras.values()])
 
     @staticmethod
-    def _callback(pipe: Any, batch: list[_Request], steps: int) -> dict[str, Any]:
+    def _callback(pipe: Any, parameters: Any, batch: list[_Request], steps: int) -> dict[str, Any]:
         """Report each step to every request of the batch; stop when all have been cancelled
         (a batch goes on for the requests still waiting for it)."""
 
@@ -497,7 +497,6 @@ class DiffusionRuntime:
                 if context.on_step is not None:
                     context.on_step(step + 1, total)
 
-        parameters = inspect.signature(pipe.__call__).parameters
         if "callback_on_step_end" in parameters:
             def on_step_end(pipe_: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
                 on_step(step)

@@ -170,6 +170,11 @@ async def plan_chain(
         if spec is None:
             served = ", ".join(sorted(t for t in specs if family_of(t) == family_of(stage["type"]))) or "none"
             raise invalid(f"{label}: unknown stage type (the {family_of(stage['type'])} service serves: {served})")
+        if spec.unavailable:
+            raise ChainError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{label}: the {spec.family} service cannot run this stage: {spec.unavailable}",
+            )
         params = stage.get("params") or {}
         try:
             validate_params([Param.from_proto(p) for p in spec.params], params)

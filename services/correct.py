@@ -66,6 +66,7 @@ def paste_mask(side: int) -> np.ndarray:
 
 class FaceRestore(Stage):
     family = "correct"
+    requires = ("torch", "spandrel", "cv2")  # cv2: the Haar face detector
     needs_whole_canvas = True
     max_tile = 0
     size_params = ("upscale",)

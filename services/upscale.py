@@ -56,6 +56,7 @@ class SpandrelUpscale(Stage):
     overlap = 32
     size_params = ("outscale",)
     architectures: tuple[str, ...] = ()  # spandrel architecture ids this stage takes; () = any
+    requires = ("torch", "spandrel")
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
         from .core.spandrel_models import load_descriptor

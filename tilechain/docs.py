@@ -44,7 +44,8 @@ def stage_table(specs: list[stage_pb2.StageSpec] | None = None) -> str:
             tiling += f"; latents {' and '.join(latents)}"
         attached = ", ".join(a + (" (required)" if a in spec.required_attachments else "") for a in spec.attachments) or "-"
         params = "<br>".join(_param(Param.from_proto(p)) for p in spec.params) or "-"
-        rows.append(f"| `{spec.type}` | {spec.family} | {tiling} | {attached} | {spec.doc}<br>{params} |")
+        family = f"{spec.family} (models)" if spec.requires else spec.family
+        rows.append(f"| `{spec.type}` | {family} | {tiling} | {attached} | {spec.doc}<br>{params} |")
     return "\n".join(rows) + "\n"
 
 

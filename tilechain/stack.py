@@ -19,13 +19,13 @@ from tilechain.services.core.config import FAMILIES, address_env, default_addres
 COMPONENTS: tuple[str, ...] = (*FAMILIES, "gateway", "envoy")
 
 
-def command(component: str) -> list[str]:
+def command(component: str, python: str = sys.executable) -> list[str]:
     if component == "gateway":
-        return [sys.executable, "-m", "tilechain.cli", "gateway"]
+        return [python, "-m", "tilechain.cli", "gateway"]
     if component == "envoy":
         # renders the config from the environment's addresses, runs envoy as its child
-        return [sys.executable, "-m", "tilechain.envoy"]
-    return [sys.executable, "-m", "tilechain.cli", "serve", component]
+        return [python, "-m", "tilechain.envoy"]
+    return [python, "-m", "tilechain.cli", "serve", component]
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Stack:
     addresses: dict[str, str]
     log_dir: Path
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    python: str = sys.executable  # another environment's interpreter runs the stack from it
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -45,7 +46,7 @@ class Stack:
         for component in components:
             log = open(self.log_dir / f"{component}.log", "ab")
             self.processes[component] = subprocess.Popen(
-                command(component), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                command(component, self.python), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 env=self.env(extra_env), start_new_session=detach,
             )
             log.close()

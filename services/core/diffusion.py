@@ -616,6 +616,7 @@ class DiffusionStage(Stage):
     scale: ClassVar[int] = 1             # output pixels per input pixel
     pad_multiple: ClassVar[int] = 8      # tiles are edge-padded to this multiple (the VAE's blocks)
     runtime: ClassVar[DiffusionRuntime] = RUNTIME
+    requires = ("torch", "diffusers", "transformers", "cv2")  # cv2: the mask blur
 
     @classmethod
     def prepare(cls) -> None:

@@ -30,7 +30,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self.settings = settings
         self.stages = load_family(family)
         for cls in self.stages.values():
-            cls.prepare()
+            if not cls.unavailable():
+                cls.prepare()
         self.models = ModelRegistry(settings.models_config, settings.models_root)
         self.stats = stage_pb2.ServiceStats()
         self._idle = asyncio.Condition()
@@ -43,6 +44,12 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{stage_label(start.name, start.type)}: unknown stage type for the {self.family} "
                 f"service (it serves: {served})",
+            )
+        reason = cls.unavailable()
+        if reason:
+            raise StageError(
+                grpc.StatusCode.UNIMPLEMENTED,
+                f"{stage_label(start.name, start.type)}: the {self.family} service cannot run this stage: {reason}",
             )
         return cls.create(start.name, struct_to_dict(start.params), context, start.latent_output)
 

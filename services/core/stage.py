@@ -6,7 +6,9 @@ processing tile (`process_tile`) or, when it needs global context, on whole canv
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -110,6 +112,9 @@ class Stage:
     keeps_output: ClassVar[bool] = False    # the engine hands finished canvases to finish()
     makes_latents: ClassVar[bool] = False   # can emit its images as latents (see emits_latent)
     takes_latents: ClassVar[bool] = False   # can start from latents instead of pixels (accepts_latent)
+    # Python modules the stage's work imports (lazily): a slim install without the `models`
+    # extra still serves the family's other stages and lists this one as unavailable.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, values: Mapping[str, Any], context: Context, latent_output: bool = False) -> None:
         self.name = name
@@ -127,6 +132,14 @@ class Stage:
     def prepare(cls) -> None:
         """Called once when a service starts, before it reports SERVING: import what the
         stage's requests need, so that the first Plan does not spend its deadline importing."""
+
+    @classmethod
+    def unavailable(cls) -> str:
+        """Why this install cannot run the stage ("" when it can): the modules it lacks."""
+        missing = [module for module in cls.requires if not module_installed(module)]
+        if not missing:
+            return ""
+        return f"not installed here: {', '.join(missing)} (the tilechain[models] extra)"
 
     @classmethod
     def create(cls, name: str, raw_params: Mapping[str, Any], context: Context, latent_output: bool = False) -> Stage:
@@ -147,6 +160,8 @@ class Stage:
             required_attachments=list(cls.required_attachments),
             makes_latents=cls.makes_latents,
             takes_latents=cls.takes_latents,
+            unavailable=cls.unavailable(),
+            requires=list(cls.requires),
         )
 
     # --- planning ------------------------------------------------------------------------
@@ -239,6 +254,13 @@ class Stage:
     def finish(self, output: OutputPlan, pixels: np.ndarray) -> list[stage_pb2.Artifact]:
         """keeps_output stages: called with each finished output canvas."""
         return []
+
+
+@functools.cache
+def module_installed(module: str) -> bool:
+    """Whether a top-level module can be imported, without importing it (torch alone takes
+    seconds and hundreds of MiB)."""
+    return importlib.util.find_spec(module) is not None
 
 
 STAGES: dict[str, type[Stage]] = {}

@@ -68,11 +68,6 @@ def base() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def gpu() -> list[dict]:
-    return build("overlays/gpu")
-
-
-@pytest.fixture(scope="module")
 def built() -> dict[str, list[dict]]:
     return {k: build(k) for k in KUSTOMIZATIONS}
 
@@ -305,8 +300,9 @@ def test_base_runs_on_cpu(base: list[dict]) -> None:
         assert "nodeSelector" not in spec and "tolerations" not in spec, name
 
 
-def test_gpu_overlay_gives_the_gpu_families_a_gpu(gpu: list[dict]) -> None:
-    deployments = by_kind(gpu, "Deployment")
+@pytest.mark.parametrize("kustomization", ["overlays/gpu", "overlays/gpu-autoscale"])
+def test_gpu_overlays_give_the_gpu_families_a_gpu(built: dict[str, list[dict]], kustomization: str) -> None:
+    deployments = by_kind(built[kustomization], "Deployment")
     assert set(deployments) == set(DEPLOYED)
     for name, deployment in deployments.items():
         spec = deployment["spec"]["template"]["spec"]

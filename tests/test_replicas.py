@@ -42,7 +42,7 @@ def test_address_settings_become_grpc_targets() -> None:
     assert channel_target("[::1]:1,[::1]:2") == "ipv6:[::1]:1,[::1]:2"
     headless = "dns:///upscale.tilechain.svc.cluster.local:50054"
     assert channel_target(headless) == headless
-    for bad, why in (("", "expected HOST:PORT"), ("upscale", "expected HOST:PORT"),
+    for bad, why in (("", "expected HOST:PORT"), ("upscale", "expected HOST:PORT"), (":50054", "expected HOST:PORT"),
                      ("127.0.0.1:1,[::1]:2", "mixes IPv4 and IPv6"), ("127.0.0.1:1,nosuchhost.invalid:2", "cannot resolve")):
         with pytest.raises(ValueError, match=why):
             channel_target(bad)

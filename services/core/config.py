@@ -49,9 +49,9 @@ def listen_address(component: str) -> str | None:
 
 
 def split_host_port(address: str) -> tuple[str, int]:
-    """"host:port" or "[v6]:port" -> (host, port)."""
+    """"host:port" or "[v6]:port" -> (host, port); ":port" gives host ""."""
     host, sep, port = address.strip().rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not port.isdigit():
         raise ValueError(f"{address!r}: expected HOST:PORT")
     return host.strip("[]"), int(port)
 
@@ -99,10 +99,9 @@ def channel_target(spec: str) -> str:
     if spec.startswith(RESOLVER_SCHEMES):
         return spec
     addresses = split_addresses(spec)
-    if not addresses:
+    if not addresses or not all(split_host_port(a)[0] for a in addresses):
         raise ValueError(f"{spec!r}: expected HOST:PORT, a comma-separated list of them, or a gRPC target such as dns:///NAME:PORT")
     if len(addresses) == 1:
-        split_host_port(addresses[0])
         return addresses[0]
     resolved = [_resolve(a) for a in addresses]
     versions = {ip.version for ip, _ in resolved}

@@ -50,8 +50,9 @@ protos: $(STAMP)
 docs: $(STAMP)
 	$(PY) -m tilechain.docs
 
+# `make up WITH=valkey` also starts Valkey and keeps the gateway's jobs in it (README, Ports).
 up: setup
-	$(VENV)/bin/tilechain up
+	$(VENV)/bin/tilechain up $(if $(WITH),--with $(WITH))
 
 down:
 	@if [ -x $(VENV)/bin/tilechain ]; then $(VENV)/bin/tilechain down; fi
@@ -68,6 +69,7 @@ bench: setup
 	$(PY) bench/bench_upscale.py
 	$(PY) bench/bench_diffusion.py
 	$(PY) bench/bench_malloc.py
+	$(PY) bench/bench_replicas.py
 
 clean: down
 	rm -rf $(VENV) var

@@ -213,7 +213,7 @@ async def plan_stage(stage: PlannedStage, previous: list[tiles_pb2.Canvas], job_
         )
         stage.inputs.append(attached.canvas)
     try:
-        result = await stage.family.stub.Plan(stage.start(job_id, 0), timeout=10.0)
+        result = await stage.family.plan(stage.start(job_id, 0))
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(stage, exc) from None
     stage.outputs = list(result.outputs)

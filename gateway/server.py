@@ -91,11 +91,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def ListStages(
         self, request: gateway_pb2.ListStagesRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListStagesResponse:
-        try:
-            catalogs = await asyncio.gather(*(self.families[f].describe() for f in FAMILIES))
-        except FamilyUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        return gateway_pb2.ListStagesResponse(catalogs=catalogs)
+        """The catalogs of the families that answer; the others are listed as down."""
+        answers = await asyncio.gather(*(self.families[f].describe() for f in FAMILIES), return_exceptions=True)
+        response = gateway_pb2.ListStagesResponse()
+        for family, answer in zip(FAMILIES, answers):
+            if isinstance(answer, FamilyUnavailable):
+                response.families_down.add(family=family, address=answer.address, error=answer.detail)
+            elif isinstance(answer, grpc.aio.AioRpcError):
+                response.families_down.add(family=family, address=self.families[family].address, error=f"{answer.code().name}: {answer.details()}")
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                response.catalogs.append(answer)
+        return response
 
 
 def status_code(value: int) -> grpc.StatusCode:
@@ -111,14 +119,18 @@ def main(argv: list[str] | None = None) -> None:
     for family in FAMILIES:
         parser.add_argument(
             f"--{family}-address", default=default_address(family),
-            help=f"the {family} service (env {address_env(family)})",
+            help=f"the {family} service: host:port, several (comma-separated replicas), or a gRPC "
+            f"target such as dns:///NAME:PORT (env {address_env(family)})",
         )
     args = parser.parse_args(argv)
     tune_malloc()
     setup_logging()
 
     async def run() -> None:
-        families = connect({f: getattr(args, f"{f}_address") for f in FAMILIES})
+        try:
+            families = connect({f: getattr(args, f"{f}_address") for f in FAMILIES})
+        except ValueError as exc:
+            parser.error(str(exc))
         servicer = GatewayServicer(families, Settings.from_env())
 
         def add(server: grpc.aio.Server) -> list[str]:

@@ -8,7 +8,7 @@ import asyncio
 
 from tilechain.v1 import stage_pb2, stage_pb2_grpc
 
-from .core.config import DEFAULT_PORTS, FAMILIES, Settings, address_env, default_address
+from .core.config import DEFAULT_PORTS, FAMILIES, Settings, address_env, listen_address
 from .core.server import serve, setup_logging, tune_malloc
 from .core.servicer import StageServicer
 
@@ -17,10 +17,12 @@ def main(family: str, argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog=f"tilechain serve {family}")
     parser.add_argument(
         "--address",
-        default=default_address(family),
+        default=listen_address(family),
         help=f"host:port to listen on (env {address_env(family)}, default port {DEFAULT_PORTS[family]})",
     )
     args = parser.parse_args(argv)
+    if args.address is None:
+        parser.error(f"{address_env(family)} names several replicas or a resolver target: give this replica its own --address")
     tune_malloc()
     setup_logging()
     servicer = StageServicer(family, Settings.from_env())

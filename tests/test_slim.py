@@ -20,9 +20,7 @@ from tilechain.client import chain_request, connect
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2
 
-from .conftest import ROOT, free_port
-
-SLIM_PYTHON = ROOT / "var" / "venv-slim" / "bin" / "python"
+from .conftest import ROOT, SLIM_PYTHON, free_port
 MODEL_MODULES = ("torch", "torchvision", "diffusers", "transformers", "spandrel", "cv2")
 # the families a model-free chain needs; blend and correct stay down
 COMPONENTS = ("source", "upscale", "reduce", "persist", "gateway")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -27,11 +28,18 @@ def _gateway(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _up(args: argparse.Namespace, rest: list[str]) -> int:
-    from tilechain.stack import up
+    from tilechain.envoy import ADMIN_ENV, DEFAULT_ADMIN
+    from tilechain.stack import StartError, up
 
-    stack = up(Path(args.run_dir), Path(args.log_dir))
-    for component, address in stack.addresses.items():
-        print(f"{component:8} {address:22} SERVING  (log: {Path(args.log_dir) / (component + '.log')})")
+    try:
+        stack = up(Path(args.run_dir), Path(args.log_dir), Path(args.data_dir), tuple(args.with_components))
+    except (StartError, ValueError) as exc:
+        print(f"error: {exc}\nstopped the components started; nothing is running", file=sys.stderr)
+        return 1
+    for name, address in stack.process_addresses.items():
+        print(f"{name:10} {address:22} SERVING  (log: {stack.log_path(name)})")
+        if name == "envoy":
+            print(f"{'envoy-admin':10} {os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN:22} (loopback only; {ADMIN_ENV})")
     return 0
 
 
@@ -114,12 +122,14 @@ def _stages(args: argparse.Namespace, rest: list[str]) -> int:
     from tilechain.client import connect
 
     try:
-        catalogs = connect(args.gateway).ListStages(gateway_pb2.ListStagesRequest(), timeout=10).catalogs
+        response = connect(args.gateway).ListStages(gateway_pb2.ListStagesRequest(), timeout=30)
     except grpc.RpcError as exc:
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    print(stage_table([spec for catalog in catalogs for spec in catalog.stages]), end="")
-    return 0
+    print(stage_table([spec for catalog in response.catalogs for spec in catalog.stages]), end="")
+    for down in response.families_down:
+        print(f"down: the {down.family} service at {down.address}: {down.error}", file=sys.stderr)
+    return 1 if response.families_down else 0  # the catalog printed is incomplete
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=text)
         p.add_argument("--run-dir", default="var/run")
         p.add_argument("--log-dir", default="var/log")
+        if name == "up":
+            p.add_argument("--data-dir", default="var", help="Valkey keeps its data in DATA_DIR/valkey")
+            p.add_argument(
+                "--with", dest="with_components", action="append", default=[], choices=("valkey",),
+                help="also start Valkey (TILECHAIN_VALKEY_ADDR) and keep the gateway's jobs in it; "
+                "automatic when TILECHAIN_JOB_STORE is redis:// on that address",
+            )
         p.set_defaults(func=func)
 
     p = sub.add_parser("run", help="run a chain through the gateway")

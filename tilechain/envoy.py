@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from tilechain.protos import ROOT, descriptor_set_path
-from tilechain.services.core.config import DEFAULT_PORTS, GATEWAY_MAX_REQUEST_BYTES, address_env, default_address
+from tilechain.services.core.config import DEFAULT_PORTS, GATEWAY_MAX_REQUEST_BYTES, address_env, default_address, split_host_port
 
 GATEWAY_SERVICE = "tilechain.v1.Gateway"
 
@@ -59,11 +59,9 @@ NOT_FOUND_BODY = (
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """"host:port" or "[v6]:port" -> (host, port)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{address!r}: expected HOST:PORT")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    """"host:port" or "[v6]:port" -> (host, port); no host means every interface."""
+    host, port = split_host_port(address)
+    return host or "0.0.0.0", port
 
 
 def _socket(address: str) -> dict[str, Any]:

@@ -1,39 +1,85 @@
 """Starting and stopping the local stack: the six stage services, the gateway and Envoy in front
-of it, each its own process, on loopback. Used by `make up`/`make down` (via the CLI) and by the tests."""
+of it, each its own process, on loopback; and, when asked, Valkey (the job store's
+Redis-protocol server). Used by `make up`/`make down` (via the CLI), the tests and the benches.
+
+A family's address setting may list several host:port (comma-separated): the stack then starts
+one replica per address, named upscale, upscale-2, ..., and the gateway balances over them.
+Starting is all-or-nothing: if one component fails to come up, the ones started are stopped
+and StartError says which failed, why, and where its log is."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tilechain.services.core.config import FAMILIES, address_env, default_address
+from tilechain.services.core.config import (
+    FAMILIES,
+    RESOLVER_SCHEMES,
+    address_env,
+    default_address,
+    split_addresses,
+    split_host_port,
+)
 
-COMPONENTS: tuple[str, ...] = (*FAMILIES, "gateway", "envoy")
+COMPONENTS: tuple[str, ...] = (*FAMILIES, "gateway", "envoy")  # what `make up` starts
+OPTIONAL_COMPONENTS: tuple[str, ...] = ("valkey",)              # started when asked
+JOB_STORE_ENV = "TILECHAIN_JOB_STORE"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def command(component: str, python: str = sys.executable) -> list[str]:
+class StartError(RuntimeError):
+    """A component did not come up; everything the stack had started is stopped again."""
+
+    def __init__(self, name: str, reason: str, log: Path | None = None) -> None:
+        super().__init__(f"{name} failed to start: {reason}" + (f"\n  log: {log}" if log else ""))
+        self.name = name
+        self.reason = reason
+        self.log = log
+
+
+def command(component: str, address: str, python: str = sys.executable, data_dir: Path | None = None) -> list[str]:
+    """The command line of one process of a component, listening on `address` (one host:port)."""
     if component == "gateway":
-        return [python, "-m", "tilechain.cli", "gateway"]
+        return [python, "-m", "tilechain.cli", "gateway", "--address", address]
     if component == "envoy":
         # renders the config from the environment's addresses, runs envoy as its child
-        return [python, "-m", "tilechain.envoy"]
-    return [python, "-m", "tilechain.cli", "serve", component]
+        return [python, "-m", "tilechain.envoy", "--address", address]
+    if component == "valkey":
+        # execs valkey-server: its pid is this process's
+        return [python, "-m", "tilechain.valkey", "--address", address, "--dir", str(data_dir or Path("var") / "valkey")]
+    return [python, "-m", "tilechain.cli", "serve", component, "--address", address]
+
+
+def process_names(component: str, setting: str) -> list[tuple[str, str]]:
+    """(process name, its address) for each replica of a component: upscale, upscale-2, ..."""
+    if setting.startswith(RESOLVER_SCHEMES):
+        raise ValueError(f"{address_env(component)}={setting}: a resolver target names replicas elsewhere; "
+                         "the local stack starts its replicas from HOST:PORT addresses")
+    addresses = split_addresses(setting) if component in FAMILIES else [setting]
+    return [(component if i == 0 else f"{component}-{i + 1}", a) for i, a in enumerate(addresses)]
 
 
 @dataclass
 class Stack:
-    addresses: dict[str, str]
+    addresses: dict[str, str]  # component -> address setting (a family's may list replicas)
     log_dir: Path
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # process name -> process
     python: str = sys.executable  # another environment's interpreter runs the stack from it
+    data_dir: Path | None = None  # Valkey's data lives in data_dir/valkey (default: next to the logs)
+    pid_dir: Path | None = None   # where `tilechain up` keeps a pid file per process
+    process_addresses: dict[str, str] = field(default_factory=dict)  # process name -> its address
+    extra_env: dict[str, str] = field(default_factory=dict)  # the environment start() was given
+    detach: bool = False
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -41,39 +87,119 @@ class Stack:
         env.update(extra or {})
         return env
 
-    def start(self, components: tuple[str, ...] = COMPONENTS, extra_env: dict[str, str] | None = None, detach: bool = False) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        for component in components:
-            log = open(self.log_dir / f"{component}.log", "ab")
-            self.processes[component] = subprocess.Popen(
-                command(component, self.python), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=self.env(extra_env), start_new_session=detach,
-            )
-            log.close()
-        for component in components:
-            self.wait_serving(component)
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
 
-    def wait_serving(self, component: str, timeout: float = 60.0) -> None:
-        """Block until the component's health check says SERVING; fail early if it died.
-        Envoy passes gRPC through to the gateway: its check is the gateway's, answered via Envoy."""
-        process = self.processes.get(component)
+    def start(self, components: tuple[str, ...] = COMPONENTS, extra_env: dict[str, str] | None = None, detach: bool = False) -> None:
+        """Start every process of the components, then wait until each answers. All or nothing:
+        if one fails, stop the ones started here and raise StartError."""
+        self.extra_env, self.detach = dict(extra_env or {}), detach
+        planned = [(name, address) for c in components for name, address in process_names(c, self.addresses[c])]
+        for name, address in planned + self.side_addresses(components):
+            if address_taken(address):
+                raise StartError(name, f"{address} is in use by another process")
+        started: list[str] = []
+        try:
+            for name, address in planned:
+                self.launch(name, address)
+                started.append(name)
+            for name in started:
+                self.wait_serving(name)
+        except BaseException:
+            self.stop(started)
+            raise
+
+    def side_addresses(self, components: tuple[str, ...]) -> list[tuple[str, str]]:
+        """Addresses a component listens on besides its own: Envoy's admin interface."""
+        if "envoy" not in components:
+            return []
+        from tilechain.envoy import ADMIN_ENV, DEFAULT_ADMIN
+
+        admin = self.env(self.extra_env).get(ADMIN_ENV) or DEFAULT_ADMIN
+        return [] if admin == "off" else [("envoy (admin)", admin)]
+
+    def launch(self, name: str, address: str) -> None:
+        """Start one process (a component, or one replica of a family) listening on address."""
+        component = self.component_of(name)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        valkey_dir = (self.data_dir or self.log_dir.parent) / "valkey"
+        if component == "valkey":
+            valkey_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path(name), "ab") as log:
+            self.processes[name] = subprocess.Popen(
+                command(component, address, self.python, valkey_dir), stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env=self.env(self.extra_env), start_new_session=self.detach,
+            )
+        self.process_addresses[name] = address
+        if self.pid_dir is not None:
+            self.pid_dir.mkdir(parents=True, exist_ok=True)
+            (self.pid_dir / f"{name}.pid").write_text(str(self.processes[name].pid))
+
+    def restart(self, name: str) -> None:
+        """Start a stopped process again on its address, and wait until it answers."""
+        if self.processes[name].poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self.launch(name, self.process_addresses[name])
+        try:
+            self.wait_serving(name)
+        except BaseException:
+            self.stop(name)
+            raise
+
+    def component_of(self, name: str) -> str:
+        return next(c for c in (*COMPONENTS, *OPTIONAL_COMPONENTS) if name == c or name.startswith(c + "-"))
+
+    def wait_serving(self, name: str, timeout: float = 60.0) -> None:
+        """Block until the process answers (its health check says SERVING; Valkey: PING); raise
+        StartError if it exits first or stays silent. Envoy passes gRPC through to the gateway:
+        its check is the gateway's, answered via Envoy."""
+        process = self.processes.get(name)
+        address = self.process_addresses.get(name) or self.addresses[name]
         deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.addresses[component]) as channel:
+
+        def check_alive() -> None:
+            if process is not None and process.poll() is not None:
+                raise StartError(name, f"exited with status {process.returncode}{log_tail(self.log_path(name))}", self.log_path(name))
+            if time.monotonic() > deadline:
+                raise StartError(name, f"not answering at {address} after {timeout:.0f} s{log_tail(self.log_path(name))}", self.log_path(name))
+
+        if self.component_of(name) == "valkey":
+            import redis  # the job store's client, a dependency of the slim install too
+
+            host, port = split_host_port(address)
+            client = redis.Redis(host=host, port=port, socket_connect_timeout=1.0, socket_timeout=1.0)
+            try:
+                while True:
+                    check_alive()
+                    try:
+                        if client.ping():
+                            check_alive()
+                            return
+                    except redis.exceptions.BusyLoadingError:
+                        pass  # still reading its append-only file
+                    except redis.exceptions.ConnectionError:
+                        pass
+                    time.sleep(0.05)  # a plain TCP server: nothing to block on until it listens
+            finally:
+                client.close()
+        with grpc.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
-                if process is not None and process.poll() is not None:
-                    raise RuntimeError(f"{component} exited with {process.returncode}; see {self.log_dir / (component + '.log')}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{component} at {self.addresses[component]} not SERVING after {timeout:.0f}s")
+                check_alive()
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0, wait_for_ready=True)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        check_alive()  # it was this process that answered
                         return
                 except grpc.RpcError:
                     pass  # not listening yet: the next attempt waits for it again
 
-    def stop(self, component: str | None = None, timeout: float = 30.0) -> None:
-        names = [component] if component else list(self.processes)
+    def stop(self, names: str | list[str] | None = None, timeout: float = 30.0) -> None:
+        """SIGTERM the processes (each drains its streams), wait, SIGKILL any still running."""
+        if names is None:
+            names = list(self.processes)
+        elif isinstance(names, str):
+            names = [names]
         for name in names:
             process = self.processes[name]
             if process.poll() is None:
@@ -84,22 +210,68 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.processes[name].kill()
                 self.processes[name].wait()
+            if self.pid_dir is not None:
+                (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
 
 
-def default_addresses() -> dict[str, str]:
-    return {c: default_address(c) for c in COMPONENTS}
+def address_taken(address: str) -> bool:
+    """Is something listening on host:port already? Checked before starting anything, so that a
+    taken port stops `up` at once, and so that a health check is never answered by a stranger
+    on our port. (A bind with SO_REUSEADDR: connections in TIME_WAIT do not count.)"""
+    host, port = split_host_port(address)
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False  # the server will say what is wrong with its address
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError:
+            return True
+    return False
 
 
-def up(run_dir: Path, log_dir: Path) -> Stack:
-    """Start the stack in the background (it outlives this process), writing pid files."""
-    stack = Stack(default_addresses(), log_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    stale = [c for c in COMPONENTS if (run_dir / f"{c}.pid").exists()]
-    if stale:
+def log_tail(path: Path, lines: int = 5) -> str:
+    """The last lines of a log, to say why a component failed."""
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return ""
+    return ("\n    " + "\n    ".join(text)) if text else ""
+
+
+def default_addresses(components: tuple[str, ...] = COMPONENTS) -> dict[str, str]:
+    return {c: default_address(c) for c in components}
+
+
+def job_store_uses(valkey_address: str, job_store: str) -> bool:
+    """Does the job store setting name the local Valkey (redis://HOST:PORT/DB on its address)?"""
+    url = urlsplit(job_store)
+    if url.scheme not in ("redis", "valkey") or url.hostname is None:
+        return False
+    host, port = split_host_port(valkey_address)
+    same_host = url.hostname == host or (url.hostname in LOOPBACK and host in LOOPBACK)
+    return same_host and (url.port or 6379) == port
+
+
+def up(run_dir: Path, log_dir: Path, data_dir: Path = Path("var"), with_components: tuple[str, ...] = ()) -> Stack:
+    """Start the stack in the background (it outlives this process), with pid files in run_dir.
+    Valkey too when asked (with_components) or when TILECHAIN_JOB_STORE names its address; the
+    gateway's job store then defaults to it. All or nothing (StartError)."""
+    valkey_address = default_address("valkey")
+    job_store = os.environ.get(JOB_STORE_ENV, "")
+    components = list(COMPONENTS)
+    extra_env: dict[str, str] = {}
+    if "valkey" in with_components or job_store_uses(valkey_address, job_store):
+        components.insert(0, "valkey")  # before the gateway, which keeps its jobs in it
+        if not job_store:
+            extra_env[JOB_STORE_ENV] = f"redis://{valkey_address}/0"
+    stack = Stack(default_addresses(tuple(components)), log_dir, data_dir=data_dir, pid_dir=run_dir)
+    if any(run_dir.glob("*.pid")):
         down(run_dir)
-    stack.start(detach=True)
-    for component, process in stack.processes.items():
-        (run_dir / f"{component}.pid").write_text(str(process.pid))
+    stack.start(tuple(components), extra_env=extra_env, detach=True)
     return stack
 
 

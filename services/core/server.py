@@ -1,5 +1,6 @@
-"""Running a gRPC service process: grpc.aio with health checking, reflection, raised message
-limits, and a graceful drain of in-flight streams on SIGTERM."""
+"""Running a gRPC service process: grpc.aio with health checking, reflection, the shared server
+options (raised message limits, keepalives, a maximum connection age: config.server_options),
+and a graceful drain of in-flight streams on SIGTERM."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import channel_options
+from .config import server_options
 
 log = logging.getLogger("tilechain.server")
 
@@ -63,18 +64,17 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and drain for up to DRAIN_SECONDS.
     add_services registers the servicers and returns their full service names."""
-    options = channel_options()
-    if max_receive_bytes:
-        # replace the default, not append: gRPC takes the first of two equal keys
-        options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
-        options.append(("grpc.max_receive_message_length", max_receive_bytes))
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=server_options(max_receive_bytes))
     names = add_services(server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    if server.add_insecure_port(address) == 0:
-        raise SystemExit(f"cannot listen on {address}")
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises where older releases returned 0
+        bound = 0
+    if bound == 0:
+        raise SystemExit(f"cannot listen on {address}: the address is in use or not this machine's")
     await server.start()
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

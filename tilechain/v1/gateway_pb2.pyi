@@ -177,7 +177,19 @@ class ListStagesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ListStagesResponse(_message.Message):
-    __slots__ = ("catalogs",)
+    __slots__ = ("catalogs", "families_down")
     CATALOGS_FIELD_NUMBER: _ClassVar[int]
+    FAMILIES_DOWN_FIELD_NUMBER: _ClassVar[int]
     catalogs: _containers.RepeatedCompositeFieldContainer[_stage_pb2.StageCatalog]
-    def __init__(self, catalogs: _Optional[_Iterable[_Union[_stage_pb2.StageCatalog, _Mapping]]] = ...) -> None: ...
+    families_down: _containers.RepeatedCompositeFieldContainer[FamilyDown]
+    def __init__(self, catalogs: _Optional[_Iterable[_Union[_stage_pb2.StageCatalog, _Mapping]]] = ..., families_down: _Optional[_Iterable[_Union[FamilyDown, _Mapping]]] = ...) -> None: ...
+
+class FamilyDown(_message.Message):
+    __slots__ = ("family", "address", "error")
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    family: str
+    address: str
+    error: str
+    def __init__(self, family: _Optional[str] = ..., address: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...

@@ -104,7 +104,8 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListStages(self, request, context):
-        """The catalogs of every stage family.
+        """The catalogs of the stage families that answer, and which families did not (status OK
+        while any family is down; a chain that needs a down family fails with UNAVAILABLE).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -317,8 +317,13 @@ def test_gpu_overlays_give_the_gpu_families_a_gpu(built: dict[str, list[dict]], 
 
 
 def test_dockerfile_builds_the_package_and_runs_the_cli() -> None:
+    """One Dockerfile, two images (LOCK=slim, LOCK=models), each installed from its lock with
+    hashes and the project on top without resolving anything."""
     text = (K8S / "Dockerfile").read_text()
-    assert "pip wheel" in text and 'ENTRYPOINT ["tilechain"]' in text
+    assert 'ENTRYPOINT ["tilechain"]' in text
+    assert "ARG LOCK=slim" in text and "COPY requirements/${LOCK}.lock" in text
+    assert "--require-hashes -r /tmp/requirements.lock" in text
+    assert "--no-deps --no-build-isolation ." in text
     ignore = (K8S / "Dockerfile.dockerignore").read_text().split()
-    for needed in ("!pyproject.toml", "!README.md", "!models.yaml", "!tilechain/", "!services/", "!gateway/"):
+    for needed in ("!pyproject.toml", "!requirements/", "!README.md", "!models.yaml", "!tilechain/", "!services/", "!gateway/"):
         assert needed in ignore

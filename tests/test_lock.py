@@ -95,12 +95,3 @@ def test_make_installs_from_the_lock_without_resolving() -> None:
     assert re.search(r"^lock:", makefile, re.M)
     assert sys.prefix != sys.base_prefix  # the tests run in the venv `make` built
 
-
-def test_images_install_from_the_locks() -> None:
-    dockerfile = (ROOT / "k8s" / "Dockerfile").read_text()
-    assert "ARG LOCK=slim" in dockerfile
-    assert "COPY requirements/${LOCK}.lock" in dockerfile
-    assert "--require-hashes -r /tmp/requirements.lock" in dockerfile
-    assert "--no-deps --no-build-isolation ." in dockerfile
-    ignore = (ROOT / "k8s" / "Dockerfile.dockerignore").read_text()
-    assert "!requirements/" in ignore

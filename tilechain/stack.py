@@ -1,8 +1,9 @@
-"""Starting and stopping the local stack: the six stage services, the gateway and Envoy in front
-of it, each its own process, on loopback. Used by `make up`/`make down` (via the CLI) and by the tests."""
+"""Starting and stopping the local stack: the six stage services, the gateway, Envoy in front
+of it and the web page's server, each its own process, on loopback. Used by `make up`/`make down` (via the CLI) and by the tests."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import subprocess
@@ -14,9 +15,13 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tilechain.envoy import split_address
 from tilechain.services.core.config import FAMILIES, address_env, default_address
 
 COMPONENTS: tuple[str, ...] = (*FAMILIES, "gateway", "envoy")
+# The web page's server (tilechain.web): HTTP, not gRPC; `make up` starts it after Envoy.
+WEB = "web"
+LOCAL_COMPONENTS: tuple[str, ...] = (*COMPONENTS, WEB)
 
 
 def command(component: str, python: str = sys.executable) -> list[str]:
@@ -25,6 +30,8 @@ def command(component: str, python: str = sys.executable) -> list[str]:
     if component == "envoy":
         # renders the config from the environment's addresses, runs envoy as its child
         return [python, "-m", "tilechain.envoy"]
+    if component == WEB:
+        return [python, "-m", "tilechain.web"]
     return [python, "-m", "tilechain.cli", "serve", component]
 
 
@@ -58,6 +65,8 @@ class Stack:
         Envoy passes gRPC through to the gateway: its check is the gateway's, answered via Envoy."""
         process = self.processes.get(component)
         deadline = time.monotonic() + timeout
+        if component == WEB:
+            return self._wait_http(component, process, deadline, timeout)
         with grpc.insecure_channel(self.addresses[component]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -71,6 +80,25 @@ class Stack:
                         return
                 except grpc.RpcError:
                     pass  # not listening yet: the next attempt waits for it again
+
+    def _wait_http(self, component: str, process: subprocess.Popen | None, deadline: float, timeout: float) -> None:
+        """The web component answers GET /healthz once it listens."""
+        host, port = split_address(self.addresses[component])
+        host = "localhost" if host in ("0.0.0.0", "::") else host
+        while True:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{component} exited with {process.returncode}; see {self.log_dir / (component + '.log')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{component} at {self.addresses[component]} not answering after {timeout:.0f}s")
+            connection = http.client.HTTPConnection(host, port, timeout=1.0)
+            try:
+                connection.request("GET", "/healthz")
+                if connection.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)  # not listening yet (connection refused at once): poll again
+            finally:
+                connection.close()
 
     def stop(self, component: str | None = None, timeout: float = 30.0) -> None:
         names = [component] if component else list(self.processes)
@@ -87,17 +115,17 @@ class Stack:
 
 
 def default_addresses() -> dict[str, str]:
-    return {c: default_address(c) for c in COMPONENTS}
+    return {c: default_address(c) for c in LOCAL_COMPONENTS}
 
 
 def up(run_dir: Path, log_dir: Path) -> Stack:
     """Start the stack in the background (it outlives this process), writing pid files."""
     stack = Stack(default_addresses(), log_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stale = [c for c in COMPONENTS if (run_dir / f"{c}.pid").exists()]
+    stale = [c for c in LOCAL_COMPONENTS if (run_dir / f"{c}.pid").exists()]
     if stale:
         down(run_dir)
-    stack.start(detach=True)
+    stack.start(LOCAL_COMPONENTS, detach=True)
     for component, process in stack.processes.items():
         (run_dir / f"{component}.pid").write_text(str(process.pid))
     return stack

@@ -17,6 +17,7 @@ DEFAULT_PORTS: dict[str, int] = {
     "persist": 50055,
     "reduce": 50056,
     "envoy": 8080,
+    "web": 8090,  # the web page (tilechain.web), which passes its API calls on to Envoy
 }
 
 # gRPC message limits: transport tiles are at most 4 MiB of pixels; the headroom covers the

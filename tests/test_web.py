@@ -20,12 +20,12 @@ import pytest
 
 from tilechain import webbuild
 from tilechain.protos import descriptor_set_path
-from tilechain.stack import WEB, Stack
 from tilechain.v1 import gateway_pb2
 from tilechain.web import WebServer, page_url, split_address
 
 from .conftest import ROOT, free_port
 from .test_envoy import grpc_web_frames
+from .web_harness import web  # noqa: F401 (a fixture)
 
 GATEWAY_PATH = "/tilechain.v1.Gateway"
 
@@ -169,15 +169,6 @@ def test_api_errors_without_envoy(server: tuple[str, Path]) -> None:
 
 
 # --- the component, in front of the test stack's Envoy --------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def web(stack: Stack, output_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    address = f"127.0.0.1:{free_port()}"
-    server = Stack({WEB: address, "envoy": stack.addresses["envoy"]}, tmp_path_factory.mktemp("web-logs"))
-    server.start((WEB,), extra_env={"TILECHAIN_OUTPUT_ROOT": str(output_root)})
-    yield address
-    server.stop()
 
 
 def grpc_web(address: str, method: str, message: bytes) -> tuple[http.client.HTTPResponse, list[tuple[int, bytes]]]:

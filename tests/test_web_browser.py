@@ -12,7 +12,7 @@ import hashlib
 import io
 import json
 import os
-import shutil
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -20,48 +20,25 @@ import grpc
 import numpy as np
 import pytest
 from PIL import Image
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tilechain.client import chain_request, connect
+from tilechain.browser import launch
+from tilechain.client import chain_request
 from tilechain.services.core.codecs import encode_image
-from tilechain.stack import WEB, Stack
 from tilechain.v1 import gateway_pb2
 from tilechain.web import page_url
 
-from .conftest import ROOT, free_port
+from .conftest import ROOT
+from .web_harness import web  # noqa: F401 (a fixture)
 
-CHROMIUM_ENV = "TILECHAIN_CHROMIUM"
 SCREENSHOTS_ENV = "TILECHAIN_UPDATE_SCREENSHOTS"
-# as root, with no network: no sandbox, and none of Chromium's own connections out
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-]
 TIMEOUT_MS = 60_000
-
-
-def chromium() -> str:
-    """Debian's chromium (`make setup` installs it); never a Playwright download."""
-    for candidate in (os.environ.get(CHROMIUM_ENV), "/usr/lib/chromium/chromium", shutil.which("chromium")):
-        if candidate and Path(candidate).exists():
-            return candidate
-    raise AssertionError(f"no chromium: `make setup` installs Debian's package (as root), or set {CHROMIUM_ENV}")
-
-
-@pytest.fixture(scope="module")
-def web(stack: Stack, output_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The web component in front of the session stack's Envoy; the page's URL."""
-    address = f"127.0.0.1:{free_port()}"
-    server = Stack({WEB: address, "envoy": stack.addresses["envoy"]}, tmp_path_factory.mktemp("web-logs"))
-    server.start((WEB,), extra_env={"TILECHAIN_OUTPUT_ROOT": str(output_root)})
-    yield page_url(address)
-    server.stop()
 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        browser = launch(playwright)
         yield browser
         browser.close()
 
@@ -73,7 +50,7 @@ def page(browser: Browser, web: str) -> Iterator[Page]:
     page = context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.goto(web)
+    page.goto(page_url(web))
     page.wait_for_selector("body[data-ready=true]")
     yield page
     context.close()
@@ -160,10 +137,12 @@ def test_tiles_are_painted_as_they_arrive(page: Page, output_root: Path, screens
     )
     assert downloaded == hashlib.sha256((output_root / path).read_bytes()).hexdigest()
 
-    states = page.eval_on_selector_all("#progress li", "rows => rows.map(r => r.dataset.state)")
-    assert states == ["done", "done", "done"]
+    # the progress rows are redrawn in the next animation frame: expect() waits for it
+    expect(page.locator("#progress li")).to_have_count(3)
+    expect(page.locator("#progress li[data-state='done']")).to_have_count(3)
     tiles = page.locator(".stage-progress[data-stage='1'] .unit[data-unit='tiles']")
-    assert int(tiles.get_attribute("data-total")) > 0 and tiles.get_attribute("data-done") == tiles.get_attribute("data-total")
+    expect(tiles).to_have_attribute("data-done", tiles.get_attribute("data-total"))
+    assert int(tiles.get_attribute("data-total")) > 0
     page.screenshot(path=str(screenshots / "web-done.png"))
 
 
@@ -182,20 +161,22 @@ def test_bad_chain_shows_the_gateways_message_at_the_param(page: Page, gateway) 
     page.click("#run")
     assert wait_finished(page) == "REFUSED"
     assert message in page.inner_text("#job-message")
+    # the stage cards are redrawn in the next animation frame: expect() waits for it
     card = page.locator(".stage-card[data-stage='big']")
-    assert "has-error" in card.get_attribute("class")
-    assert page.locator(".stage-card[data-stage='noise']").get_attribute("class") == "stage-card"
-    assert card.locator("tr[data-param='scale'] .param-error").inner_text() == message.split("param 'scale': ", 1)[1]
+    expect(card).to_have_class(re.compile(r"\bhas-error\b"))
+    expect(page.locator(".stage-card[data-stage='noise']")).to_have_class("stage-card")
+    expect(card.locator("tr[data-param='scale'] .param-error")).to_have_text(message.split("param 'scale': ", 1)[1])
 
     # a stage the gateway names by position, and JSON that is not a chain
     set_chain(page, {"stages": [{"type": "source-noise"}]})
     page.click("#run")
     assert wait_finished(page) == "REFUSED"
     card = page.locator(".stage-card[data-index='0']")
-    assert "has-error" in card.get_attribute("class") and "needs a name" in card.inner_text()
+    expect(card).to_have_class(re.compile(r"\bhas-error\b"))
+    expect(card.locator(".stage-error")).to_have_text("every stage needs a name")
     page.fill("#chain-json", '{"stages": [')
     page.click("#run")
-    assert "not valid JSON" in page.inner_text("#chain-error")
+    expect(page.locator("#chain-error")).to_contain_text("not valid JSON")
 
 
 def test_dropped_image_runs_and_the_job_reopens(page: Page, output_root: Path) -> None:
@@ -238,7 +219,7 @@ def test_dropped_image_runs_and_the_job_reopens(page: Page, output_root: Path) -
     page.wait_for_selector("body[data-ready=true]")
     assert wait_finished(page) == "SUCCEEDED"
     assert page.inner_text("#job-id") == submitted
-    assert page.eval_on_selector_all("#progress li", "rows => rows.map(r => r.dataset.state)") == ["done", "done"]
+    expect(page.locator("#progress li[data-state='done']")).to_have_count(2)
     assert page.get_attribute("#canvases img", "src") == f"/outputs/{artifact_path(page, 'save')}"
     assert page.evaluate("window.tilechain.trace.paints.length") == 0  # no tiles replayed
     # an unknown job says so
@@ -262,7 +243,7 @@ def test_cancel_stops_a_long_job(page: Page, gateway, screenshots: Path) -> None
     page.click("#run")
     page.wait_for_function("window.tilechain.trace.events.some(e => e.kind === 'progress') && window.tilechain.trace.paints.length > 0")
     assert page.inner_text("#job-state") == "RUNNING"
-    assert page.locator("#progress li").count() == 16
+    expect(page.locator("#progress li")).to_have_count(16)
     page.screenshot(path=str(screenshots / "web-mid-job.png"))
     page.click("#cancel")
     assert wait_finished(page) == "CANCELLED"

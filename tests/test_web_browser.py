@@ -25,10 +25,13 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from tilechain.browser import launch
 from tilechain.client import chain_request
 from tilechain.services.core.codecs import encode_image
+from tilechain.services.core.config import FAMILIES
+from tilechain.stack import LOCAL_COMPONENTS, WEB, Stack
 from tilechain.v1 import gateway_pb2
 from tilechain.web import page_url
 
-from .conftest import ROOT
+from .conftest import ROOT, free_port
+from .test_slim import SLIM_PYTHON
 from .web_harness import web  # noqa: F401 (a fixture)
 
 SCREENSHOTS_ENV = "TILECHAIN_UPDATE_SCREENSHOTS"
@@ -252,3 +255,37 @@ def test_cancel_stops_a_long_job(page: Page, gateway, screenshots: Path) -> None
     [final] = [e for e in page.evaluate("window.tilechain.trace.events") if e["kind"] == "final"]
     assert final["state"] == "CANCELLED"
     assert page.locator("#artifacts li").count() == 0
+
+
+def test_unavailable_stages_are_marked(browser: Browser, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A stack from the slim environment (no model libraries) lists its model stages as
+    unavailable: the catalog marks them, and running one shows the gateway's refusal at it."""
+    addresses = {c: f"127.0.0.1:{free_port()}" for c in LOCAL_COMPONENTS}
+    services = (*FAMILIES, "gateway")  # from the slim environment; Envoy and the web component from this one
+    slim = Stack(addresses, tmp_path_factory.mktemp("slim-web-logs"), python=str(SLIM_PYTHON))
+    front = Stack(addresses, slim.log_dir)
+    slim.start(services, extra_env={"TILECHAIN_OUTPUT_ROOT": str(tmp_path_factory.mktemp("slim-web-outputs"))})
+    try:
+        front.start(("envoy", WEB), extra_env={"TILECHAIN_ENVOY_ADMIN_ADDR": "off"})
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(page_url(addresses[WEB]))
+        page.wait_for_selector("body[data-ready=true]")
+        expect(page.locator("#connection")).to_contain_text("unavailable here")
+        entry = page.locator(".catalog-stage[data-type='source-txt2img']")
+        expect(entry).to_have_class(re.compile(r"\bunavailable\b"))
+        entry.locator("summary code").click()
+        expect(entry.locator(".unavailable-reason")).to_contain_text("torch")
+        expect(page.locator(".catalog-stage[data-type='source-noise']")).not_to_have_class(re.compile(r"\bunavailable\b"))
+
+        page.fill("#chain-json", '{"stages": []}')
+        entry.locator("button").click()  # "add": appended to the chain, named after its type
+        card = page.locator(".stage-card[data-stage='txt2img']")
+        expect(card.locator(".badge.unavailable")).to_have_count(1)
+        page.click("#run")
+        assert wait_finished(page) == "REFUSED"
+        expect(card.locator(".stage-error")).to_contain_text("the source service cannot run this stage")
+        page.close()
+    finally:
+        front.stop()
+        slim.stop()

@@ -230,3 +230,25 @@ def test_print_url() -> None:
     out = subprocess.run([sys.executable, "-m", "tilechain.cli", "web", "--print-url"], capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 0 and out.stdout == "web page: http://localhost:18090/\n"
     assert page_url("[::1]:8090") == "http://[::1]:8090/" and page_url("127.0.0.1:8090") == "http://127.0.0.1:8090/"
+
+
+def test_a_page_that_goes_away_cancels_its_job(web: str, gateway) -> None:
+    """The component closes its connection to Envoy when the page's goes, and the gateway cancels
+    the job. The job returns every stage's tiles, 16 x 12 MB, far more than the buffers between
+    the gateway and the page hold, so it cannot end before the cancel reaches it."""
+    stages = [{"name": "noise", "type": "source-noise", "params": {"width": 2048, "height": 2048, "seed": 4}}]
+    stages += [{"name": f"s{n}", "type": "reduce-crop", "params": {"width": 2048, "height": 2048}} for n in range(15)]
+    message = gateway_pb2.ChainRequest(
+        chain_json=json.dumps({"stages": stages}), return_tiles=gateway_pb2.TILE_RETURN_ALL, transport_tile=64
+    ).SerializeToString()
+    host, port = split_address(web)
+    connection = http.client.HTTPConnection(host, port, timeout=60)
+    connection.request("POST", f"{GATEWAY_PATH}/RunChain", body=struct.pack(">BI", 0, len(message)) + message,
+                       headers={"content-type": "application/grpc-web+proto", "x-grpc-web": "1"})
+    response = connection.getresponse()
+    flags, length = struct.unpack(">BI", response.read(5))
+    first = gateway_pb2.JobEvent.FromString(response.read(length))
+    assert first.job_id and flags == 0
+    connection.close()  # the page goes away
+    events = list(gateway.WatchJob(gateway_pb2.JobRef(job_id=first.job_id), timeout=120))
+    assert events[-1].status.state == gateway_pb2.JOB_STATE_CANCELLED

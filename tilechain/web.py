@@ -216,9 +216,12 @@ class Handler(BaseHTTPRequestHandler):
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
             if known_length is None:
                 self.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):
+        except (OSError, http.client.HTTPException) as exc:
             # the page went away (a cancelled fetch): closing the upstream connection resets the
-            # stream at Envoy, which cancels the call to the gateway
+            # stream at Envoy, which cancels the call to the gateway. Or Envoy did, mid-answer:
+            # the answer is cut short, which the page's client reports.
+            if not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                log.warning("%s: cut short: %s", self.path, exc)
             self.close_connection = True
         finally:
             upstream.close()

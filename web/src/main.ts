@@ -293,7 +293,7 @@ function handleEvent(job: CurrentJob, event: JobEvent): void {
       const s = kind.value;
       if (s.kind === StageEvent_Kind.STARTED) progressView.started(s.stageIndex, s.name, s.type);
       else if (s.kind === StageEvent_Kind.FINISHED) progressView.finished(s.stageIndex, s.name, s.type);
-      if (byId("job-state").textContent !== "RUNNING") showState("RUNNING", "");
+      if (["STARTING", "QUEUED"].includes(byId("job-state").textContent ?? "")) showState("RUNNING", "");
       break;
     }
     case "progress": {
@@ -320,9 +320,18 @@ function handleEvent(job: CurrentJob, event: JobEvent): void {
       break;
     }
     case "status":
-      finishJob(job, kind.value);
+      // the final status ends the job; a status that is not final (a queued job, say) is news
+      if (FINAL_JOB_STATES.has(kind.value.state)) finishJob(job, kind.value);
+      else showState(JobState[kind.value.state], kind.value.message);
       break;
   }
+}
+
+const FINAL_JOB_STATES = new Set([JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED]);
+
+/** Where the web component serves a file persist-disk wrote (a path below the output root). */
+function outputsUrl(path: string): string {
+  return `/outputs/${path.split("/").map(encodeURIComponent).join("/")}`;
 }
 
 function addArtifact(job: CurrentJob, artifact: Artifact): void {
@@ -330,7 +339,7 @@ function addArtifact(job: CurrentJob, artifact: Artifact): void {
   job.artifacts.push(artifact);
   const size = `${artifact.width}×${artifact.height} ${artifact.format}, ${formatBytes(Number(artifact.sizeBytes))}`;
   const item = artifact.uri.startsWith("file://") && artifact.path
-    ? h("a", { href: `/outputs/${artifact.path.split("/").map(encodeURIComponent).join("/")}`, download: artifact.path.split("/").pop() }, artifact.path)
+    ? h("a", { href: outputsUrl(artifact.path), download: artifact.path.split("/").pop() }, artifact.path)
     : h("code", {}, artifact.uri);
   byId("artifacts").append(h("li", { "data-stage": artifact.stage }, h("b", {}, artifact.stage), ": ", item, ` (${size})`));
 }
@@ -346,7 +355,7 @@ function finishJob(job: CurrentJob, status: JobStatus): void {
   if (status.state === JobState.FAILED) showChainError(status.message);
   // a job reopened after it ran has no tiles to replay: show what it saved instead
   if (job.tiles === 0) {
-    for (const a of job.artifacts) if (a.path && a.uri.startsWith("file://")) painter.showImage(`/outputs/${a.path}`, `${a.stage}: ${a.path}`);
+    for (const a of job.artifacts) if (a.path && a.uri.startsWith("file://")) painter.showImage(outputsUrl(a.path), `${a.stage}: ${a.path}`);
   }
   if (current === job) setBusy(false);
 }

@@ -123,7 +123,8 @@ def report(results: list[tuple[str, dict]], load: tuple[float, float], chromium:
         )
     lines += [
         "",
-        f"1-minute load average {load[0]:.2f} at the start, {load[1]:.2f} at the end.",
+        f"1-minute load average {load[0]:.2f} at the start, {load[1]:.2f} at the end (this bench alone keeps the "
+        "2 cores busy while a job runs; much more means other work shared the machine, and the frame gaps grow with it).",
     ]
     return lines
 

@@ -143,8 +143,8 @@ def main() -> int:
         stack = Stack(addresses, tmp_path / "logs")
         env = {"TILECHAIN_OUTPUT_ROOT": str(outputs), "TILECHAIN_ENVOY_ADMIN_ADDR": f"127.0.0.1:{free_port()}",
                "TILECHAIN_MODELS_ROOT": str(ROOT / "var" / "models"), "TILECHAIN_MODELS_CONFIG": str(ROOT / "models.yaml")}
-        stack.start(LOCAL_COMPONENTS, extra_env=env)
         try:
+            stack.start(LOCAL_COMPONENTS, extra_env=env)
             with sync_playwright() as playwright:
                 browser = launch(playwright, ("--enable-precise-memory-info",))
                 chromium = f"Chromium {browser.version}"

@@ -264,8 +264,8 @@ def test_unavailable_stages_are_marked(browser: Browser, tmp_path_factory: pytes
     services = (*FAMILIES, "gateway")  # from the slim environment; Envoy and the web component from this one
     slim = Stack(addresses, tmp_path_factory.mktemp("slim-web-logs"), python=str(SLIM_PYTHON))
     front = Stack(addresses, slim.log_dir)
-    slim.start(services, extra_env={"TILECHAIN_OUTPUT_ROOT": str(tmp_path_factory.mktemp("slim-web-outputs"))})
-    try:
+    try:  # stop() ends whatever start() began, also when a component fails to come up
+        slim.start(services, extra_env={"TILECHAIN_OUTPUT_ROOT": str(tmp_path_factory.mktemp("slim-web-outputs"))})
         front.start(("envoy", WEB), extra_env={"TILECHAIN_ENVOY_ADMIN_ADDR": "off"})
         page = browser.new_page()
         page.set_default_timeout(TIMEOUT_MS)

@@ -18,6 +18,8 @@ def web(stack: Stack, output_root: Path, tmp_path_factory: pytest.TempPathFactor
     """The web component's address ("host:port"), serving the session's output root."""
     address = f"127.0.0.1:{free_port()}"
     server = Stack({WEB: address, "envoy": stack.addresses["envoy"]}, tmp_path_factory.mktemp("web-logs"))
-    server.start((WEB,), extra_env={"TILECHAIN_OUTPUT_ROOT": str(output_root)})
-    yield address
-    server.stop()
+    try:
+        server.start((WEB,), extra_env={"TILECHAIN_OUTPUT_ROOT": str(output_root)})
+        yield address
+    finally:
+        server.stop()

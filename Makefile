@@ -11,9 +11,9 @@ STAMP := $(VENV)/.installed
 SLIM_VENV := var/venv-slim
 SLIM_STAMP := $(SLIM_VENV)/.installed
 
-.PHONY: setup models protos docs lock up down run test bench clean
+.PHONY: setup models protos docs lock up down run test bench clean web screenshots browser
 
-setup: $(STAMP) $(SLIM_STAMP) models
+setup: $(STAMP) $(SLIM_STAMP) models browser
 
 # A new venv each time the lock changes, so that it holds exactly the locked set; the project
 # itself goes in without resolving anything (its build backend is in the lock too).
@@ -46,6 +46,32 @@ models: $(STAMP)
 protos: $(STAMP)
 	$(PY) -m tilechain.protos
 
+# The web page's client: TypeScript generated from the descriptor set, type-checked, bundled into
+# web/static/app.js (all committed: serving the page needs no npm). Needs Node.js and npm.
+WEB_MODULES := web/node_modules/.installed
+$(WEB_MODULES): web/package.json web/package-lock.json
+	cd web && npm ci --ignore-scripts --no-audit --no-fund  # esbuild runs from its platform package; no install scripts
+	touch $@
+
+web: $(STAMP) $(WEB_MODULES)
+	$(PY) -m tilechain.webbuild
+
+# Headless Chromium for the web page's tests (Debian's package, driven by Playwright with
+# executable_path; Playwright's own browser download is never used). Not root: a warning, since
+# `make run` does without it; the browser tests then fail saying what to install.
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+		apt-get update && apt-get install -y --no-install-recommends chromium; \
+	else \
+		echo "warning: chromium is missing, and the web page's tests need it. As root: apt-get update && apt-get install -y --no-install-recommends chromium" >&2; \
+	fi
+
+# Rewrite docs/web-mid-job.png and docs/web-done.png from the browser tests (they write to a
+# temporary folder otherwise).
+screenshots: setup
+	TILECHAIN_UPDATE_SCREENSHOTS=1 $(PY) -m pytest -q tests/test_web_browser.py
+
 # Regenerate the stage table in README.md from the stage classes.
 docs: $(STAMP)
 	$(PY) -m tilechain.docs
@@ -57,9 +83,10 @@ up: setup
 down:
 	@if [ -x $(VENV)/bin/tilechain ]; then $(VENV)/bin/tilechain down; fi
 
-# Set up, start the stack, run the default chain, print where its image went.
+# Set up, start the stack, run the default chain, print where its image went and the web page's URL.
 run: up
 	$(VENV)/bin/tilechain run examples/chains/default.json
+	@$(VENV)/bin/tilechain web --print-url
 
 test: setup
 	$(PY) -m pytest -q
@@ -70,6 +97,7 @@ bench: setup
 	$(PY) bench/bench_diffusion.py
 	$(PY) bench/bench_malloc.py
 	$(PY) bench/bench_replicas.py
+	$(PY) bench/bench_web.py
 
 clean: down
 	rm -rf $(VENV) var

@@ -16,7 +16,7 @@ import redis
 
 from tilechain import envoy, valkey
 from tilechain.services.core.config import address_env
-from tilechain.stack import COMPONENTS, Stack, job_store_uses
+from tilechain.stack import COMPONENTS, LOCAL_COMPONENTS, Stack, job_store_uses
 
 from .conftest import SLIM_PYTHON, free_port
 
@@ -38,7 +38,7 @@ def processes_with(variable: str, value: str) -> list[int]:
 @pytest.fixture
 def stack_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update({address_env(c): f"127.0.0.1:{free_port()}" for c in (*COMPONENTS, "valkey")})
+    env.update({address_env(c): f"127.0.0.1:{free_port()}" for c in (*LOCAL_COMPONENTS, "valkey")})
     env.update({
         envoy.ADMIN_ENV: f"127.0.0.1:{free_port()}",
         envoy.BINARY_ENV: envoy.binary(),
@@ -59,18 +59,19 @@ def test_up_with_valkey_then_down(stack_env: dict[str, str], tmp_path: Path) -> 
     up = tilechain(stack_env, tmp_path, "up", "--with", "valkey")
     try:
         assert up.returncode == 0, up.stderr
-        lines = {line.split()[0]: line for line in up.stdout.splitlines()}
-        for component in (*COMPONENTS, "valkey"):
+        lines = {line.split()[0]: line for line in up.stdout.splitlines() if not line.startswith("web page:")}
+        for component in (*LOCAL_COMPONENTS, "valkey"):
             assert f" {stack_env[address_env(component)]} " in lines[component] and "SERVING" in lines[component]
         assert stack_env[envoy.ADMIN_ENV] in next(line for line in up.stdout.splitlines() if line.startswith("envoy-admin "))
+        assert f"web page: http://{stack_env[address_env('web')]}/" in up.stdout
         pids = {p.stem: int(p.read_text()) for p in (tmp_path / "run").glob("*.pid")}
-        assert set(pids) == {*COMPONENTS, "valkey"}
+        assert set(pids) == {*LOCAL_COMPONENTS, "valkey"}
         # the gateway was pointed at the Valkey it started
         gateway_env = (Path("/proc") / str(pids["gateway"]) / "environ").read_bytes().split(b"\0")
         assert f"TILECHAIN_JOB_STORE=redis://{stack_env[address_env('valkey')]}/0".encode() in gateway_env
     finally:
         down = tilechain(stack_env, tmp_path, "down")
-    assert down.returncode == 0 and set(down.stdout.removeprefix("stopped: ").strip().split(", ")) == {*COMPONENTS, "valkey"}
+    assert down.returncode == 0 and set(down.stdout.removeprefix("stopped: ").strip().split(", ")) == {*LOCAL_COMPONENTS, "valkey"}
     assert processes_with(address_env("gateway"), stack_env[address_env("gateway")]) == []
 
 

@@ -27,9 +27,17 @@ def _gateway(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _web(args: argparse.Namespace, rest: list[str]) -> int:
+    from tilechain.web import main
+
+    main(rest)
+    return 0
+
+
 def _up(args: argparse.Namespace, rest: list[str]) -> int:
     from tilechain.envoy import ADMIN_ENV, DEFAULT_ADMIN
-    from tilechain.stack import StartError, up
+    from tilechain.stack import WEB, StartError, up
+    from tilechain.web import page_url
 
     try:
         stack = up(Path(args.run_dir), Path(args.log_dir), Path(args.data_dir), tuple(args.with_components))
@@ -40,6 +48,7 @@ def _up(args: argparse.Namespace, rest: list[str]) -> int:
         print(f"{name:10} {address:22} SERVING  (log: {stack.log_path(name)})")
         if name == "envoy":
             print(f"{'envoy-admin':10} {os.environ.get(ADMIN_ENV) or DEFAULT_ADMIN:22} (loopback only; {ADMIN_ENV})")
+    print(f"web page: {page_url(stack.process_addresses[WEB])}")
     return 0
 
 
@@ -61,56 +70,48 @@ def _parse_inputs(values: list[str], role: str) -> list[tuple[str, str, bytes]]:
     return out
 
 
-class ProgressBar:
-    """One line on stderr: the stage running, and its tiles or steps."""
-
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.stages_total = 0
-
-    def line(self, text: str, final: bool = False) -> None:
-        if self.tty:
-            self.stream.write("\r\033[K" + text + ("\n" if final else ""))
-        elif final:
-            self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def event(self, event: gateway_pb2.JobEvent) -> None:
-        kind = event.WhichOneof("kind")
-        if kind == "stage":
-            s = event.stage
-            verb = "started" if s.kind == gateway_pb2.StageEvent.KIND_STARTED else "finished"
-            self.line(f"[stage {s.stage_index + 1}] {s.name} ({s.type}) {verb}", final=True)
-        elif kind == "progress":
-            p = event.progress.progress
-            width = 30
-            filled = width * p.done // max(1, p.total)
-            self.line(f"  {event.progress.name}: [{'#' * filled}{'.' * (width - filled)}] {p.done}/{p.total} {p.unit}")
-        elif kind == "notice":
-            self.line(f"  {event.notice.name}: {event.notice.message}", final=True)
-
-
 def _run(args: argparse.Namespace, rest: list[str]) -> int:
     from tilechain.client import chain_request, connect, load_chain
+    from tilechain.progress import PreviewWriter, display
 
     attachments = _parse_inputs(args.input, "image") + _parse_inputs(args.mask, "mask")
-    request = chain_request(load_chain(Path(args.chain)), attachments, transport_tile=args.transport_tile, decode_between_stages=args.decode_between_stages)
+    preview = PreviewWriter(args.preview, args.preview_every) if args.preview else None
+    request = chain_request(
+        load_chain(Path(args.chain)), attachments,
+        return_tiles=gateway_pb2.TILE_RETURN_FINAL if preview else gateway_pb2.TILE_RETURN_NONE,
+        transport_tile=args.transport_tile, decode_between_stages=args.decode_between_stages,
+    )
     stub = connect(args.gateway)
-    bar = ProgressBar()
+    shown = display(args.progress)
+    status = None
     try:
         for event in stub.RunChain(request, timeout=args.timeout):
-            bar.event(event)
-            if event.WhichOneof("kind") == "status":
+            if shown is not None:
+                shown.event(event)
+            kind = event.WhichOneof("kind")
+            if kind == "tile" and preview is not None:
+                preview.add(event.tile)
+            elif kind == "status":
                 status = event.status
-                print(f"job {status.job_id}: {gateway_pb2.JobState.Name(status.state)}")
-                for artifact in status.artifacts:
-                    path = artifact.uri.removeprefix("file://")
-                    print(f"wrote {path}  ({artifact.width}x{artifact.height} {artifact.format}, {artifact.size_bytes} bytes)")
     except grpc.RpcError as exc:
+        if shown is not None:
+            shown.close()
+        if preview is not None:
+            preview.finish()  # what arrived before the failure
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
-    return 0
+    if shown is not None:
+        shown.close()
+    if preview is not None:
+        preview.finish()  # the last write, with every tile
+    if status is not None:
+        print(f"job {status.job_id}: {gateway_pb2.JobState.Name(status.state)}")
+        for artifact in status.artifacts:
+            path = artifact.uri.removeprefix("file://")
+            print(f"wrote {path}  ({artifact.width}x{artifact.height} {artifact.format}, {artifact.size_bytes} bytes)")
+    if preview is not None and preview.writes:
+        print(f"preview {args.preview}  ({preview.writes} writes)")
+    return 0 if status is not None and status.state == gateway_pb2.JOB_STATE_SUCCEEDED else 1
 
 
 def _stages(args: argparse.Namespace, rest: list[str]) -> int:
@@ -141,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_serve)
     p = sub.add_parser("gateway", help="run the gateway", add_help=False)
     p.set_defaults(func=_gateway)
+    p = sub.add_parser("web", help="serve the web page (and pass its API calls on to Envoy)", add_help=False)
+    p.set_defaults(func=_web)
 
     for name, func, text in (("up", _up, "start the local stack in the background"), ("down", _down, "stop the local stack")):
         p = sub.add_parser(name, help=text)
@@ -163,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds for the whole chain")
     p.add_argument("--transport-tile", type=int, default=0, help="transport tile edge (default 512)")
     p.add_argument("--decode-between-stages", action="store_true", help="hand pixels between every two stages (no latent handoff)")
+    p.add_argument(
+        "--progress", choices=("auto", "bars", "plain", "off"), default="auto",
+        help="on stderr: bars per stage (auto: when stderr is a terminal), plain lines otherwise",
+    )
+    p.add_argument("--preview", type=Path, metavar="FILE", help="write the final image to FILE as its tiles arrive (.png, .jpg, .webp)")
+    p.add_argument("--preview-every", type=float, default=0.5, metavar="SECONDS", help="rewrite the preview at most this often (default 0.5)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("stages", help="print the stage catalog")
@@ -171,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(func=_stages)
 
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command not in ("serve", "gateway"):
+    if rest and args.command not in ("serve", "gateway", "web"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args.func(args, rest)
 

@@ -1,6 +1,7 @@
-"""Starting and stopping the local stack: the six stage services, the gateway and Envoy in front
-of it, each its own process, on loopback; and, when asked, Valkey (the job store's
-Redis-protocol server). Used by `make up`/`make down` (via the CLI), the tests and the benches.
+"""Starting and stopping the local stack: the six stage services, the gateway, Envoy in front
+of it and the web page's server, each its own process, on loopback; and, when asked, Valkey
+(the job store's Redis-protocol server). Used by `make up`/`make down` (via the CLI), the tests
+and the benches.
 
 A family's address setting may list several host:port (comma-separated): the stack then starts
 one replica per address, named upscale, upscale-2, ..., and the gateway balances over them.
@@ -9,6 +10,7 @@ and StartError says which failed, why, and where its log is."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit
 
 import grpc
@@ -31,7 +34,10 @@ from tilechain.services.core.config import (
     split_host_port,
 )
 
-COMPONENTS: tuple[str, ...] = (*FAMILIES, "gateway", "envoy")  # what `make up` starts
+COMPONENTS: tuple[str, ...] = (*FAMILIES, "gateway", "envoy")  # the gRPC stack
+# The web page's server (tilechain.web): HTTP, not gRPC; `make up` starts it after Envoy.
+WEB = "web"
+LOCAL_COMPONENTS: tuple[str, ...] = (*COMPONENTS, WEB)          # what `make up` starts
 OPTIONAL_COMPONENTS: tuple[str, ...] = ("valkey",)              # started when asked
 JOB_STORE_ENV = "TILECHAIN_JOB_STORE"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -57,6 +63,8 @@ def command(component: str, address: str, python: str = sys.executable, data_dir
     if component == "valkey":
         # execs valkey-server: its pid is this process's
         return [python, "-m", "tilechain.valkey", "--address", address, "--dir", str(data_dir or Path("var") / "valkey")]
+    if component == WEB:
+        return [python, "-m", "tilechain.web", "--address", address]
     return [python, "-m", "tilechain.cli", "serve", component, "--address", address]
 
 
@@ -147,7 +155,7 @@ class Stack:
             raise
 
     def component_of(self, name: str) -> str:
-        return next(c for c in (*COMPONENTS, *OPTIONAL_COMPONENTS) if name == c or name.startswith(c + "-"))
+        return next(c for c in (*LOCAL_COMPONENTS, *OPTIONAL_COMPONENTS) if name == c or name.startswith(c + "-"))
 
     def wait_serving(self, name: str, timeout: float = 60.0) -> None:
         """Block until the process answers (its health check says SERVING; Valkey: PING); raise
@@ -163,6 +171,8 @@ class Stack:
             if time.monotonic() > deadline:
                 raise StartError(name, f"not answering at {address} after {timeout:.0f} s{log_tail(self.log_path(name))}", self.log_path(name))
 
+        if self.component_of(name) == WEB:
+            return self._wait_http(address, check_alive)
         if self.component_of(name) == "valkey":
             import redis  # the job store's client, a dependency of the slim install too
 
@@ -193,6 +203,23 @@ class Stack:
                         return
                 except grpc.RpcError:
                     pass  # not listening yet: the next attempt waits for it again
+
+    @staticmethod
+    def _wait_http(address: str, check_alive: Callable[[], None]) -> None:
+        """The web component answers GET /healthz once it listens."""
+        host, port = split_host_port(address)
+        host = "localhost" if host in ("0.0.0.0", "::", "") else host
+        while True:
+            check_alive()
+            connection = http.client.HTTPConnection(host, port, timeout=1.0)
+            try:
+                connection.request("GET", "/healthz")
+                if connection.getresponse().status == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)  # not listening yet (connection refused at once): poll again
+            finally:
+                connection.close()
 
     def stop(self, names: str | list[str] | None = None, timeout: float = 30.0) -> None:
         """SIGTERM the processes (each drains its streams), wait, SIGKILL any still running."""
@@ -242,7 +269,7 @@ def log_tail(path: Path, lines: int = 5) -> str:
     return ("\n    " + "\n    ".join(text)) if text else ""
 
 
-def default_addresses(components: tuple[str, ...] = COMPONENTS) -> dict[str, str]:
+def default_addresses(components: tuple[str, ...] = LOCAL_COMPONENTS) -> dict[str, str]:
     return {c: default_address(c) for c in components}
 
 
@@ -262,7 +289,7 @@ def up(run_dir: Path, log_dir: Path, data_dir: Path = Path("var"), with_componen
     gateway's job store then defaults to it. All or nothing (StartError)."""
     valkey_address = default_address("valkey")
     job_store = os.environ.get(JOB_STORE_ENV, "")
-    components = list(COMPONENTS)
+    components = list(LOCAL_COMPONENTS)
     extra_env: dict[str, str] = {}
     if "valkey" in with_components or job_store_uses(valkey_address, job_store):
         components.insert(0, "valkey")  # before the gateway, which keeps its jobs in it

@@ -21,6 +21,7 @@ DEFAULT_PORTS: dict[str, int] = {
     "reduce": 50056,
     "envoy": 8080,
     "valkey": 6379,  # the job store's Redis-protocol server, when the local stack runs one
+    "web": 8090,  # the web page (tilechain.web), which passes its API calls on to Envoy
 }
 
 # gRPC message limits: transport tiles are at most 4 MiB of pixels; the headroom covers the

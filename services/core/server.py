@@ -14,7 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import channel_options
+from .config import Settings, channel_options
+from .errors import InternalErrors
 
 log = logging.getLogger("tilechain.server")
 
@@ -60,16 +61,21 @@ async def serve(
     address: str,
     add_services: Callable[[grpc.aio.Server], list[str]],
     max_receive_bytes: int | None = None,
+    component: str = "",
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and drain for up to DRAIN_SECONDS.
-    add_services registers the servicers and returns their full service names."""
+    add_services registers the servicers and returns their full service names. component
+    names the process in INTERNAL errors ("persist service"; default: from the service name)."""
     options = channel_options()
     if max_receive_bytes:
         # replace the default, not append: gRPC takes the first of two equal keys
         options = [o for o in options if o[0] != "grpc.max_receive_message_length"]
         options.append(("grpc.max_receive_message_length", max_receive_bytes))
-    server = grpc.aio.server(options=options)
+    settings = Settings.from_env()
+    internal_errors = InternalErrors(component, [settings.output_root, settings.models_root])
+    server = grpc.aio.server(options=options, interceptors=[internal_errors])
     names = add_services(server)
+    internal_errors.component = component or names[0].rsplit(".", 1)[-1].lower()
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

@@ -22,6 +22,7 @@ from tilechain.v1 import gateway_pb2, gateway_pb2_grpc
 from .chain import ChainError, plan_chain
 from .families import Family, FamilyUnavailable, connect
 from .jobs import Job, JobTable
+from .upload import receive_upload
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -72,6 +73,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         job = await self._start(request, context)
         job.start()
         return gateway_pb2.JobRef(job_id=job.id)
+
+    async def SubmitChainStream(
+        self, request_iterator: AsyncIterator[gateway_pb2.ChainUpload], context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.JobRef:
+        try:
+            request = await receive_upload(request_iterator, self.families, self.settings)
+        except ChainError as exc:
+            await context.abort(exc.code, exc.message)
+        return await self.SubmitChain(request, context)
 
     async def GetJob(self, request: gateway_pb2.JobRef, context: grpc.aio.ServicerContext) -> gateway_pb2.JobStatus:
         return (await self._job(request, context)).status

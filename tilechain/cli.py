@@ -43,13 +43,15 @@ def _down(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def _parse_inputs(values: list[str], role: str) -> list[tuple[str, str, bytes]]:
+def _parse_inputs(values: list[str], role: str) -> list[tuple[str, str, Path]]:
     out = []
     for value in values:
         stage, sep, path = value.partition("=")
         if not sep:
             raise SystemExit(f"--{role} {value!r}: expected STAGE=FILE")
-        out.append((stage, role, Path(path).read_bytes()))
+        if not Path(path).is_file():
+            raise SystemExit(f"--{role} {value!r}: no such file")
+        out.append((stage, role, Path(path)))
     return out
 
 
@@ -84,25 +86,51 @@ class ProgressBar:
 
 
 def _run(args: argparse.Namespace, rest: list[str]) -> int:
-    from tilechain.client import chain_request, connect, load_chain
+    from tilechain.client import STREAM_ABOVE_BYTES, chain_request, connect, load_chain, submit_stream
 
     attachments = _parse_inputs(args.input, "image") + _parse_inputs(args.mask, "mask")
-    request = chain_request(load_chain(Path(args.chain)), attachments, transport_tile=args.transport_tile, decode_between_stages=args.decode_between_stages)
+    chain = load_chain(Path(args.chain))
+    options = {"transport_tile": args.transport_tile, "decode_between_stages": args.decode_between_stages}
     stub = connect(args.gateway)
     bar = ProgressBar()
+    job = None
     try:
-        for event in stub.RunChain(request, timeout=args.timeout):
+        if any(path.stat().st_size > STREAM_ABOVE_BYTES for _, _, path in attachments):
+            # large files go up in chunks (SubmitChainStream), then the job is watched
+            job = submit_stream(stub, chain, attachments, timeout=args.timeout, **options)
+            events = stub.WatchJob(job, timeout=args.timeout)
+        else:
+            request = chain_request(chain, [(s, r, p.read_bytes()) for s, r, p in attachments], **options)
+            events = stub.RunChain(request, timeout=args.timeout)
+        for event in events:
             bar.event(event)
             if event.WhichOneof("kind") == "status":
                 status = event.status
+                if status.state == gateway_pb2.JOB_STATE_FAILED:  # WatchJob ends with it; RunChain raises
+                    code = next((c.name for c in grpc.StatusCode if c.value[0] == status.code), str(status.code))
+                    print(f"error: {code}: {status.message}", file=sys.stderr)
+                    return 1
                 print(f"job {status.job_id}: {gateway_pb2.JobState.Name(status.state)}")
                 for artifact in status.artifacts:
                     path = artifact.uri.removeprefix("file://")
                     print(f"wrote {path}  ({artifact.width}x{artifact.height} {artifact.format}, {artifact.size_bytes} bytes)")
     except grpc.RpcError as exc:
+        _cancel(stub, job)
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except BaseException:  # Ctrl-C: a submitted job must not run on without us
+        _cancel(stub, job)
+        raise
     return 0
+
+
+def _cancel(stub, job: gateway_pb2.JobRef | None) -> None:
+    if job is None:
+        return  # RunChain: the gateway cancels the job when the call goes away
+    try:
+        stub.CancelJob(job, timeout=10)
+    except grpc.RpcError:
+        pass
 
 
 def _stages(args: argparse.Namespace, rest: list[str]) -> int:

@@ -60,14 +60,17 @@ class AttachedImage:
 
     async def tiles(self, edge: int) -> AsyncIterator[tiles_pb2.Tile]:
         """The canvas's transport tiles, decoded in a worker thread as they are sent, so the
-        event loop never waits for a decode and at most a band's pixels exist at once."""
+        event loop never waits for a decode and at most a band's pixels exist at once. A file
+        that turns out unreadable ends its tiles early: the stage then refuses its incomplete
+        input, and rpc_error reports this failure as the cause. (Raising here would make gRPC
+        cancel the call, and the job would read as cancelled.)"""
         iterator = image_tiles(self.data, self.header, self.mask, self.canvas.id, edge)
         while True:
             try:
                 batch = await asyncio.to_thread(_next_batch, iterator)
             except ImageDecodeError as exc:
                 self.failure = invalid(f"{self.label}: attached {self.role}: {exc}")
-                raise self.failure from None
+                return
             if not batch:
                 return
             for tile in batch:

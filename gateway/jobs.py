@@ -75,7 +75,8 @@ class Job:
         self.task = asyncio.create_task(self._run())
 
     def cancel(self) -> None:
-        if self.task is not None and not self.task.done():
+        # once: a second cancel would cut short the discard of the job's staged files
+        if self.task is not None and not self.task.done() and not self.task.cancelling():
             self.task.cancel()
 
     async def _run(self) -> None:

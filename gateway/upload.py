@@ -4,6 +4,7 @@ as soon as its first bytes are in, so a bad request is refused before its upload
 
 from __future__ import annotations
 
+import logging
 from typing import AsyncIterator
 
 from tilechain.services.core.config import MAX_UPLOAD_BYTES, Settings
@@ -11,6 +12,8 @@ from tilechain.v1 import gateway_pb2
 
 from .chain import attachment_target, check_stages, checked_header, invalid
 from .families import Family
+
+log = logging.getLogger("tilechain.gateway")
 
 HEADER_BYTES = 64 * 1024  # enough of a file for its header: check it once this much is in
 
@@ -39,6 +42,7 @@ async def receive_upload(
     received = {key: bytearray() for key in expected}
     checked: set[tuple[str, str]] = set()
     ended = False
+    chunks = 0
     async for message in messages:
         kind = message.WhichOneof("kind")
         if kind == "end":
@@ -57,6 +61,7 @@ async def receive_upload(
         if len(data) + len(chunk.data) > expected[key]:
             raise invalid(f"{label}: attached {key[1]}: more bytes than its declared size {expected[key]}")
         data += chunk.data
+        chunks += 1
         complete = len(data) == expected[key]
         if key not in checked and (len(data) >= HEADER_BYTES or complete):
             # a header longer than HEADER_BYTES (big EXIF or ICC blocks) is checked when complete
@@ -68,6 +73,7 @@ async def receive_upload(
     for (name, role), data in received.items():
         if len(data) != expected[(name, role)]:
             raise invalid(f"{by_name[name].label}: attached {role}: {len(data)} bytes arrived of the {expected[(name, role)]} declared")
+    log.info("SubmitChainStream: %d attachment(s), %d bytes in %d chunks", len(expected), sum(expected.values()), chunks)
     for attachment in request.attachments:
         key = (attachment.stage, attachment.role or "image")
         attachment.data = bytes(received.pop(key))  # one copy at a time

@@ -15,7 +15,7 @@ import grpc
 from tilechain.services.core.codecs import FORMAT_FOR_CHANNELS, ImageDecodeError, image_size
 from tilechain.services.core.config import MAX_CHAIN_BYTES, Settings, transport_tile_problem
 from tilechain.services.core.errors import public_text
-from tilechain.services.core.images import ImageHeader, image_tiles, limits_message, read_header
+from tilechain.services.core.images import Buffer, ImageHeader, image_tiles, limits_message, read_header
 from tilechain.services.core.params import Param, ParamError, dict_to_struct, shown, struct_to_dict, validate_params
 from tilechain.services.core.servicer import param_message
 from tilechain.services.core.stage import ROLE_NAMES, stage_label
@@ -49,7 +49,7 @@ class AttachedImage:
 
     label: str   # the stage's
     role: str
-    data: bytes
+    data: Buffer  # the file: bytes, or the bytearray a streamed upload filled
     header: ImageHeader
     canvas: tiles_pb2.Canvas = field(default_factory=tiles_pb2.Canvas)
     failure: ChainError | None = None  # the file turned out unreadable while decoding
@@ -195,14 +195,19 @@ async def fetch_catalogs(families: dict[str, Family], needed: set[str]) -> dict[
 
 
 def check_attachments(
-    request: gateway_pb2.ChainRequest, stages: dict[str, PlannedStage], specs: dict[str, stage_pb2.StageSpec], settings: Settings
+    request: gateway_pb2.ChainRequest,
+    stages: dict[str, PlannedStage],
+    specs: dict[str, stage_pb2.StageSpec],
+    settings: Settings,
+    attachment_data: list[Buffer] | None = None,
 ) -> None:
-    """Check each attached file by its header against the limits; decode nothing."""
+    """Check each attached file by its header against the limits; decode nothing.
+    attachment_data: the files' bytes when they did not come in the request (SubmitChainStream)."""
     for number, attachment in enumerate(request.attachments):
         stage, role = attachment_target(number, attachment.stage, attachment.role, stages, specs)
         if any(a.role == role for a in stage.attachments):
             raise invalid(f"{stage.label}: more than one {role} attached")
-        data = attachment.data
+        data = attachment.data if attachment_data is None else attachment_data[number]
         header = checked_header(stage, role, data, len(data), settings)
         log.info("%s: attached %s: %s, %d bytes", stage.label, role, header.describe(), len(data))
         stage.attachments.append(AttachedImage(stage.label, role, data, header))
@@ -224,7 +229,7 @@ def attachment_target(
 
 
 def checked_header(
-    stage: PlannedStage, role: str, data: bytes, size: int, settings: Settings, partial: bool = False
+    stage: PlannedStage, role: str, data: Buffer, size: int, settings: Settings, partial: bool = False
 ) -> ImageHeader | None:
     """The file's header, checked against the limits. size: the whole file's bytes, which a
     streamed upload knows before they have all arrived; partial: data is only the file's start,
@@ -280,11 +285,15 @@ async def check_stages(
 
 
 async def plan_chain(
-    request: gateway_pb2.ChainRequest, families: dict[str, Family], settings: Settings, job_id: str
+    request: gateway_pb2.ChainRequest,
+    families: dict[str, Family],
+    settings: Settings,
+    job_id: str,
+    attachment_data: list[Buffer] | None = None,
 ) -> list[PlannedStage]:
     planned, specs = await check_stages(request, families)
     by_name = {s.name: s for s in planned}
-    check_attachments(request, by_name, specs, settings)
+    check_attachments(request, by_name, specs, settings, attachment_data)
     for stage in planned:
         for role in specs[stage.type].required_attachments:
             if not any(a.role == role for a in stage.attachments):

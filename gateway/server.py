@@ -31,11 +31,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.settings = settings
         self.jobs = JobTable()
 
-    async def _start(self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext) -> Job:
+    async def _start(
+        self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext, attachment_data: list[bytearray] | None = None
+    ) -> Job:
         """Validate and plan the whole chain, then start it. Nothing runs for a bad request."""
         job_id = JobTable.new_id()
         try:
-            stages = await plan_chain(request, self.families, self.settings, job_id)
+            stages = await plan_chain(request, self.families, self.settings, job_id, attachment_data)
         except ChainError as exc:
             await context.abort(exc.code, exc.message)
         job = Job(job_id, stages, request)
@@ -78,10 +80,12 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request_iterator: AsyncIterator[gateway_pb2.ChainUpload], context: grpc.aio.ServicerContext
     ) -> gateway_pb2.JobRef:
         try:
-            request = await receive_upload(request_iterator, self.families, self.settings)
+            request, data = await receive_upload(request_iterator, self.families, self.settings)
         except ChainError as exc:
             await context.abort(exc.code, exc.message)
-        return await self.SubmitChain(request, context)
+        job = await self._start(request, context, data)
+        job.start()
+        return gateway_pb2.JobRef(job_id=job.id)
 
     async def GetJob(self, request: gateway_pb2.JobRef, context: grpc.aio.ServicerContext) -> gateway_pb2.JobStatus:
         return (await self._job(request, context)).status

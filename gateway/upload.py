@@ -20,8 +20,10 @@ HEADER_BYTES = 64 * 1024  # enough of a file for its header: check it once this 
 
 async def receive_upload(
     messages: AsyncIterator[gateway_pb2.ChainUpload], families: dict[str, Family], settings: Settings
-) -> gateway_pb2.ChainRequest:
-    """The ChainRequest, with its attachments' bytes put together from their chunks."""
+) -> tuple[gateway_pb2.ChainRequest, list[bytearray]]:
+    """The ChainRequest and its attachments' bytes (in the order of request.attachments), put
+    together from their chunks. The bytes stay out of the request message: each copy of a
+    large file costs its size, and the plan needs one."""
     first = await anext(aiter(messages), None)
     if first is None or first.WhichOneof("kind") != "request":
         raise invalid("SubmitChainStream: the first message must be the request")
@@ -39,7 +41,8 @@ async def receive_upload(
             raise invalid(f"{stage.label}: attached {role}: size {attachment.size} is not 1..{MAX_UPLOAD_BYTES} bytes")
         expected[(stage.name, role)] = attachment.size
 
-    received = {key: bytearray() for key in expected}
+    received = {key: bytearray(size) for key, size in expected.items()}  # filled in place, no regrowth
+    filled = dict.fromkeys(expected, 0)
     checked: set[tuple[str, str]] = set()
     ended = False
     chunks = 0
@@ -55,26 +58,26 @@ async def receive_upload(
         if key not in received:
             raise invalid(f"SubmitChainStream: a chunk for {key[1]} of stage {chunk.stage[:128]!r}, which the request did not declare")
         label = by_name[key[0]].label
-        data = received[key]
-        if chunk.offset != len(data):
-            raise invalid(f"{label}: attached {key[1]}: a chunk at offset {chunk.offset}, expected {len(data)} (send chunks in order)")
-        if len(data) + len(chunk.data) > expected[key]:
+        start, size = filled[key], len(chunk.data)
+        if chunk.offset != start:
+            raise invalid(f"{label}: attached {key[1]}: a chunk at offset {chunk.offset}, expected {start} (send chunks in order)")
+        if start + size > expected[key]:
             raise invalid(f"{label}: attached {key[1]}: more bytes than its declared size {expected[key]}")
-        data += chunk.data
+        data = received[key]
+        data[start : start + size] = chunk.data
+        filled[key] = start + size
         chunks += 1
-        complete = len(data) == expected[key]
-        if key not in checked and (len(data) >= HEADER_BYTES or complete):
+        complete = filled[key] == expected[key]
+        if key not in checked and (filled[key] >= HEADER_BYTES or complete):
             # a header longer than HEADER_BYTES (big EXIF or ICC blocks) is checked when complete
-            prefix = bytes(data) if complete else bytes(data[:HEADER_BYTES])
+            prefix = bytes(data[: filled[key] if complete else HEADER_BYTES])
             if checked_header(by_name[key[0]], key[1], prefix, expected[key], settings, partial=not complete):
                 checked.add(key)
     if not ended:
         raise invalid("SubmitChainStream: the stream ended without its end message")
-    for (name, role), data in received.items():
-        if len(data) != expected[(name, role)]:
-            raise invalid(f"{by_name[name].label}: attached {role}: {len(data)} bytes arrived of the {expected[(name, role)]} declared")
+    for (name, role), size in filled.items():
+        if size != expected[(name, role)]:
+            raise invalid(f"{by_name[name].label}: attached {role}: {size} bytes arrived of the {expected[(name, role)]} declared")
     log.info("SubmitChainStream: %d attachment(s), %d bytes in %d chunks", len(expected), sum(expected.values()), chunks)
-    for attachment in request.attachments:
-        key = (attachment.stage, attachment.role or "image")
-        attachment.data = bytes(received.pop(key))  # one copy at a time
-    return request
+    # the bytearrays themselves: the decode reads them in place (a bytes copy would double them)
+    return request, [received[(a.stage, a.role or "image")] for a in request.attachments]

@@ -25,7 +25,7 @@ import io
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Union
 
 import numpy as np
 from PIL import Image, ImageFile
@@ -44,8 +44,8 @@ ACCEPTED_MODES = frozenset({
 SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
 ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 
-# A decode never needs more than this much memory at once for a PNG band.
-BAND_BYTES = 16 * 1024 * 1024
+# Decoded bytes per PNG band: a band passes through a few buffers of about this size.
+BAND_BYTES = 4 * 1024 * 1024
 # Images decoding to less than this are never refused for their compression ratio: a small
 # flat image is not a bomb, whatever its ratio.
 RATIO_FLOOR_BYTES = 64 * 1024 * 1024
@@ -94,9 +94,40 @@ class ImageHeader:
         return f"{self.format} {self.width}x{self.height} {self.mode} ({self.bits}-bit{frames})"
 
 
-def _open(data: bytes) -> Image.Image:
+Buffer = Union[bytes, bytearray]  # an attached file's bytes (a streamed upload fills a bytearray)
+
+
+class _Reader(io.RawIOBase):
+    """A read-only file over a buffer, without copying it (io.BytesIO copies a bytearray)."""
+
+    def __init__(self, data: Buffer) -> None:
+        self.view = memoryview(data)
+        self.position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, target) -> int:
+        chunk = self.view[self.position : self.position + len(target)]
+        target[: len(chunk)] = chunk
+        self.position += len(chunk)
+        return len(chunk)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: len(self.view)}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+
+def _open(data: Buffer) -> Image.Image:
     try:
-        return Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+        return Image.open(io.BufferedReader(_Reader(data)), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError:
         raise ImageDecodeError(f"claims more than {2 * Image.MAX_IMAGE_PIXELS} pixels") from None
     except Image.UnidentifiedImageError:
@@ -105,7 +136,7 @@ def _open(data: bytes) -> Image.Image:
         raise ImageDecodeError(f"not a readable image ({type(exc).__name__})") from None
 
 
-def read_header(data: bytes) -> ImageHeader:
+def read_header(data: Buffer) -> ImageHeader:
     """The file's format, size, mode, bit depth, orientation and frame count, from its header
     only (Pillow parses headers on open and decodes pixels on load). ImageDecodeError when
     the file is not an accepted image."""
@@ -227,12 +258,13 @@ def _to_canvas(natural: np.ndarray, mask: bool, alpha: bool) -> np.ndarray:
 
 
 def band_rows(header: ImageHeader, mask: bool, edge: int) -> int:
-    """Rows per decoded band: a transport tile's edge, fewer for very wide images."""
+    """Rows per decoded band: a transport tile's edge, fewer for wide images (the tiles of a
+    band are then shorter than wide: a receiver takes any partition)."""
     per_row = header.stored_width * max(header.channels(mask), 2) * (2 if header.bits > 8 else 1)
     return max(1, min(edge, BAND_BYTES // per_row))
 
 
-def decode_bands(data: bytes, header: ImageHeader, mask: bool, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+def decode_bands(data: Buffer, header: ImageHeader, mask: bool, rows: int) -> Iterator[tuple[int, np.ndarray]]:
     """(first stored row, (n, stored width, C) uint8 pixels by the rule), top to bottom, in
     the stored orientation."""
     if header.streams_by_rows:
@@ -269,7 +301,7 @@ class _Png:
         return max(1, self.depth * self.samples // 8)
 
 
-def _png_chunks(data: bytes) -> tuple[_Png, list[memoryview]]:
+def _png_chunks(data: Buffer) -> tuple[_Png, list[memoryview]]:
     view = memoryview(data)
     pos, png, idat = len(PNG_SIGNATURE), None, []
     while pos + 8 <= len(data):
@@ -292,7 +324,7 @@ def _png_chunks(data: bytes) -> tuple[_Png, list[memoryview]]:
     return png, idat
 
 
-def _png_bands(data: bytes, header: ImageHeader, mask: bool, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+def _png_bands(data: Buffer, header: ImageHeader, mask: bool, rows: int) -> Iterator[tuple[int, np.ndarray]]:
     png, idat = _png_chunks(data)
     stride = png.row_bytes + 1  # each row starts with its filter type
     inflater = zlib.decompressobj()
@@ -335,30 +367,37 @@ def _unfilter(png: _Png, filtered: bytes, previous: bytes | None, count: int) ->
     """Undo the PNG filters of count rows: (count, row_bytes) uint8. Pillow's decoder does the
     work on a small PNG of the rows, preceded by the previous band's last row stored
     unfiltered (filter type 0) so that the Up, Average and Paeth filters see it."""
-    lead = b"\0" + previous if previous is not None else b""
-    rows = count + (previous is not None)
+    rows = (b"\0" + previous, filtered) if previous is not None else (filtered,)
+    height = count + (previous is not None)
     bpp = png.pixel_bytes
     if bpp in _SAME_BPP:
         depth, colour = _SAME_BPP[bpp]
-        width = png.row_bytes // bpp
-        raw = _decode_small_png(width, rows, depth, colour, lead + filtered, None)
+        raw = _decode_small_png(png.row_bytes // bpp, height, depth, colour, rows, None)
     else:  # 16-bit RGB (6) or RGBA (8): decode twice, keeping the high and then the low bytes
         mode = "RGB" if png.colour == 2 else "RGBA"
-        high = _decode_small_png(png.width, rows, 16, png.colour, lead + filtered, f"{mode};16B")
-        low = _decode_small_png(png.width, rows, 16, png.colour, lead + filtered, f"{mode};16L")
+        high = _decode_small_png(png.width, height, 16, png.colour, rows, f"{mode};16B")
+        low = _decode_small_png(png.width, height, 16, png.colour, rows, f"{mode};16L")
         raw = np.stack([high, low], axis=-1)
-    return raw.reshape(rows, png.row_bytes)[rows - count :]
+    return raw.reshape(height, png.row_bytes)[height - count :]
 
 
-def _decode_small_png(width: int, height: int, depth: int, colour: int, rows: bytes, rawmode: str | None) -> np.ndarray:
-    small = b"".join((
-        PNG_SIGNATURE,
-        _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)),
-        _chunk(b"IDAT", zlib.compress(rows, 0)),  # stored, not compressed: a copy
-        _chunk(b"IEND", b""),
-    ))
+def _decode_small_png(width: int, height: int, depth: int, colour: int, rows: tuple[bytes, ...], rawmode: str | None) -> np.ndarray:
+    """Decode rows (filtered PNG scanlines, in pieces) as a PNG of the given format, written
+    into one buffer: stored (level 0) deflate, so the only work is Pillow's unfilter."""
+    compressor = zlib.compressobj(0)
+    idat = [compressor.compress(part) for part in rows] + [compressor.flush()]
+    small = io.BytesIO()
+    small.write(PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)))
+    crc = zlib.crc32(b"IDAT")
+    small.write(struct.pack(">I", sum(map(len, idat))) + b"IDAT")
+    for part in idat:
+        small.write(part)
+        crc = zlib.crc32(part, crc)
+    del idat
+    small.write(struct.pack(">I", crc) + _chunk(b"IEND", b""))
+    small.seek(0)
     try:
-        with Image.open(io.BytesIO(small), formats=("PNG",)) as image:
+        with Image.open(small, formats=("PNG",)) as image:
             if rawmode is not None:
                 image.tile = [image.tile[0]._replace(args=rawmode)]
             image.load()
@@ -427,7 +466,7 @@ def _orient(header: ImageHeader, y: int, band: np.ndarray) -> tuple[Rect, np.nda
     return Rect(y, 0, n, width), turned[::-1]  # 8
 
 
-def image_tiles(data: bytes, header: ImageHeader, mask: bool, canvas_id: int, edge: int) -> Iterator[tiles_pb2.Tile]:
+def image_tiles(data: Buffer, header: ImageHeader, mask: bool, canvas_id: int, edge: int) -> Iterator[tiles_pb2.Tile]:
     """The attachment's canvas as transport tiles, decoded a band at a time."""
     edge = transport_edge(edge, header.channels(mask))
     for y, band in decode_bands(data, header, mask, band_rows(header, mask, edge)):
@@ -440,7 +479,7 @@ def image_tiles(data: bytes, header: ImageHeader, mask: bool, canvas_id: int, ed
             )
 
 
-def decode_image(data: bytes, mask: bool = False) -> np.ndarray:
+def decode_image(data: Buffer, mask: bool = False) -> np.ndarray:
     """The whole image as (H, W, C) uint8 by the rule: for callers that want it whole (the
     client, tests, benches), never for the gateway's attachments."""
     header = read_header(data)

@@ -225,3 +225,29 @@ def test_gateway_memory_stays_flat_over_16_of_each(strict: Stack) -> None:
     mib = 1024
     assert abs(after["VmRSS"] - before["VmRSS"]) <= 20 * mib, (before, after)
     assert after["VmHWM"] - before["VmHWM"] <= 20 * mib, (before, after)  # no transient spike either
+
+
+def test_services_refuse_the_same_when_called_directly(stack: Stack) -> None:
+    """A caller that skips the gateway meets the same checks in the services."""
+    from tilechain.v1 import stage_pb2, stage_pb2_grpc, tiles_pb2
+
+    canvas = tiles_pb2.Canvas(id=0, width=16, height=16, format=tiles_pb2.PIXEL_FORMAT_RGB8, role=tiles_pb2.CANVAS_ROLE_IMAGE)
+    upscale = stage_pb2_grpc.StageStub(grpc.insecure_channel(stack.addresses["upscale"]))
+    start = stage_pb2.StageStart(name="up", type="upscale-simple", inputs=[canvas], transport_tile=1)
+    with pytest.raises(grpc.RpcError) as info:
+        list(upscale.Process(iter([stage_pb2.StageInput(start=start)]), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stage 'up' (upscale-simple): transport_tile: 1 is below the minimum 16" in info.value.details()
+
+    start = stage_pb2.StageStart(name="up", type="upscale-simple", inputs=[canvas], params=dict_to_struct({"scale": float("inf")}))
+    with pytest.raises(grpc.RpcError) as info:
+        upscale.Plan(start, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stage 'up' (upscale-simple): param 'scale': inf is not a finite number" in info.value.details()
+
+    persist = stage_pb2_grpc.StageStub(grpc.insecure_channel(stack.addresses["persist"]))
+    start = stage_pb2.StageStart(name="save", type="persist-disk", inputs=[canvas], params=dict_to_struct({"filename": "{index:>100000000}.png"}))
+    with pytest.raises(grpc.RpcError) as info:
+        persist.Plan(start, timeout=30)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stage 'save' (persist-disk): param 'filename': {index:>100000000}: fields take no format spec" in info.value.details()

@@ -143,8 +143,12 @@ class InternalErrors(grpc.aio.ServerInterceptor):
                     else:
                         await _refuse_undecodable(request, method, context)
                     if inspect.isasyncgenfunction(behavior):
-                        async for response in behavior(request, context):
-                            yield response
+                        responses = behavior(request, context)
+                        try:
+                            async for response in responses:
+                                yield response
+                        finally:  # the caller went away: close the handler now, not when collected
+                            await responses.aclose()
                     else:
                         await behavior(request, context)
                 except Exception as exc:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import struct
 import sys
@@ -122,6 +123,7 @@ def main() -> int:
     args = parser.parse_args()
     info = machine()
     began = time.perf_counter()
+    load_start = os.getloadavg()[0]
     cases = hostile()
     png = encode_image(np.random.default_rng(11).integers(0, 256, (4096, 4096, 3), dtype=np.uint8), "png")
     rows, big = [], {}
@@ -178,7 +180,8 @@ def main() -> int:
     for how, (r1, r2) in big.items():
         lines.append(f"| {how} | {r1['seconds']:.2f} s, {r2['seconds']:.2f} s | {delta(r1['peak_above'])}, {delta(r2['peak_above'])} | "
                      f"{delta(r1['kept'])}, {delta(r2['kept'])} |")
-    lines += ["", f"Bench wall time {time.perf_counter() - began:.0f} s."]
+    lines += ["", f"Bench wall time {time.perf_counter() - began:.0f} s; 1-minute load average {load_start:.2f} at the start, "
+              f"{os.getloadavg()[0]:.2f} at the end (the machine is shared: other work was running)."]
     print("\n".join(lines))
     if not args.no_write:
         block = results_block(BEGIN, END, "bench_hostile.py", info, "no GPU", "", "`make bench` (`python bench/bench_hostile.py`)",

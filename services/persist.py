@@ -213,10 +213,22 @@ def taken(path: Path, job_id: str) -> bool:
     wrote (an earlier attempt of a retried job) is not taken: the new attempt replaces it."""
     if not path.exists():
         return False
+    return not job_id or written_by(path) != job_id
+
+
+def written_by(path: Path) -> str | None:
+    """The job id in a file's tilechain metadata, or None. PNG and JPEG keep it near the start;
+    WebP's EXIF follows the pixels, so the whole file is read when the start is not enough."""
     try:
-        return (read_metadata(path.read_bytes()[: 1 << 20]) or {}).get("job") != job_id or not job_id
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
+        try:
+            metadata = read_metadata(head)
+        except Exception:
+            metadata = read_metadata(path.read_bytes())
+        return (metadata or {}).get("job")
     except Exception:  # not an image we wrote: someone else's
-        return True
+        return None
 
 
 # --- staging ----------------------------------------------------------------------------------

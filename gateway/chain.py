@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
@@ -16,7 +17,15 @@ from tilechain.services.core.codecs import FORMAT_FOR_CHANNELS, ImageDecodeError
 from tilechain.services.core.config import MAX_CHAIN_BYTES, Settings, transport_tile_problem
 from tilechain.services.core.errors import public_text
 from tilechain.services.core.images import Buffer, ImageHeader, image_tiles, limits_message, read_header
-from tilechain.services.core.params import Param, ParamError, dict_to_struct, shown, struct_to_dict, validate_params
+from tilechain.services.core.params import (
+    MAX_PARAM_DEPTH,
+    Param,
+    ParamError,
+    dict_to_struct,
+    shown,
+    struct_to_dict,
+    validate_params,
+)
 from tilechain.services.core.servicer import param_message
 from tilechain.services.core.stage import ROLE_NAMES, stage_label
 from tilechain.v1 import gateway_pb2, stage_pb2, tiles_pb2
@@ -142,7 +151,48 @@ def load_chain_json(text: str) -> Any:
     except json.JSONDecodeError as exc:
         raise invalid(f"chain_json: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:  # json's C parser checks its depth: this is an error, not a crash
-        raise invalid("chain_json: nested too deeply (params may nest lists and objects 8 deep)") from None
+        raise invalid(too_deep_message(text)) from None
+
+
+SCAN_TOKENS = 20_000  # a bound on the scan's cost (tens of milliseconds)
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:,]')
+
+
+def too_deep_message(text: str) -> str:
+    """For chain JSON too deep to parse: the stage and param whose value nests too deep, found
+    by a scan of its brackets, strings and keys (only this error path pays for it)."""
+    frames: list[list] = []  # per open container: its bracket, and the current key (object) or index (list)
+    stages: dict[int, dict[str, str]] = {}
+    found: tuple[int, str] | None = None
+    limit = 4 + MAX_PARAM_DEPTH  # document, stages list, stage, params, then the value's own levels
+    for number, match in enumerate(_JSON_TOKENS.finditer(text)):
+        if number == SCAN_TOKENS:
+            break
+        token = match.group()
+        top = frames[-1] if frames else None
+        if token in "[{":
+            frames.append([token, 0 if token == "[" else None])
+            if found is None and len(frames) > limit and frames[0][1] == "stages" and frames[2][1] == "params":
+                found = (frames[1][1], frames[3][1])
+        elif token in "]}":
+            if frames:
+                frames.pop()
+        elif token == "," and top is not None:
+            top[1] = top[1] + 1 if top[0] == "[" else None
+        elif token.startswith('"') and top is not None and top[0] == "{":
+            if top[1] is None:
+                top[1] = json.loads(token)  # a key
+            elif len(frames) == 3 and frames[0][1] == "stages" and top[1] in ("name", "type"):
+                stages.setdefault(frames[1][1], {})[top[1]] = json.loads(token)
+        if found is not None and {"name", "type"} <= stages.get(found[0], {}).keys():
+            break
+    deep = f"is nested more than {MAX_PARAM_DEPTH} lists or objects deep"
+    if found is None:
+        return f"chain_json: nested too deeply (params may nest lists and objects {MAX_PARAM_DEPTH} deep)"
+    stage = stages.get(found[0], {})
+    if {"name", "type"} <= stage.keys():
+        return f"{stage_label(shown(stage['name']).strip(chr(39)), shown(stage['type']).strip(chr(39)))}: param {shown(found[1])}: {deep}"
+    return f"chain_json: stages[{found[0]}].params.{shown(found[1]).strip(chr(39))} {deep}"
 
 
 def parse_chain(request: gateway_pb2.ChainRequest) -> list[dict[str, Any]]:

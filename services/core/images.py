@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Iterator, Union
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import Image
 
 from tilechain.v1 import tiles_pb2
 

@@ -98,6 +98,7 @@ bench: setup
 	$(PY) bench/bench_malloc.py
 	$(PY) bench/bench_replicas.py
 	$(PY) bench/bench_web.py
+	$(PY) bench/bench_hostile.py
 
 clean: down
 	rm -rf $(VENV) var

@@ -7,15 +7,25 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator, Iterator
 
 import grpc
-import numpy as np
 
-from tilechain.services.core.codecs import FORMAT_FOR_CHANNELS, ImageDecodeError, decode_image, encoded_size
-from tilechain.services.core.config import Settings
-from tilechain.services.core.params import Param, ParamError, dict_to_struct, struct_to_dict, validate_params
+from tilechain.services.core.codecs import FORMAT_FOR_CHANNELS, ImageDecodeError, image_size
+from tilechain.services.core.config import MAX_CHAIN_BYTES, Settings, transport_tile_problem
+from tilechain.services.core.errors import public_text
+from tilechain.services.core.images import Buffer, ImageHeader, image_tiles, limits_message, read_header
+from tilechain.services.core.params import (
+    MAX_PARAM_DEPTH,
+    Param,
+    ParamError,
+    dict_to_struct,
+    shown,
+    struct_to_dict,
+    validate_params,
+)
 from tilechain.services.core.servicer import param_message
 from tilechain.services.core.stage import ROLE_NAMES, stage_label
 from tilechain.v1 import gateway_pb2, stage_pb2, tiles_pb2
@@ -38,11 +48,52 @@ def invalid(message: str) -> ChainError:
     return ChainError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
+TILE_BATCH_BYTES = 4 * 1024 * 1024  # decoded tiles handed over from the decoding thread at once
+
+
 @dataclass
 class AttachedImage:
+    """An attached image file, checked by its header only. Its pixels exist only while its
+    tiles stream to the stage, a band at a time (services/core/images.py)."""
+
+    label: str   # the stage's
     role: str
-    pixels: np.ndarray
+    data: Buffer  # the file: bytes, or the bytearray a streamed upload filled
+    header: ImageHeader
     canvas: tiles_pb2.Canvas = field(default_factory=tiles_pb2.Canvas)
+    failure: ChainError | None = None  # the file turned out unreadable while decoding
+
+    @property
+    def mask(self) -> bool:
+        return self.role == "mask"
+
+    async def tiles(self, edge: int) -> AsyncIterator[tiles_pb2.Tile]:
+        """The canvas's transport tiles, decoded in a worker thread as they are sent, so the
+        event loop never waits for a decode and at most a band's pixels exist at once. A file
+        that turns out unreadable ends its tiles early: the stage then refuses its incomplete
+        input, and rpc_error reports this failure as the cause. (Raising here would make gRPC
+        cancel the call, and the job would read as cancelled.)"""
+        iterator = image_tiles(self.data, self.header, self.mask, self.canvas.id, edge)
+        while True:
+            try:
+                batch = await asyncio.to_thread(_next_batch, iterator)
+            except ImageDecodeError as exc:
+                self.failure = invalid(f"{self.label}: attached {self.role}: {exc}")
+                return
+            if not batch:
+                return
+            for tile in batch:
+                yield tile
+
+
+def _next_batch(tiles: Iterator[tiles_pb2.Tile]) -> list[tiles_pb2.Tile]:
+    batch, size = [], 0
+    for tile in tiles:
+        batch.append(tile)
+        size += len(tile.pixels)
+        if size >= TILE_BATCH_BYTES:
+            break
+    return batch
 
 
 @dataclass
@@ -63,7 +114,7 @@ class PlannedStage:
     def label(self) -> str:
         return stage_label(self.name, self.type)
 
-    def start(self, job_id: str, transport_tile: int) -> stage_pb2.StageStart:
+    def start(self, job_id: str, transport_tile: int, attempt: int = 0) -> stage_pb2.StageStart:
         return stage_pb2.StageStart(
             job_id=job_id,
             name=self.name,
@@ -72,10 +123,76 @@ class PlannedStage:
             inputs=self.inputs,
             transport_tile=transport_tile,
             latent_output=self.latent_output,
+            attempt=attempt,
         )
+
+    def release(self) -> None:
+        """Drop the attached files' bytes (the job has ended)."""
+        self.attachments.clear()
 
 
 STAGE_KEYS = {"name", "type", "params"}
+MAX_NAME_CHARS = 128  # of a stage's name and type
+
+
+def _json_int(text: str) -> int | float:
+    # int() of more than 4300 digits raises ValueError; as a float it is inf, which
+    # check_value then refuses by param name
+    return int(text) if len(text) <= 4000 else float(text)
+
+
+def load_chain_json(text: str) -> Any:
+    """The chain's JSON, numbers and nesting left for check_value to judge by param name:
+    NaN, Infinity and numbers too large for a double load as non-finite floats."""
+    if len(text) > MAX_CHAIN_BYTES:
+        raise invalid(f"chain_json: {len(text)} characters, over the limit of {MAX_CHAIN_BYTES}")
+    try:
+        return json.loads(text, parse_int=_json_int, parse_constant=float)
+    except json.JSONDecodeError as exc:
+        raise invalid(f"chain_json: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:  # json's C parser checks its depth: this is an error, not a crash
+        raise invalid(too_deep_message(text)) from None
+
+
+SCAN_TOKENS = 20_000  # a bound on the scan's cost (tens of milliseconds)
+_JSON_TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}:,]')
+
+
+def too_deep_message(text: str) -> str:
+    """For chain JSON too deep to parse: the stage and param whose value nests too deep, found
+    by a scan of its brackets, strings and keys (only this error path pays for it)."""
+    frames: list[list] = []  # per open container: its bracket, and the current key (object) or index (list)
+    stages: dict[int, dict[str, str]] = {}
+    found: tuple[int, str] | None = None
+    limit = 4 + MAX_PARAM_DEPTH  # document, stages list, stage, params, then the value's own levels
+    for number, match in enumerate(_JSON_TOKENS.finditer(text)):
+        if number == SCAN_TOKENS:
+            break
+        token = match.group()
+        top = frames[-1] if frames else None
+        if token in "[{":
+            frames.append([token, 0 if token == "[" else None])
+            if found is None and len(frames) > limit and frames[0][1] == "stages" and frames[2][1] == "params":
+                found = (frames[1][1], frames[3][1])
+        elif token in "]}":
+            if frames:
+                frames.pop()
+        elif token == "," and top is not None:
+            top[1] = top[1] + 1 if top[0] == "[" else None
+        elif token.startswith('"') and top is not None and top[0] == "{":
+            if top[1] is None:
+                top[1] = json.loads(token)  # a key
+            elif len(frames) == 3 and frames[0][1] == "stages" and top[1] in ("name", "type"):
+                stages.setdefault(frames[1][1], {})[top[1]] = json.loads(token)
+        if found is not None and {"name", "type"} <= stages.get(found[0], {}).keys():
+            break
+    deep = f"is nested more than {MAX_PARAM_DEPTH} lists or objects deep"
+    if found is None:
+        return f"chain_json: nested too deeply (params may nest lists and objects {MAX_PARAM_DEPTH} deep)"
+    stage = stages.get(found[0], {})
+    if {"name", "type"} <= stage.keys():
+        return f"{stage_label(shown(stage['name']).strip(chr(39)), shown(stage['type']).strip(chr(39)))}: param {shown(found[1])}: {deep}"
+    return f"chain_json: stages[{found[0]}].params.{shown(found[1]).strip(chr(39))} {deep}"
 
 
 def parse_chain(request: gateway_pb2.ChainRequest) -> list[dict[str, Any]]:
@@ -83,10 +200,7 @@ def parse_chain(request: gateway_pb2.ChainRequest) -> list[dict[str, Any]]:
     if request.chain_json and request.chain.stages:
         raise invalid("give either chain or chain_json, not both")
     if request.chain_json:
-        try:
-            document = json.loads(request.chain_json)
-        except json.JSONDecodeError as exc:
-            raise invalid(f"chain_json: not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        document = load_chain_json(request.chain_json)
         if not isinstance(document, dict) or not isinstance(document.get("stages"), list):
             raise invalid('chain_json: expected an object with a "stages" list')
         stages = document["stages"]
@@ -99,6 +213,8 @@ def parse_chain(request: gateway_pb2.ChainRequest) -> list[dict[str, Any]]:
             if not isinstance(stage.get("params", {}), dict):
                 raise invalid(f"chain_json: stages[{number}]: params must be an object")
     else:
+        if request.chain.ByteSize() > MAX_CHAIN_BYTES:
+            raise invalid(f"chain: {request.chain.ByteSize()} bytes, over the limit of {MAX_CHAIN_BYTES}")
         stages = [{"name": s.name, "type": s.type, "params": struct_to_dict(s.params)} for s in request.chain.stages]
     if not stages:
         raise invalid("the chain has no stages")
@@ -107,8 +223,12 @@ def parse_chain(request: gateway_pb2.ChainRequest) -> list[dict[str, Any]]:
         name, kind = stage.get("name"), stage.get("type")
         if not isinstance(name, str) or not name:
             raise invalid(f"stages[{number}]: every stage needs a name")
+        if len(name) > MAX_NAME_CHARS or not name.isprintable():
+            raise invalid(f"stages[{number}]: the name {shown(name)} is not printable text of at most {MAX_NAME_CHARS} characters")
         if not isinstance(kind, str) or not kind:
             raise invalid(f"stage '{name}': needs a type")
+        if len(kind) > MAX_NAME_CHARS or not kind.isprintable():
+            raise invalid(f"stage '{name}': the type {shown(kind)} is not a stage type")
         if name in seen:
             raise invalid(f"stage '{name}': the name is used twice; stage names must be unique")
         seen.add(name)
@@ -124,37 +244,67 @@ async def fetch_catalogs(families: dict[str, Family], needed: set[str]) -> dict[
     return {spec.type: spec for catalog in catalogs for spec in catalog.stages}
 
 
-def decode_attachments(
-    request: gateway_pb2.ChainRequest, stages: dict[str, PlannedStage], specs: dict[str, stage_pb2.StageSpec], settings: Settings
+def check_attachments(
+    request: gateway_pb2.ChainRequest,
+    stages: dict[str, PlannedStage],
+    specs: dict[str, stage_pb2.StageSpec],
+    settings: Settings,
+    attachment_data: list[Buffer] | None = None,
 ) -> None:
+    """Check each attached file by its header against the limits; decode nothing.
+    attachment_data: the files' bytes when they did not come in the request (SubmitChainStream)."""
     for number, attachment in enumerate(request.attachments):
-        stage = stages.get(attachment.stage)
-        if stage is None:
-            raise invalid(f"attachments[{number}]: there is no stage named '{attachment.stage}'")
-        role = attachment.role or "image"
-        if role not in ROLE_NAMES:
-            raise invalid(f"{stage.label}: attachment role {role!r} is not 'image' or 'mask'")
-        if role not in specs[stage.type].attachments:
-            raise invalid(f"{stage.label}: takes no attached {role}")
+        stage, role = attachment_target(number, attachment.stage, attachment.role, stages, specs)
         if any(a.role == role for a in stage.attachments):
             raise invalid(f"{stage.label}: more than one {role} attached")
-        try:
-            width, height = encoded_size(attachment.data)
-            if width * height > settings.max_pixels:
-                raise invalid(
-                    f"{stage.label}: attached {role} is {width}x{height}, over the limit of "
-                    f"{settings.max_pixels} pixels (TILECHAIN_MAX_PIXELS)"
-                )
-            pixels = decode_image(attachment.data, mask=role == "mask")
-        except ImageDecodeError as exc:
-            raise invalid(f"{stage.label}: attached {role}: {exc}") from None
-        stage.attachments.append(AttachedImage(role, pixels))
+        data = attachment.data if attachment_data is None else attachment_data[number]
+        header = checked_header(stage, role, data, len(data), settings)
+        log.info("%s: attached %s: %s, %d bytes", stage.label, role, header.describe(), len(data))
+        stage.attachments.append(AttachedImage(stage.label, role, data, header))
 
 
-async def plan_chain(
-    request: gateway_pb2.ChainRequest, families: dict[str, Family], settings: Settings, job_id: str
-) -> list[PlannedStage]:
+def attachment_target(
+    number: int, stage_name: str, role: str, stages: dict[str, PlannedStage], specs: dict[str, stage_pb2.StageSpec]
+) -> tuple[PlannedStage, str]:
+    """The stage an attachment names and its role, or the refusal."""
+    stage = stages.get(stage_name)
+    if stage is None:
+        raise invalid(f"attachments[{number}]: there is no stage named {shown(stage_name)}")
+    role = role or "image"
+    if role not in ROLE_NAMES:
+        raise invalid(f"{stage.label}: attachment role {shown(role)} is not 'image' or 'mask'")
+    if role not in specs[stage.type].attachments:
+        raise invalid(f"{stage.label}: takes no attached {role}")
+    return stage, role
+
+
+def checked_header(
+    stage: PlannedStage, role: str, data: Buffer, size: int, settings: Settings, partial: bool = False
+) -> ImageHeader | None:
+    """The file's header, checked against the limits. size: the whole file's bytes, which a
+    streamed upload knows before they have all arrived; partial: data is only the file's start,
+    so an unreadable header may just be longer (None: check again later)."""
+    try:
+        header = read_header(data)
+    except ImageDecodeError as exc:
+        if partial:
+            return None
+        raise invalid(f"{stage.label}: attached {role}: {exc}") from None
+    problem = limits_message(header, size, role == "mask", settings.max_pixels, settings.max_decode_ratio)
+    if problem:
+        raise invalid(f"{stage.label}: attached {role} {problem}")
+    return header
+
+
+async def check_stages(
+    request: gateway_pb2.ChainRequest, families: dict[str, Family]
+) -> tuple[list[PlannedStage], dict[str, stage_pb2.StageSpec]]:
+    """The first checks, which need no attachment: the chain's form, its stage types and params
+    against the catalogs, the transport tile. SubmitChainStream runs them before the upload."""
     raw = parse_chain(request)
+    problem = transport_tile_problem(request.transport_tile)
+    if problem:
+        raise invalid(f"transport_tile: {problem}")
     needed = set()
     for stage in raw:
         family = family_of(stage["type"])
@@ -181,9 +331,19 @@ async def plan_chain(
         except ParamError as exc:
             raise invalid(param_message(stage["name"], stage["type"], exc)) from None
         planned.append(PlannedStage(number, stage["name"], stage["type"], params, families[spec.family]))
+    return planned, specs
 
+
+async def plan_chain(
+    request: gateway_pb2.ChainRequest,
+    families: dict[str, Family],
+    settings: Settings,
+    job_id: str,
+    attachment_data: list[Buffer] | None = None,
+) -> list[PlannedStage]:
+    planned, specs = await check_stages(request, families)
     by_name = {s.name: s for s in planned}
-    decode_attachments(request, by_name, specs, settings)
+    check_attachments(request, by_name, specs, settings, attachment_data)
     for stage in planned:
         for role in specs[stage.type].required_attachments:
             if not any(a.role == role for a in stage.attachments):
@@ -195,19 +355,41 @@ async def plan_chain(
         previous = stage.outputs
     if not request.decode_between_stages and request.return_tiles != gateway_pb2.TILE_RETURN_ALL:
         await plan_latent_handoffs(planned, job_id)
+    check_job_pixels(planned, specs, settings)
     return planned
+
+
+SIZE_PARAMS = ("count", "scale", "outscale", "upscale", "width", "height", "border")
+
+
+def check_job_pixels(planned: list[PlannedStage], specs: dict[str, stage_pb2.StageSpec], settings: Settings) -> None:
+    """The job's output pixels, every planned canvas of every stage together, within
+    TILECHAIN_MAX_JOB_PIXELS: the work a request may ask for, however it spreads it over
+    `count` and stages. Named by the stage that crosses the limit, and its param that most
+    likely sets how much it makes."""
+    total = 0
+    for stage in planned:
+        made = sum(w * h for w, h in (image_size(c) for c in stage.outputs))
+        total += made
+        if total > settings.max_job_pixels:
+            names = [p.name for p in specs[stage.type].params]
+            param = next((n for n in SIZE_PARAMS if n in names), "size")
+            raise invalid(
+                f"{stage.label}: param '{param}': the job would make {total} output pixels by this stage "
+                f"({made} in {len(stage.outputs)} image(s) here), over the limit of {settings.max_job_pixels} "
+                "(TILECHAIN_MAX_JOB_PIXELS)"
+            )
 
 
 async def plan_stage(stage: PlannedStage, previous: list[tiles_pb2.Canvas], job_id: str) -> None:
     """Ask the stage's service to plan it on the previous stage's outputs plus its attachments."""
     stage.inputs = list(previous)
     for attached in stage.attachments:
-        height, width, chans = attached.pixels.shape
         attached.canvas = tiles_pb2.Canvas(
             id=len(stage.inputs),
-            width=width,
-            height=height,
-            format=FORMAT_FOR_CHANNELS[chans],
+            width=attached.header.width,
+            height=attached.header.height,
+            format=FORMAT_FOR_CHANNELS[attached.header.channels(attached.mask)],
             role=ROLE_NAMES[attached.role],
             attached=True,
         )
@@ -235,9 +417,37 @@ async def plan_latent_handoffs(planned: list[PlannedStage], job_id: str) -> None
 
 def rpc_error(stage: PlannedStage, exc: grpc.aio.AioRpcError) -> ChainError:
     """A service's error as the gateway reports it: the service's own message where it gave one
-    (it names the stage and param), else which service could not be reached."""
+    (it names the stage and param), else which service could not be reached. An attachment
+    that failed to decode while streaming is the cause of its stage's call ending."""
+    failure = next((a.failure for a in stage.attachments if a.failure is not None), None)
+    if failure is not None:
+        return failure
     code = exc.code()
+    details = public_text(exc.details() or "")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         what = "unavailable" if code == grpc.StatusCode.UNAVAILABLE else code.name.lower().replace("_", " ")
-        return ChainError(code, f"{stage.label}: the {stage.family.name} service at {stage.family.address} is {what}: {exc.details()}")
-    return ChainError(code, exc.details() or f"{stage.label}: {code.name}")
+        return ChainError(code, f"{stage.label}: the {stage.family.name} service at {stage.family.address} is {what}: {details}")
+    if code == grpc.StatusCode.UNKNOWN:  # a service that let an exception escape: never UNKNOWN to the client
+        return ChainError(grpc.StatusCode.INTERNAL, f"{stage.label}: internal error in the {stage.family.name} service; see its log")
+    return ChainError(code, details or f"{stage.label}: {code.name}")
+
+
+# The families whose stages stage files until the job ends (the Stage.Finish RPC).
+STAGING_FAMILIES = ("persist",)
+
+
+async def finish_job(stages: list[PlannedStage], job_id: str, attempt: int, commit: bool) -> list[stage_pb2.Artifact]:
+    """Publish (commit) or discard a job's staged files on every service that staged some, and
+    drop the job's attachments either way. The published artifacts, on commit."""
+    for stage in stages:
+        stage.release()
+    families = {s.family.name: s for s in stages if s.family.name in STAGING_FAMILIES}
+    request = stage_pb2.FinishRequest(job_id=job_id, attempt=attempt, commit=commit)
+    artifacts: list[stage_pb2.Artifact] = []
+    for stage in families.values():
+        try:
+            result = await stage.family.stub.Finish(request, timeout=60.0)
+        except grpc.aio.AioRpcError as exc:
+            raise rpc_error(stage, exc) from None
+        artifacts += result.artifacts
+    return artifacts

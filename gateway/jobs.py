@@ -14,10 +14,10 @@ from typing import AsyncIterator
 
 import grpc
 
-from tilechain.services.core.codecs import split_tiles
+from tilechain.services.core.errors import internal_message
 from tilechain.v1 import gateway_pb2, stage_pb2
 
-from .chain import ChainError, PlannedStage, rpc_error
+from .chain import ChainError, PlannedStage, finish_job, rpc_error
 
 log = logging.getLogger("tilechain.gateway")
 
@@ -75,13 +75,15 @@ class Job:
         self.task = asyncio.create_task(self._run())
 
     def cancel(self) -> None:
-        if self.task is not None and not self.task.done():
+        # once: a second cancel would cut short the discard of the job's staged files
+        if self.task is not None and not self.task.done() and not self.task.cancelling():
             self.task.cancel()
 
     async def _run(self) -> None:
         self.status.state = gateway_pb2.JOB_STATE_RUNNING
         try:
             await self._pipe()
+            await self._publish()
             self.status.state = gateway_pb2.JOB_STATE_SUCCEEDED
         except asyncio.CancelledError:
             self.status.state = gateway_pb2.JOB_STATE_CANCELLED
@@ -91,12 +93,29 @@ class Job:
             self._fail(exc.code, exc.message)
         except Exception as exc:  # a bug, not a bad request: say so, keep serving
             log.exception("job %s failed", self.id)
-            self._fail(grpc.StatusCode.INTERNAL, f"gateway: {type(exc).__name__}: {exc}")
+            self._fail(grpc.StatusCode.INTERNAL, internal_message("gateway", exc))
+        if self.status.state != gateway_pb2.JOB_STATE_SUCCEEDED:
+            await asyncio.shield(self._discard())  # even when this task was cancelled
         log.info("job %s %s %s", self.id, gateway_pb2.JobState.Name(self.status.state), self.status.message)
         final = gateway_pb2.JobEvent()
         final.status.CopyFrom(self.status)
         # the final event must reach watchers even if this task was cancelled
         await asyncio.shield(self.emit(final))
+
+    async def _publish(self) -> None:
+        """The job succeeded: publish what its persist stages staged, and report it."""
+        for artifact in await finish_job(self.stages, self.id, 0, commit=True):
+            self.status.artifacts.append(artifact)
+            event = gateway_pb2.JobEvent()
+            event.artifact.CopyFrom(artifact)
+            await self.emit(event)
+
+    async def _discard(self) -> None:
+        """The job failed or was cancelled: nothing it staged may appear."""
+        try:
+            await finish_job(self.stages, self.id, 0, commit=False)
+        except Exception:
+            log.exception("job %s: discarding its staged files failed", self.id)
 
     def _fail(self, code: grpc.StatusCode, message: str) -> None:
         self.status.state = gateway_pb2.JOB_STATE_FAILED
@@ -129,7 +148,7 @@ class Job:
     async def _feed(self, stage: PlannedStage, upstream: asyncio.Queue[stage_pb2.Tile | None]) -> AsyncIterator[stage_pb2.StageInput]:
         yield stage_pb2.StageInput(start=stage.start(self.id, self.transport_tile))
         for attached in stage.attachments:
-            for tile in split_tiles(attached.canvas.id, attached.pixels, self.transport_tile):
+            async for tile in attached.tiles(self.transport_tile):
                 yield stage_pb2.StageInput(tile=tile)
         if stage.index > 0:
             while (tile := await upstream.get()) is not None:

@@ -22,6 +22,7 @@ from tilechain.v1 import gateway_pb2, gateway_pb2_grpc
 from .chain import ChainError, plan_chain
 from .families import Family, FamilyUnavailable, connect
 from .jobs import Job, JobTable
+from .upload import receive_upload
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -30,11 +31,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self.settings = settings
         self.jobs = JobTable()
 
-    async def _start(self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext) -> Job:
+    async def _start(
+        self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext, attachment_data: list[bytearray] | None = None
+    ) -> Job:
         """Validate and plan the whole chain, then start it. Nothing runs for a bad request."""
         job_id = JobTable.new_id()
         try:
-            stages = await plan_chain(request, self.families, self.settings, job_id)
+            stages = await plan_chain(request, self.families, self.settings, job_id, attachment_data)
         except ChainError as exc:
             await context.abort(exc.code, exc.message)
         job = Job(job_id, stages, request)
@@ -70,6 +73,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def SubmitChain(self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.JobRef:
         job = await self._start(request, context)
+        job.start()
+        return gateway_pb2.JobRef(job_id=job.id)
+
+    async def SubmitChainStream(
+        self, request_iterator: AsyncIterator[gateway_pb2.ChainUpload], context: grpc.aio.ServicerContext
+    ) -> gateway_pb2.JobRef:
+        try:
+            request, data = await receive_upload(request_iterator, self.families, self.settings)
+        except ChainError as exc:
+            await context.abort(exc.code, exc.message)
+        job = await self._start(request, context, data)
         job.start()
         return gateway_pb2.JobRef(job_id=job.id)
 

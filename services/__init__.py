@@ -31,7 +31,7 @@ def main(family: str, argv: list[str] | None = None) -> None:
         stage_pb2_grpc.add_StageServicer_to_server(servicer, server)
         return [stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name]
 
-    asyncio.run(serve(args.address, add))
+    asyncio.run(serve(args.address, add, component=f"{family} service"))
 
 
 __all__ = ["FAMILIES", "main"]

@@ -1,46 +1,69 @@
 """Persist stages: write images out while passing their tiles on, so that a persist stage can sit
-anywhere in a chain."""
+anywhere in a chain.
+
+A job's files are staged, not written in place: each image goes to a staging folder under the
+output root (with a small record of where it will go), and only when the whole job has
+succeeded does the gateway's Finish(commit) publish them, each linked into place in one step.
+A failed or cancelled job's Finish(abort) deletes them, and so does a persist service starting
+up for the files of a service that died (docs/design.md, "persist-disk")."""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import shutil
+import socket
 import string
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 
 from tilechain.v1 import stage_pb2, tiles_pb2
 
-from .core.codecs import encode_image
+from .core.codecs import encode_image, read_metadata
+from .core.config import Settings
 from .core.params import Param, ParamError, struct_to_dict
 from .core.stage import IMAGE, OutputPlan, Stage, StageError, TileWork, register
 
-EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+log = logging.getLogger("tilechain.persist")
+
+FORMATS = ("png", "jpeg", "webp")
+EXTENSION = {"png": "png", "jpeg": "jpg", "webp": "webp"}  # what {ext} gives
+FORMAT_OF_SUFFIX = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
 TEMPLATE_FIELDS = ("job", "stage", "index", "ext", "date", "time")
+FIELD_LIST = ", ".join("{%s}" % f for f in TEMPLATE_FIELDS)
+# Linux's limits: a path component of at most NAME_MAX bytes, a whole path under PATH_MAX.
+NAME_MAX, PATH_MAX = 255, 4096
+# Staged files and their records, under the output root; no template may name it.
+STAGING = PurePosixPath(".tilechain", "staging")
+STALE_SECONDS = 24 * 3600  # staged files of another host's job are cleaned after this long
 
 
-def write_atomically(path: Path, data: bytes, overwrite: bool) -> None:
-    """Write to a temporary file beside path, flush it to disk, then move it into place in one
-    step, so a reader never sees half a file and a failure leaves nothing behind. Without
-    overwrite, an existing file is never replaced (a hard link fails if the name exists)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+def template_parts(template: str) -> list[tuple[str, str | None]]:
+    """The template as (literal text, field or None) pairs; ParamError('filename') for anything
+    but the documented fields: no format specs ({index:>9} would allocate as wide as asked),
+    no conversions, no attribute or index access, no positional {}."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ParamError("filename", f"{exc}; write {{{{ and }}}} for literal braces") from None
+    parts = []
+    for literal, field, spec, conversion in parsed:
+        if field is not None:
+            shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec[:20]}" if spec else "") + "}"
+            if field not in TEMPLATE_FIELDS:
+                what = "an empty field {}" if not field else f"unknown field {shown}"
+                raise ParamError("filename", f"{what}; use {FIELD_LIST}")
+            if spec or conversion:
+                raise ParamError("filename", f"{shown}: fields take no format spec or conversion; use {FIELD_LIST}")
+        parts.append((literal, field))
+    return parts
 
 
 @register
@@ -50,16 +73,20 @@ class PersistDisk(Stage):
     doc = (
         "Write each image to a file under the service's output root (PNG with the chain's params "
         "in a 'tilechain' text chunk; JPEG and WebP with them in EXIF ImageDescription). Tiles "
-        "pass through unchanged."
+        "pass through unchanged. Files appear only when the whole job has succeeded."
     )
     params = (
         Param(
             "filename",
             str,
             "{job}-{stage}-{index}.{ext}",
-            "File name template, relative to the output root; fields: " + ", ".join("{%s}" % f for f in TEMPLATE_FIELDS) + ".",
+            f"File name template, relative to the output root; fields: {FIELD_LIST}. It must end "
+            "in the format's extension (.png; .jpg or .jpeg; .webp), or in {ext}.",
         ),
-        Param("format", str, "png", "Image format.", choices=tuple(EXTENSIONS)),
+        Param(
+            "format", str, "auto", "Image format; 'auto' takes it from the file name's extension ({ext}: png).",
+            choices=("auto", *FORMATS),
+        ),
         Param("quality", int, 95, "JPEG and WebP quality.", min=1, max=100),
         Param("overwrite", bool, False, "Replace an existing file instead of failing."),
     )
@@ -67,30 +94,61 @@ class PersistDisk(Stage):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        for _, field, _, _ in string.Formatter().parse(self.p["filename"]):
-            if field is not None and field not in TEMPLATE_FIELDS:
-                raise ParamError("filename", f"unknown field {{{field}}}; use {', '.join('{%s}' % f for f in TEMPLATE_FIELDS)}")
         self.started = time.localtime()
+        self.parts = template_parts(self.p["filename"])
+        self.format = self._file_format()
+
+    def render(self, index: int, ext: str) -> str:
+        values = {
+            "job": self.context.job_id or "job",
+            "stage": self.name,
+            "index": str(index),
+            "ext": ext,
+            "date": time.strftime("%Y%m%d", self.started),
+            "time": time.strftime("%H%M%S", self.started),
+        }
+        return "".join(literal + (values[field] if field else "") for literal, field in self.parts)
+
+    def _file_format(self) -> str:
+        """The format to write: the param's, or with 'auto' the name's extension's. The name's
+        extension must agree with it: no PNG bytes in a file called .jpg."""
+        requested = self.p["format"]
+        name = self.render(0, EXTENSION["png" if requested == "auto" else requested])
+        suffix = PurePosixPath(name).suffix.lower()
+        named = FORMAT_OF_SUFFIX.get(suffix)
+        if requested == "auto":
+            if named is None:
+                raise ParamError("filename", f"cannot tell the format from the extension of {name[-60:]!r}: end the name with .png, .jpg, .webp or {{ext}}, or set format")
+            return named
+        if named != requested:
+            suffixes = " or ".join(s for s, f in FORMAT_OF_SUFFIX.items() if f == requested)
+            raise ParamError("filename", f"the extension {suffix or '(none)'!r} does not match format {requested!r}: end the name with {suffixes} or {{ext}}, or leave format at 'auto'")
+        return requested
 
     def relative_path(self, index: int) -> PurePosixPath:
-        name = self.p["filename"].format(
-            job=self.context.job_id or "job",
-            stage=self.name,
-            index=index,
-            ext=EXTENSIONS[self.p["format"]],
-            date=time.strftime("%Y%m%d", self.started),
-            time=time.strftime("%H%M%S", self.started),
-        )
+        name = self.render(index, EXTENSION[self.format])
         path = PurePosixPath(name)
         if not name or path.is_absolute() or ".." in path.parts or "\\" in name or "\0" in name:
-            raise ParamError("filename", f"{name!r} must be a relative path inside the output root (no '..', no absolute path)")
+            raise ParamError("filename", f"{name[:200]!r} must be a relative path inside the output root (no '..', no absolute path)")
+        if path.parts[0] == STAGING.parts[0]:
+            raise ParamError("filename", f"{STAGING.parts[0]}/ under the output root is reserved for staged files")
+        for part in path.parts:
+            if len(part.encode()) > NAME_MAX:
+                raise ParamError("filename", f"{part[:40]!r}... is {len(part.encode())} bytes long; a file or folder name holds at most {NAME_MAX}")
+        full = len(str(self.context.settings.output_root / path).encode())
+        if full >= PATH_MAX:
+            raise ParamError("filename", f"the path under the output root is {full} bytes long; a path holds at most {PATH_MAX - 1}")
         return path
 
     def target(self, index: int) -> Path:
         root = self.context.settings.output_root
-        path = (root / self.relative_path(index)).resolve()
+        relative = self.relative_path(index)
+        try:
+            path = (root / relative).resolve()
+        except OSError as exc:  # a symlink loop, or a component the filesystem refuses
+            raise ParamError("filename", f"{str(relative)[:200]!r} cannot be resolved: {os.strerror(exc.errno or 0)}") from None
         if not path.is_relative_to(root):  # a symlink inside the root pointing out of it
-            raise ParamError("filename", f"{str(self.relative_path(index))!r} resolves outside the output root")
+            raise ParamError("filename", f"{str(relative)[:200]!r} resolves outside the output root")
         return path
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
@@ -101,12 +159,13 @@ class PersistDisk(Stage):
         if len(set(targets)) != len(targets):
             raise ParamError("filename", "gives the same file for several images; add {index}")
         if not self.p["overwrite"]:
+            root = self.context.settings.output_root
             for path in targets:
-                if path.exists():
+                if taken(path, self.context.job_id):
                     raise StageError(
                         grpc.StatusCode.ALREADY_EXISTS,
-                        f"stage '{self.name}' (persist-disk): param 'filename': {path.name} exists "
-                        "under the output root; choose another name or set overwrite",
+                        f"{self.label}: param 'filename': {path.relative_to(root)} exists under the output root; "
+                        "choose another name or set overwrite",
                     )
         return outputs
 
@@ -114,30 +173,205 @@ class PersistDisk(Stage):
         return work.pixels()
 
     def finish(self, output: OutputPlan, pixels: np.ndarray) -> list[stage_pb2.Artifact]:
+        """Stage the image; Finish(commit) publishes it and reports its artifact."""
         canvas = output.canvas
         if canvas.role != IMAGE:
             return []
         self.context.check_cancelled()
         metadata = {"job": self.context.job_id, **struct_to_dict(canvas.provenance)}
-        data = encode_image(pixels, self.p["format"], metadata, self.p["quality"])
-        path = self.target(canvas.index)
+        data = encode_image(pixels, self.format, metadata, self.p["quality"])
+        settings = self.context.settings
+        final = self.target(canvas.index)
+        artifact = stage_pb2.Artifact(
+            stage=self.name,
+            uri=final.as_uri(),
+            path=str(final.relative_to(settings.output_root)),
+            format=self.format,
+            width=canvas.width,
+            height=canvas.height,
+            index=canvas.index,
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+        )
+        staged = Staged.create(settings, self.context.job_id, self.context.attempt, self.name, canvas.index, EXTENSION[self.format])
+        staged.write(data, artifact, self.p["overwrite"])
+        if self.context.cancel_event.is_set():  # cancelled while writing: Finish(abort) may have run
+            staged.discard()
+        return []
+
+    @classmethod
+    def finish_job(cls, settings: Settings, job_id: str, attempt: int, commit: bool) -> list[stage_pb2.Artifact]:
+        return finish_job(settings, job_id, attempt, commit)
+
+    @classmethod
+    def start_up(cls, settings: Settings) -> None:
+        clean_stale(settings)
+
+
+def taken(path: Path, job_id: str) -> bool:
+    """Whether publishing to path would replace someone else's file. A file this same job
+    wrote (an earlier attempt of a retried job) is not taken: the new attempt replaces it."""
+    if not path.exists():
+        return False
+    return not job_id or written_by(path) != job_id
+
+
+def written_by(path: Path) -> str | None:
+    """The job id in a file's tilechain metadata, or None. PNG and JPEG keep it near the start;
+    WebP's EXIF follows the pixels, so the whole file is read when the start is not enough."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(1 << 20)
         try:
-            write_atomically(path, data, self.p["overwrite"])
+            metadata = read_metadata(head)
+        except Exception:
+            metadata = read_metadata(path.read_bytes())
+        return (metadata or {}).get("job")
+    except Exception:  # not an image we wrote: someone else's
+        return None
+
+
+# --- staging ----------------------------------------------------------------------------------
+
+
+def _key(text: str, length: int) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def job_folder(settings: Settings, job_id: str) -> Path:
+    return settings.output_root / STAGING / _key(job_id, 24)
+
+
+@dataclass
+class Staged:
+    """One staged image: its bytes at file, its record (where it goes) at file + '.json'."""
+
+    file: Path
+    attempt: int = 0
+
+    @property
+    def record(self) -> Path:
+        return self.file.with_name(self.file.name + ".json")
+
+    @classmethod
+    def create(cls, settings: Settings, job_id: str, attempt: int, stage: str, index: int, ext: str) -> Staged:
+        # short fixed-length names: a final name of NAME_MAX bytes still stages
+        return cls(job_folder(settings, job_id) / f"{attempt}-{_key(stage, 12)}-{index}.{ext}", attempt)
+
+    def write(self, data: bytes, artifact: stage_pb2.Artifact, overwrite: bool) -> None:
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        _write_synced(self.file, data)
+        record = {
+            "attempt": self.attempt,
+            "overwrite": overwrite,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "artifact": json_format.MessageToDict(artifact),
+        }
+        _write_synced(self.record, json.dumps(record).encode())
+
+    def load(self) -> dict:
+        return json.loads(self.record.read_text())
+
+    def discard(self) -> None:
+        self.record.unlink(missing_ok=True)
+        self.file.unlink(missing_ok=True)
+        try:
+            self.file.parent.rmdir()
+        except OSError:  # other files of the job are still there
+            pass
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def finish_job(settings: Settings, job_id: str, attempt: int, commit: bool) -> list[stage_pb2.Artifact]:
+    """Publish (commit) the given attempt's staged files, or discard them (abort); every other
+    attempt's are discarded either way. A commit checks every target before it publishes any,
+    and takes back what it linked if one fails, so a job's files appear all or none."""
+    folder = job_folder(settings, job_id)
+    if not folder.exists():
+        return []
+    try:
+        if not commit:
+            return []
+        staged = [Staged(r.with_name(r.name[: -len(".json")])) for r in sorted(folder.glob("*.json"))]
+        records = [(s, s.load()) for s in staged]
+        records = [(s, r) for s, r in records if r["attempt"] == attempt and s.file.exists()]
+        root = settings.output_root
+        moves = []
+        for item, record in records:
+            artifact = json_format.ParseDict(record["artifact"], stage_pb2.Artifact())
+            final = (root / artifact.path).resolve()
+            if not final.is_relative_to(root):
+                raise StageError(grpc.StatusCode.FAILED_PRECONDITION, f"stage '{artifact.stage}' (persist-disk): param 'filename': {artifact.path} now resolves outside the output root")
+            replace = record["overwrite"] or (final.exists() and not taken(final, job_id))
+            if final.exists() and not replace:
+                raise _exists(artifact)
+            moves.append((item.file, final, replace, artifact))
+        linked: list[Path] = []
+        try:
+            for source, final, replace, artifact in sorted(moves, key=lambda m: m[2]):  # links (can fail) first
+                final.parent.mkdir(parents=True, exist_ok=True)
+                if replace:
+                    os.replace(source, final)
+                else:
+                    os.link(source, final)  # fails if the name appeared meanwhile: nothing replaced
+                    linked.append(final)
         except FileExistsError:
-            raise StageError(
-                grpc.StatusCode.ALREADY_EXISTS,
-                f"stage '{self.name}' (persist-disk): param 'filename': {path.name} appeared while writing",
-            ) from None
-        return [
-            stage_pb2.Artifact(
-                stage=self.name,
-                uri=path.as_uri(),
-                path=str(path.relative_to(self.context.settings.output_root)),
-                format=self.p["format"],
-                width=canvas.width,
-                height=canvas.height,
-                index=canvas.index,
-                size_bytes=len(data),
-                sha256=hashlib.sha256(data).hexdigest(),
-            )
-        ]
+            for path in linked:
+                path.unlink(missing_ok=True)
+            raise _exists(artifact) from None
+        return [artifact for _, _, _, artifact in moves]
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _exists(artifact: stage_pb2.Artifact) -> StageError:
+    return StageError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        f"stage '{artifact.stage}' (persist-disk): param 'filename': {artifact.path} appeared under the output "
+        "root while the job ran; nothing of the job was published",
+    )
+
+
+def clean_stale(settings: Settings) -> None:
+    """At start-up: delete what jobs of a persist service that is gone had staged (this host's
+    processes that no longer run, or this process's predecessor in a container that restarted),
+    and anything staged more than a day ago."""
+    base = settings.output_root / STAGING
+    if not base.is_dir():
+        return
+    host, now = socket.gethostname(), time.time()
+    for folder in base.iterdir():
+        for path in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
+            try:
+                old = now - path.stat().st_mtime > STALE_SECONDS
+                if path.suffix == ".json":
+                    record = json.loads(path.read_text())
+                    gone = record.get("host") == host and not _running(record.get("pid", 0))
+                    if gone or old:
+                        Path(str(path)[: -len(".json")]).unlink(missing_ok=True)
+                        path.unlink()
+                elif old and not path.with_name(path.name + ".json").exists():
+                    path.unlink()  # a staged file whose record was never written
+            except (OSError, ValueError) as exc:
+                log.warning("cleaning staged %s: %s", path.name, exc)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _running(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():  # our own pid: a predecessor's (a restarted container)
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -60,32 +60,43 @@ def _down(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
-def _parse_inputs(values: list[str], role: str) -> list[tuple[str, str, bytes]]:
+def _parse_inputs(values: list[str], role: str) -> list[tuple[str, str, Path]]:
     out = []
     for value in values:
         stage, sep, path = value.partition("=")
         if not sep:
             raise SystemExit(f"--{role} {value!r}: expected STAGE=FILE")
-        out.append((stage, role, Path(path).read_bytes()))
+        if not Path(path).is_file():
+            raise SystemExit(f"--{role} {value!r}: no such file")
+        out.append((stage, role, Path(path)))
     return out
 
 
 def _run(args: argparse.Namespace, rest: list[str]) -> int:
-    from tilechain.client import chain_request, connect, load_chain
+    from tilechain.client import STREAM_ABOVE_BYTES, chain_request, connect, load_chain, submit_stream
     from tilechain.progress import PreviewWriter, display
 
     attachments = _parse_inputs(args.input, "image") + _parse_inputs(args.mask, "mask")
+    chain = load_chain(Path(args.chain))
     preview = PreviewWriter(args.preview, args.preview_every) if args.preview else None
-    request = chain_request(
-        load_chain(Path(args.chain)), attachments,
-        return_tiles=gateway_pb2.TILE_RETURN_FINAL if preview else gateway_pb2.TILE_RETURN_NONE,
-        transport_tile=args.transport_tile, decode_between_stages=args.decode_between_stages,
-    )
+    options = {
+        "transport_tile": args.transport_tile,
+        "decode_between_stages": args.decode_between_stages,
+        "return_tiles": gateway_pb2.TILE_RETURN_FINAL if preview else gateway_pb2.TILE_RETURN_NONE,
+    }
     stub = connect(args.gateway)
     shown = display(args.progress)
     status = None
+    job = None
     try:
-        for event in stub.RunChain(request, timeout=args.timeout):
+        if any(path.stat().st_size > STREAM_ABOVE_BYTES for _, _, path in attachments):
+            # large files go up in chunks (SubmitChainStream), then the job is watched
+            job = submit_stream(stub, chain, attachments, timeout=args.timeout, **options)
+            events = stub.WatchJob(job, timeout=args.timeout)
+        else:
+            request = chain_request(chain, [(s, r, p.read_bytes()) for s, r, p in attachments], **options)
+            events = stub.RunChain(request, timeout=args.timeout)
+        for event in events:
             if shown is not None:
                 shown.event(event)
             kind = event.WhichOneof("kind")
@@ -94,17 +105,25 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
             elif kind == "status":
                 status = event.status
     except grpc.RpcError as exc:
+        _cancel(stub, job)
         if shown is not None:
             shown.close()
         if preview is not None:
             preview.finish()  # what arrived before the failure
         print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
+    except BaseException:  # Ctrl-C: a submitted job must not run on without us
+        _cancel(stub, job)
+        raise
     if shown is not None:
         shown.close()
     if preview is not None:
         preview.finish()  # the last write, with every tile
     if status is not None:
+        if status.state == gateway_pb2.JOB_STATE_FAILED:  # WatchJob ends with it; RunChain raises
+            code = next((c.name for c in grpc.StatusCode if c.value[0] == status.code), str(status.code))
+            print(f"error: {code}: {status.message}", file=sys.stderr)
+            return 1
         print(f"job {status.job_id}: {gateway_pb2.JobState.Name(status.state)}")
         for artifact in status.artifacts:
             path = artifact.uri.removeprefix("file://")
@@ -112,6 +131,15 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
     if preview is not None and preview.writes:
         print(f"preview {args.preview}  ({preview.writes} writes)")
     return 0 if status is not None and status.state == gateway_pb2.JOB_STATE_SUCCEEDED else 1
+
+
+def _cancel(stub, job: gateway_pb2.JobRef | None) -> None:
+    if job is None:
+        return  # RunChain: the gateway cancels the job when the call goes away
+    try:
+        stub.CancelJob(job, timeout=10)
+    except grpc.RpcError:
+        pass
 
 
 def _stages(args: argparse.Namespace, rest: list[str]) -> int:

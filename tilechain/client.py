@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Union
 
 import grpc
 import numpy as np
@@ -35,6 +35,55 @@ def chain_request(
         transport_tile=transport_tile,
         decode_between_stages=decode_between_stages,
     )
+
+
+CHUNK_BYTES = 1024 * 1024               # of an attachment, per SubmitChainStream message
+STREAM_ABOVE_BYTES = 4 * 1024 * 1024    # the CLI uploads attachments larger than this in chunks
+
+Source = Union[bytes, Path]  # an attachment's bytes, or the file that holds them
+
+
+def upload_messages(
+    chain: str | dict[str, Any],
+    attachments: list[tuple[str, str, Source]],
+    chunk_bytes: int = CHUNK_BYTES,
+    **options: Any,
+) -> Iterator[gateway_pb2.ChainUpload]:
+    """SubmitChainStream's messages: the request with each attachment's stage, role and size,
+    then the bytes in chunks (read from the files as they are sent), then the end."""
+    request = chain_request(chain, (), **options)
+    for stage, role, source in attachments:
+        size = source.stat().st_size if isinstance(source, Path) else len(source)
+        request.attachments.add(stage=stage, role=role, size=size)
+    yield gateway_pb2.ChainUpload(request=request)
+    for stage, role, source in attachments:
+        offset = 0
+        for data in _chunks(source, chunk_bytes):
+            yield gateway_pb2.ChainUpload(chunk=gateway_pb2.AttachmentChunk(stage=stage, role=role, offset=offset, data=data))
+            offset += len(data)
+    yield gateway_pb2.ChainUpload(end=gateway_pb2.UploadEnd())
+
+
+def _chunks(source: Source, size: int) -> Iterator[bytes]:
+    if isinstance(source, bytes):
+        for start in range(0, len(source), size):
+            yield source[start : start + size]
+        return
+    with open(source, "rb") as f:
+        while data := f.read(size):
+            yield data
+
+
+def submit_stream(
+    stub: gateway_pb2_grpc.GatewayStub,
+    chain: str | dict[str, Any],
+    attachments: list[tuple[str, str, Source]],
+    timeout: float | None = None,
+    **options: Any,
+) -> gateway_pb2.JobRef:
+    """Submit a chain with its attachments streamed in chunks (no size limit but the gateway's
+    per-file one); WatchJob then follows the job."""
+    return stub.SubmitChainStream(upload_messages(chain, attachments, **options), timeout=timeout)
 
 
 def connect(address: str) -> gateway_pb2_grpc.GatewayStub:

@@ -80,26 +80,11 @@ def from_pil(image: Image.Image) -> np.ndarray:
 
 
 def decode_image(data: bytes, mask: bool = False) -> np.ndarray:
-    """Decode PNG/JPEG/WebP bytes to (H, W, C) uint8: masks to L, images to RGB or RGBA."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            if mask:
-                image = image.convert("L")
-            elif image.mode not in ("RGB", "RGBA"):
-                image = image.convert("RGBA" if "A" in image.getbands() else "RGB")
-            return from_pil(image)
-    except Exception as exc:  # PIL raises many types for bad data
-        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    """Decode an image file whole to (H, W, C) uint8 by the mode rule of images.py: masks to L,
+    images to RGB or RGBA. The gateway never does this to attachments (images.image_tiles)."""
+    from .images import decode_image as decode  # images.py builds on this module
 
-
-def encoded_size(data: bytes) -> tuple[int, int]:
-    """Width and height from the header, without decoding the pixels."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except Exception as exc:
-        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    return decode(data, mask)
 
 
 def encode_image(pixels: np.ndarray, fmt: str, metadata: dict[str, Any] | None = None, quality: int = 95) -> bytes:

@@ -15,7 +15,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .config import server_options
+from .config import Settings, server_options
+from .errors import InternalErrors
 
 log = logging.getLogger("tilechain.server")
 
@@ -61,11 +62,16 @@ async def serve(
     address: str,
     add_services: Callable[[grpc.aio.Server], list[str]],
     max_receive_bytes: int | None = None,
+    component: str = "",
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and drain for up to DRAIN_SECONDS.
-    add_services registers the servicers and returns their full service names."""
-    server = grpc.aio.server(options=server_options(max_receive_bytes))
+    add_services registers the servicers and returns their full service names. component
+    names the process in INTERNAL errors ("persist service"; default: from the service name)."""
+    settings = Settings.from_env()
+    internal_errors = InternalErrors(component, [settings.output_root, settings.models_root])
+    server = grpc.aio.server(options=server_options(max_receive_bytes), interceptors=[internal_errors])
     names = add_services(server)
+    internal_errors.component = component or names[0].rsplit(".", 1)[-1].lower()
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)

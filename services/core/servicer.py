@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from typing import AsyncIterator
 
 import grpc
 
 from tilechain.v1 import stage_pb2, stage_pb2_grpc
 
-from .config import Settings
+from .config import Settings, transport_tile_problem
 from .engine import TileEngine, plan_outputs
+from .errors import internal_message, public_text
 from .params import ParamError, struct_to_dict
 from .models import ModelRegistry
 from .stage import SERVICE_COUNTERS, Cancelled, Context, Stage, StageError, load_family, stage_label
@@ -34,7 +36,24 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 cls.prepare()
         self.models = ModelRegistry(settings.models_config, settings.models_root)
         self.stats = stage_pb2.ServiceStats()
-        self._idle = asyncio.Condition()
+        self._idle = asyncio.Condition()  # notified whenever a stream starts or ends
+        self._job_streams: Counter[str] = Counter()  # streams running per job id
+        for hook in self._hooks("start_up"):
+            hook(settings)
+
+    def _hooks(self, name: str) -> list:
+        """A class hook of the family's stages, each implementation once."""
+        seen: dict = {}
+        for cls in self.stages.values():
+            method = getattr(cls, name)
+            seen.setdefault(method.__func__, method)
+        return list(seen.values())
+
+    def public(self, message: str) -> str:
+        return public_text(message, [self.settings.output_root, self.settings.models_root])
+
+    def internal(self, start: stage_pb2.StageStart, exc: BaseException) -> str:
+        return internal_message(stage_label(start.name, start.type), exc, [self.settings.output_root, self.settings.models_root])
 
     def _create(self, start: stage_pb2.StageStart, context: Context) -> Stage:
         cls = self.stages.get(start.type)
@@ -58,12 +77,15 @@ class StageServicer(stage_pb2_grpc.StageServicer):
 
     async def Plan(self, request: stage_pb2.StageStart, context: grpc.aio.ServicerContext) -> stage_pb2.PlanResult:
         try:
-            stage = self._create(request, Context(request.job_id, self.settings, self.models))
+            stage = self._create(request, Context(request.job_id, self.settings, self.models, attempt=request.attempt))
             outputs = plan_outputs(stage, list(request.inputs), self.settings)
         except ParamError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, param_message(request.name, request.type, exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.public(param_message(request.name, request.type, exc)))
         except StageError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, self.public(exc.message))
+        except Exception as exc:  # a bug, not a bad request: say where, log the rest
+            log.exception("job %s: planning %s failed", request.job_id, stage_label(request.name, request.type))
+            await context.abort(grpc.StatusCode.INTERNAL, self.internal(request, exc))
         return stage_pb2.PlanResult(
             outputs=[o.canvas for o in outputs], emits_latent=stage.emits_latent(outputs), accepts_latent=stage.accepts_latent(outputs)
         )
@@ -76,9 +98,29 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         self.stats.vae_encodes = SERVICE_COUNTERS["vae_encodes"]
         return self.stats
 
+    async def Finish(self, request: stage_pb2.FinishRequest, context: grpc.aio.ServicerContext) -> stage_pb2.FinishResult:
+        """Publish or discard a job's staged files, once none of its streams runs here."""
+        async with self._idle:
+            await self._idle.wait_for(lambda: self._job_streams[request.job_id] == 0)
+        artifacts = []
+        try:
+            for hook in self._hooks("finish_job"):
+                artifacts += await asyncio.to_thread(hook, self.settings, request.job_id, request.attempt, request.commit)
+        except StageError as exc:
+            await context.abort(exc.code, self.public(exc.message))
+        log.info("job %s: %s (attempt %d)", request.job_id, "published" if request.commit else "discarded", request.attempt)
+        return stage_pb2.FinishResult(artifacts=artifacts)
+
     async def _set_active(self, delta: int) -> None:
         async with self._idle:
             self.stats.active_streams += delta
+            self._idle.notify_all()
+
+    async def _count_job_stream(self, job_id: str, delta: int) -> None:
+        async with self._idle:
+            self._job_streams[job_id] += delta
+            if self._job_streams[job_id] <= 0:
+                del self._job_streams[job_id]
             self._idle.notify_all()
 
     async def Process(
@@ -90,12 +132,18 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         start = stage_pb2.StageStart()
         run_context = Context("", self.settings, self.models)
         outcome = "failed"
+        counted_job: str | None = None
         try:
             first = await anext(messages, None)
             if first is None or first.WhichOneof("kind") != "start":
                 raise StageError(grpc.StatusCode.INVALID_ARGUMENT, "a Process stream must begin with a start message")
             start = first.start
-            run_context.job_id = start.job_id
+            run_context.job_id, run_context.attempt = start.job_id, start.attempt
+            counted_job = start.job_id
+            await self._count_job_stream(counted_job, +1)  # Finish for this job waits for this stream
+            problem = transport_tile_problem(start.transport_tile)
+            if problem:
+                raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"{stage_label(start.name, start.type)}: transport_tile: {problem}")
             stage = self._create(start, run_context)
             outputs = plan_outputs(stage, list(start.inputs), self.settings)
             engine = TileEngine(stage, list(start.inputs), outputs, start.transport_tile or self.settings.transport_tile)
@@ -108,9 +156,9 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 self.stats.steps_run += engine.steps_run
             outcome = "finished"
         except ParamError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, param_message(start.name, start.type, exc))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.public(param_message(start.name, start.type, exc)))
         except StageError as exc:
-            await context.abort(exc.code, exc.message)
+            await context.abort(exc.code, self.public(exc.message))
         except (asyncio.CancelledError, GeneratorExit, Cancelled):
             # GeneratorExit: the caller cancelled while this handler was suspended at a yield
             outcome = "cancelled"
@@ -119,9 +167,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             if isinstance(exc, grpc.aio.AbortError):
                 raise
             log.exception("job %s: %s failed", start.job_id, stage_label(start.name, start.type))
-            await context.abort(
-                grpc.StatusCode.INTERNAL, f"{stage_label(start.name, start.type)}: {type(exc).__name__}: {exc}"
-            )
+            await context.abort(grpc.StatusCode.INTERNAL, self.internal(start, exc))
         finally:
             run_context.cancel_event.set()  # stops stage code still running in a worker thread
             if outcome == "finished":
@@ -131,4 +177,6 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             else:
                 self.stats.streams_failed += 1
             log.info("job %s: %s %s", start.job_id, stage_label(start.name, start.type), outcome)
+            if counted_job is not None:
+                await self._count_job_stream(counted_job, -1)
             await self._set_active(-1)

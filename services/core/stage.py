@@ -86,6 +86,7 @@ class Context:
     job_id: str
     settings: Settings
     models: ModelRegistry | None = None
+    attempt: int = 0  # which run of the job (StageStart.attempt)
     cancel_event: threading.Event = field(default_factory=threading.Event)
     notices: list[str] = field(default_factory=list)
     # set by the engine while a processing tile runs: stage code reports (done, total) of its
@@ -254,6 +255,18 @@ class Stage:
     def finish(self, output: OutputPlan, pixels: np.ndarray) -> list[stage_pb2.Artifact]:
         """keeps_output stages: called with each finished output canvas."""
         return []
+
+    # --- the job's end (the Finish RPC) and the service's start ----------------------------
+
+    @classmethod
+    def finish_job(cls, settings: Settings, job_id: str, attempt: int, commit: bool) -> list[stage_pb2.Artifact]:
+        """Publish (commit) or discard what the stage staged for a job; the artifacts published.
+        Called once per job by the Finish RPC, in a worker thread."""
+        return []
+
+    @classmethod
+    def start_up(cls, settings: Settings) -> None:
+        """Called once when a service starts (e.g. to clean what a dead predecessor left)."""
 
 
 @functools.cache

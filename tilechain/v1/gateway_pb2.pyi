@@ -51,14 +51,42 @@ class Chain(_message.Message):
     def __init__(self, stages: _Optional[_Iterable[_Union[ChainStage, _Mapping]]] = ...) -> None: ...
 
 class Attachment(_message.Message):
-    __slots__ = ("stage", "role", "data")
+    __slots__ = ("stage", "role", "data", "size")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
     stage: str
     role: str
     data: bytes
-    def __init__(self, stage: _Optional[str] = ..., role: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+    size: int
+    def __init__(self, stage: _Optional[str] = ..., role: _Optional[str] = ..., data: _Optional[bytes] = ..., size: _Optional[int] = ...) -> None: ...
+
+class AttachmentChunk(_message.Message):
+    __slots__ = ("stage", "role", "offset", "data")
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    stage: str
+    role: str
+    offset: int
+    data: bytes
+    def __init__(self, stage: _Optional[str] = ..., role: _Optional[str] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class UploadEnd(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ChainUpload(_message.Message):
+    __slots__ = ("request", "chunk", "end")
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    request: ChainRequest
+    chunk: AttachmentChunk
+    end: UploadEnd
+    def __init__(self, request: _Optional[_Union[ChainRequest, _Mapping]] = ..., chunk: _Optional[_Union[AttachmentChunk, _Mapping]] = ..., end: _Optional[_Union[UploadEnd, _Mapping]] = ...) -> None: ...
 
 class ChainRequest(_message.Message):
     __slots__ = ("chain", "chain_json", "attachments", "return_tiles", "transport_tile", "decode_between_stages")

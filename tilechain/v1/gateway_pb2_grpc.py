@@ -44,6 +44,11 @@ class GatewayStub:
                 request_serializer=tilechain_dot_v1_dot_gateway__pb2.ChainRequest.SerializeToString,
                 response_deserializer=tilechain_dot_v1_dot_gateway__pb2.JobRef.FromString,
                 _registered_method=True)
+        self.SubmitChainStream = channel.stream_unary(
+                '/tilechain.v1.Gateway/SubmitChainStream',
+                request_serializer=tilechain_dot_v1_dot_gateway__pb2.ChainUpload.SerializeToString,
+                response_deserializer=tilechain_dot_v1_dot_gateway__pb2.JobRef.FromString,
+                _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/tilechain.v1.Gateway/GetJob',
                 request_serializer=tilechain_dot_v1_dot_gateway__pb2.JobRef.SerializeToString,
@@ -79,6 +84,15 @@ class GatewayServicer:
 
     def SubmitChain(self, request, context):
         """Validates and starts a chain in the background; returns its job id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitChainStream(self, request_iterator, context):
+        """SubmitChain for large attachments: first a ChainUpload with the request, whose attachments
+        name their stage, role and size but carry no data; then their bytes as chunks, in order;
+        then the end. The chain is checked on the first message, the attachments as they complete.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -122,6 +136,11 @@ def add_GatewayServicer_to_server(servicer, server):
             'SubmitChain': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitChain,
                     request_deserializer=tilechain_dot_v1_dot_gateway__pb2.ChainRequest.FromString,
+                    response_serializer=tilechain_dot_v1_dot_gateway__pb2.JobRef.SerializeToString,
+            ),
+            'SubmitChainStream': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitChainStream,
+                    request_deserializer=tilechain_dot_v1_dot_gateway__pb2.ChainUpload.FromString,
                     response_serializer=tilechain_dot_v1_dot_gateway__pb2.JobRef.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
@@ -198,6 +217,33 @@ class Gateway:
             target,
             '/tilechain.v1.Gateway/SubmitChain',
             tilechain_dot_v1_dot_gateway__pb2.ChainRequest.SerializeToString,
+            tilechain_dot_v1_dot_gateway__pb2.JobRef.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitChainStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tilechain.v1.Gateway/SubmitChainStream',
+            tilechain_dot_v1_dot_gateway__pb2.ChainUpload.SerializeToString,
             tilechain_dot_v1_dot_gateway__pb2.JobRef.FromString,
             options,
             channel_credentials,

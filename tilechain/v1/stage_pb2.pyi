@@ -36,7 +36,7 @@ TILE_ORDER_GRID: TileOrder
 TILE_ORDER_SPIRAL: TileOrder
 
 class StageStart(_message.Message):
-    __slots__ = ("job_id", "name", "type", "params", "inputs", "transport_tile", "latent_output")
+    __slots__ = ("job_id", "name", "type", "params", "inputs", "transport_tile", "latent_output", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class StageStart(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_TILE_FIELD_NUMBER: _ClassVar[int]
     LATENT_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     type: str
@@ -51,7 +52,8 @@ class StageStart(_message.Message):
     inputs: _containers.RepeatedCompositeFieldContainer[_tiles_pb2.Canvas]
     transport_tile: int
     latent_output: bool
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_tiles_pb2.Canvas, _Mapping]]] = ..., transport_tile: _Optional[int] = ..., latent_output: _Optional[bool] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_tiles_pb2.Canvas, _Mapping]]] = ..., transport_tile: _Optional[int] = ..., latent_output: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class InputEnd(_message.Message):
     __slots__ = ()
@@ -204,6 +206,22 @@ class PlanResult(_message.Message):
     emits_latent: str
     accepts_latent: str
     def __init__(self, outputs: _Optional[_Iterable[_Union[_tiles_pb2.Canvas, _Mapping]]] = ..., emits_latent: _Optional[str] = ..., accepts_latent: _Optional[str] = ...) -> None: ...
+
+class FinishRequest(_message.Message):
+    __slots__ = ("job_id", "attempt", "commit")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    COMMIT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    attempt: int
+    commit: bool
+    def __init__(self, job_id: _Optional[str] = ..., attempt: _Optional[int] = ..., commit: _Optional[bool] = ...) -> None: ...
+
+class FinishResult(_message.Message):
+    __slots__ = ("artifacts",)
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    artifacts: _containers.RepeatedCompositeFieldContainer[Artifact]
+    def __init__(self, artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ("wait_idle",)

@@ -54,6 +54,11 @@ class StageStub:
                 request_serializer=tilechain_dot_v1_dot_stage__pb2.StatsRequest.SerializeToString,
                 response_deserializer=tilechain_dot_v1_dot_stage__pb2.ServiceStats.FromString,
                 _registered_method=True)
+        self.Finish = channel.unary_unary(
+                '/tilechain.v1.Stage/Finish',
+                request_serializer=tilechain_dot_v1_dot_stage__pb2.FinishRequest.SerializeToString,
+                response_deserializer=tilechain_dot_v1_dot_stage__pb2.FinishResult.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -90,6 +95,15 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Finish(self, request, context):
+        """Ends a job on this service: publishes (commit) or discards (abort) the files that its
+        persist stages staged for the job. The gateway calls it on the persist service when a job
+        ends; until then a job's files are invisible. Families that stage nothing answer empty.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +126,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=tilechain_dot_v1_dot_stage__pb2.StatsRequest.FromString,
                     response_serializer=tilechain_dot_v1_dot_stage__pb2.ServiceStats.SerializeToString,
+            ),
+            'Finish': grpc.unary_unary_rpc_method_handler(
+                    servicer.Finish,
+                    request_deserializer=tilechain_dot_v1_dot_stage__pb2.FinishRequest.FromString,
+                    response_serializer=tilechain_dot_v1_dot_stage__pb2.FinishResult.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +241,33 @@ class Stage:
             '/tilechain.v1.Stage/Stats',
             tilechain_dot_v1_dot_stage__pb2.StatsRequest.SerializeToString,
             tilechain_dot_v1_dot_stage__pb2.ServiceStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Finish(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tilechain.v1.Stage/Finish',
+            tilechain_dot_v1_dot_stage__pb2.FinishRequest.SerializeToString,
+            tilechain_dot_v1_dot_stage__pb2.FinishResult.FromString,
             options,
             channel_credentials,
             insecure,

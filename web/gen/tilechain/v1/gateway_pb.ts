@@ -15,7 +15,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file tilechain/v1/gateway.proto.
  */
 export const file_tilechain_v1_gateway: GenFile = /*@__PURE__*/
-  fileDesc("Chp0aWxlY2hhaW4vdjEvZ2F0ZXdheS5wcm90bxIMdGlsZWNoYWluLnYxIlEKCkNoYWluU3RhZ2USDAoEbmFtZRgBIAEoCRIMCgR0eXBlGAIgASgJEicKBnBhcmFtcxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiMQoFQ2hhaW4SKAoGc3RhZ2VzGAEgAygLMhgudGlsZWNoYWluLnYxLkNoYWluU3RhZ2UiNwoKQXR0YWNobWVudBINCgVzdGFnZRgBIAEoCRIMCgRyb2xlGAIgASgJEgwKBGRhdGEYAyABKAwi3AEKDENoYWluUmVxdWVzdBIiCgVjaGFpbhgBIAEoCzITLnRpbGVjaGFpbi52MS5DaGFpbhISCgpjaGFpbl9qc29uGAIgASgJEi0KC2F0dGFjaG1lbnRzGAMgAygLMhgudGlsZWNoYWluLnYxLkF0dGFjaG1lbnQSLgoMcmV0dXJuX3RpbGVzGAQgASgOMhgudGlsZWNoYWluLnYxLlRpbGVSZXR1cm4SFgoOdHJhbnNwb3J0X3RpbGUYBSABKA0SHQoVZGVjb2RlX2JldHdlZW5fc3RhZ2VzGAYgASgIIhgKBkpvYlJlZhIOCgZqb2JfaWQYASABKAkitwEKCUpvYlN0YXR1cxIOCgZqb2JfaWQYASABKAkSJQoFc3RhdGUYAiABKA4yFi50aWxlY2hhaW4udjEuSm9iU3RhdGUSDAoEY29kZRgDIAEoBRIPCgdtZXNzYWdlGAQgASgJEikKCWFydGlmYWN0cxgFIAMoCzIWLnRpbGVjaGFpbi52MS5BcnRpZmFjdBIUCgxzdGFnZXNfdG90YWwYBiABKA0SEwoLc3RhZ2VzX2RvbmUYByABKA0i1AEKClN0YWdlRXZlbnQSKwoEa2luZBgBIAEoDjIdLnRpbGVjaGFpbi52MS5TdGFnZUV2ZW50LktpbmQSEwoLc3RhZ2VfaW5kZXgYAiABKA0SDAoEbmFtZRgDIAEoCRIMCgR0eXBlGAQgASgJEiUKB291dHB1dHMYBSADKAsyFC50aWxlY2hhaW4udjEuQ2FudmFzIkEKBEtpbmQSFAoQS0lORF9VTlNQRUNJRklFRBAAEhAKDEtJTkRfU1RBUlRFRBABEhEKDUtJTkRfRklOSVNIRUQQAiJcCg1TdGFnZVByb2dyZXNzEhMKC3N0YWdlX2luZGV4GAEgASgNEgwKBG5hbWUYAiABKAkSKAoIcHJvZ3Jlc3MYAyABKAsyFi50aWxlY2hhaW4udjEuUHJvZ3Jlc3MidgoJVGlsZUV2ZW50EhMKC3N0YWdlX2luZGV4GAEgASgNEgwKBG5hbWUYAiABKAkSJAoGY2FudmFzGAMgASgLMhQudGlsZWNoYWluLnYxLkNhbnZhcxIgCgR0aWxlGAQgASgLMhIudGlsZWNoYWluLnYxLlRpbGUiQQoLTm90aWNlRXZlbnQSEwoLc3RhZ2VfaW5kZXgYASABKA0SDAoEbmFtZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJIqsCCghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSKQoFc3RhZ2UYAiABKAsyGC50aWxlY2hhaW4udjEuU3RhZ2VFdmVudEgAEi8KCHByb2dyZXNzGAMgASgLMhsudGlsZWNoYWluLnYxLlN0YWdlUHJvZ3Jlc3NIABInCgR0aWxlGAQgASgLMhcudGlsZWNoYWluLnYxLlRpbGVFdmVudEgAEioKCGFydGlmYWN0GAUgASgLMhYudGlsZWNoYWluLnYxLkFydGlmYWN0SAASKwoGbm90aWNlGAYgASgLMhkudGlsZWNoYWluLnYxLk5vdGljZUV2ZW50SAASKQoGc3RhdHVzGAcgASgLMhcudGlsZWNoYWluLnYxLkpvYlN0YXR1c0gAQgYKBGtpbmQiEwoRTGlzdFN0YWdlc1JlcXVlc3QicwoSTGlzdFN0YWdlc1Jlc3BvbnNlEiwKCGNhdGFsb2dzGAEgAygLMhoudGlsZWNoYWluLnYxLlN0YWdlQ2F0YWxvZxIvCg1mYW1pbGllc19kb3duGAIgAygLMhgudGlsZWNoYWluLnYxLkZhbWlseURvd24iPAoKRmFtaWx5RG93bhIOCgZmYW1pbHkYASABKAkSDwoHYWRkcmVzcxgCIAEoCRINCgVlcnJvchgDIAEoCSpOCgpUaWxlUmV0dXJuEhQKEFRJTEVfUkVUVVJOX05PTkUQABIVChFUSUxFX1JFVFVSTl9GSU5BTBABEhMKD1RJTEVfUkVUVVJOX0FMTBACKpoBCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESFQoRSk9CX1NUQVRFX1JVTk5JTkcQAhIXChNKT0JfU1RBVEVfU1VDQ0VFREVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBTKOAwoHR2F0ZXdheRJACghSdW5DaGFpbhIaLnRpbGVjaGFpbi52MS5DaGFpblJlcXVlc3QaFi50aWxlY2hhaW4udjEuSm9iRXZlbnQwARI/CgtTdWJtaXRDaGFpbhIaLnRpbGVjaGFpbi52MS5DaGFpblJlcXVlc3QaFC50aWxlY2hhaW4udjEuSm9iUmVmEjcKBkdldEpvYhIULnRpbGVjaGFpbi52MS5Kb2JSZWYaFy50aWxlY2hhaW4udjEuSm9iU3RhdHVzEjoKCFdhdGNoSm9iEhQudGlsZWNoYWluLnYxLkpvYlJlZhoWLnRpbGVjaGFpbi52MS5Kb2JFdmVudDABEjoKCUNhbmNlbEpvYhIULnRpbGVjaGFpbi52MS5Kb2JSZWYaFy50aWxlY2hhaW4udjEuSm9iU3RhdHVzEk8KCkxpc3RTdGFnZXMSHy50aWxlY2hhaW4udjEuTGlzdFN0YWdlc1JlcXVlc3QaIC50aWxlY2hhaW4udjEuTGlzdFN0YWdlc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_tilechain_v1_stage, file_tilechain_v1_tiles]);
+  fileDesc("Chp0aWxlY2hhaW4vdjEvZ2F0ZXdheS5wcm90bxIMdGlsZWNoYWluLnYxIlEKCkNoYWluU3RhZ2USDAoEbmFtZRgBIAEoCRIMCgR0eXBlGAIgASgJEicKBnBhcmFtcxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiMQoFQ2hhaW4SKAoGc3RhZ2VzGAEgAygLMhgudGlsZWNoYWluLnYxLkNoYWluU3RhZ2UiRQoKQXR0YWNobWVudBINCgVzdGFnZRgBIAEoCRIMCgRyb2xlGAIgASgJEgwKBGRhdGEYAyABKAwSDAoEc2l6ZRgEIAEoBCJMCg9BdHRhY2htZW50Q2h1bmsSDQoFc3RhZ2UYASABKAkSDAoEcm9sZRgCIAEoCRIOCgZvZmZzZXQYAyABKAQSDAoEZGF0YRgEIAEoDCILCglVcGxvYWRFbmQinAEKC0NoYWluVXBsb2FkEi0KB3JlcXVlc3QYASABKAsyGi50aWxlY2hhaW4udjEuQ2hhaW5SZXF1ZXN0SAASLgoFY2h1bmsYAiABKAsyHS50aWxlY2hhaW4udjEuQXR0YWNobWVudENodW5rSAASJgoDZW5kGAMgASgLMhcudGlsZWNoYWluLnYxLlVwbG9hZEVuZEgAQgYKBGtpbmQi3AEKDENoYWluUmVxdWVzdBIiCgVjaGFpbhgBIAEoCzITLnRpbGVjaGFpbi52MS5DaGFpbhISCgpjaGFpbl9qc29uGAIgASgJEi0KC2F0dGFjaG1lbnRzGAMgAygLMhgudGlsZWNoYWluLnYxLkF0dGFjaG1lbnQSLgoMcmV0dXJuX3RpbGVzGAQgASgOMhgudGlsZWNoYWluLnYxLlRpbGVSZXR1cm4SFgoOdHJhbnNwb3J0X3RpbGUYBSABKA0SHQoVZGVjb2RlX2JldHdlZW5fc3RhZ2VzGAYgASgIIhgKBkpvYlJlZhIOCgZqb2JfaWQYASABKAkitwEKCUpvYlN0YXR1cxIOCgZqb2JfaWQYASABKAkSJQoFc3RhdGUYAiABKA4yFi50aWxlY2hhaW4udjEuSm9iU3RhdGUSDAoEY29kZRgDIAEoBRIPCgdtZXNzYWdlGAQgASgJEikKCWFydGlmYWN0cxgFIAMoCzIWLnRpbGVjaGFpbi52MS5BcnRpZmFjdBIUCgxzdGFnZXNfdG90YWwYBiABKA0SEwoLc3RhZ2VzX2RvbmUYByABKA0i1AEKClN0YWdlRXZlbnQSKwoEa2luZBgBIAEoDjIdLnRpbGVjaGFpbi52MS5TdGFnZUV2ZW50LktpbmQSEwoLc3RhZ2VfaW5kZXgYAiABKA0SDAoEbmFtZRgDIAEoCRIMCgR0eXBlGAQgASgJEiUKB291dHB1dHMYBSADKAsyFC50aWxlY2hhaW4udjEuQ2FudmFzIkEKBEtpbmQSFAoQS0lORF9VTlNQRUNJRklFRBAAEhAKDEtJTkRfU1RBUlRFRBABEhEKDUtJTkRfRklOSVNIRUQQAiJcCg1TdGFnZVByb2dyZXNzEhMKC3N0YWdlX2luZGV4GAEgASgNEgwKBG5hbWUYAiABKAkSKAoIcHJvZ3Jlc3MYAyABKAsyFi50aWxlY2hhaW4udjEuUHJvZ3Jlc3MidgoJVGlsZUV2ZW50EhMKC3N0YWdlX2luZGV4GAEgASgNEgwKBG5hbWUYAiABKAkSJAoGY2FudmFzGAMgASgLMhQudGlsZWNoYWluLnYxLkNhbnZhcxIgCgR0aWxlGAQgASgLMhIudGlsZWNoYWluLnYxLlRpbGUiQQoLTm90aWNlRXZlbnQSEwoLc3RhZ2VfaW5kZXgYASABKA0SDAoEbmFtZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJIqsCCghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSKQoFc3RhZ2UYAiABKAsyGC50aWxlY2hhaW4udjEuU3RhZ2VFdmVudEgAEi8KCHByb2dyZXNzGAMgASgLMhsudGlsZWNoYWluLnYxLlN0YWdlUHJvZ3Jlc3NIABInCgR0aWxlGAQgASgLMhcudGlsZWNoYWluLnYxLlRpbGVFdmVudEgAEioKCGFydGlmYWN0GAUgASgLMhYudGlsZWNoYWluLnYxLkFydGlmYWN0SAASKwoGbm90aWNlGAYgASgLMhkudGlsZWNoYWluLnYxLk5vdGljZUV2ZW50SAASKQoGc3RhdHVzGAcgASgLMhcudGlsZWNoYWluLnYxLkpvYlN0YXR1c0gAQgYKBGtpbmQiEwoRTGlzdFN0YWdlc1JlcXVlc3QicwoSTGlzdFN0YWdlc1Jlc3BvbnNlEiwKCGNhdGFsb2dzGAEgAygLMhoudGlsZWNoYWluLnYxLlN0YWdlQ2F0YWxvZxIvCg1mYW1pbGllc19kb3duGAIgAygLMhgudGlsZWNoYWluLnYxLkZhbWlseURvd24iPAoKRmFtaWx5RG93bhIOCgZmYW1pbHkYASABKAkSDwoHYWRkcmVzcxgCIAEoCRINCgVlcnJvchgDIAEoCSpOCgpUaWxlUmV0dXJuEhQKEFRJTEVfUkVUVVJOX05PTkUQABIVChFUSUxFX1JFVFVSTl9GSU5BTBABEhMKD1RJTEVfUkVUVVJOX0FMTBACKpoBCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESFQoRSk9CX1NUQVRFX1JVTk5JTkcQAhIXChNKT0JfU1RBVEVfU1VDQ0VFREVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBTLWAwoHR2F0ZXdheRJACghSdW5DaGFpbhIaLnRpbGVjaGFpbi52MS5DaGFpblJlcXVlc3QaFi50aWxlY2hhaW4udjEuSm9iRXZlbnQwARI/CgtTdWJtaXRDaGFpbhIaLnRpbGVjaGFpbi52MS5DaGFpblJlcXVlc3QaFC50aWxlY2hhaW4udjEuSm9iUmVmEkYKEVN1Ym1pdENoYWluU3RyZWFtEhkudGlsZWNoYWluLnYxLkNoYWluVXBsb2FkGhQudGlsZWNoYWluLnYxLkpvYlJlZigBEjcKBkdldEpvYhIULnRpbGVjaGFpbi52MS5Kb2JSZWYaFy50aWxlY2hhaW4udjEuSm9iU3RhdHVzEjoKCFdhdGNoSm9iEhQudGlsZWNoYWluLnYxLkpvYlJlZhoWLnRpbGVjaGFpbi52MS5Kb2JFdmVudDABEjoKCUNhbmNlbEpvYhIULnRpbGVjaGFpbi52MS5Kb2JSZWYaFy50aWxlY2hhaW4udjEuSm9iU3RhdHVzEk8KCkxpc3RTdGFnZXMSHy50aWxlY2hhaW4udjEuTGlzdFN0YWdlc1JlcXVlc3QaIC50aWxlY2hhaW4udjEuTGlzdFN0YWdlc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_tilechain_v1_stage, file_tilechain_v1_tiles]);
 
 /**
  * @generated from message tilechain.v1.ChainStage
@@ -79,6 +79,11 @@ export type Attachment = Message<"tilechain.v1.Attachment"> & {
    * @generated from field: bytes data = 3;
    */
   data: Uint8Array;
+
+  /**
+   * @generated from field: uint64 size = 4;
+   */
+  size: bigint;
 };
 
 /**
@@ -87,6 +92,86 @@ export type Attachment = Message<"tilechain.v1.Attachment"> & {
  */
 export const AttachmentSchema: GenMessage<Attachment> = /*@__PURE__*/
   messageDesc(file_tilechain_v1_gateway, 2);
+
+/**
+ * @generated from message tilechain.v1.AttachmentChunk
+ */
+export type AttachmentChunk = Message<"tilechain.v1.AttachmentChunk"> & {
+  /**
+   * @generated from field: string stage = 1;
+   */
+  stage: string;
+
+  /**
+   * @generated from field: string role = 2;
+   */
+  role: string;
+
+  /**
+   * @generated from field: uint64 offset = 3;
+   */
+  offset: bigint;
+
+  /**
+   * @generated from field: bytes data = 4;
+   */
+  data: Uint8Array;
+};
+
+/**
+ * Describes the message tilechain.v1.AttachmentChunk.
+ * Use `create(AttachmentChunkSchema)` to create a new message.
+ */
+export const AttachmentChunkSchema: GenMessage<AttachmentChunk> = /*@__PURE__*/
+  messageDesc(file_tilechain_v1_gateway, 3);
+
+/**
+ * @generated from message tilechain.v1.UploadEnd
+ */
+export type UploadEnd = Message<"tilechain.v1.UploadEnd"> & {
+};
+
+/**
+ * Describes the message tilechain.v1.UploadEnd.
+ * Use `create(UploadEndSchema)` to create a new message.
+ */
+export const UploadEndSchema: GenMessage<UploadEnd> = /*@__PURE__*/
+  messageDesc(file_tilechain_v1_gateway, 4);
+
+/**
+ * @generated from message tilechain.v1.ChainUpload
+ */
+export type ChainUpload = Message<"tilechain.v1.ChainUpload"> & {
+  /**
+   * @generated from oneof tilechain.v1.ChainUpload.kind
+   */
+  kind: {
+    /**
+     * @generated from field: tilechain.v1.ChainRequest request = 1;
+     */
+    value: ChainRequest;
+    case: "request";
+  } | {
+    /**
+     * @generated from field: tilechain.v1.AttachmentChunk chunk = 2;
+     */
+    value: AttachmentChunk;
+    case: "chunk";
+  } | {
+    /**
+     * @generated from field: tilechain.v1.UploadEnd end = 3;
+     */
+    value: UploadEnd;
+    case: "end";
+  } | { case: undefined; value?: undefined };
+};
+
+/**
+ * Describes the message tilechain.v1.ChainUpload.
+ * Use `create(ChainUploadSchema)` to create a new message.
+ */
+export const ChainUploadSchema: GenMessage<ChainUpload> = /*@__PURE__*/
+  messageDesc(file_tilechain_v1_gateway, 5);
 
 /**
  * @generated from message tilechain.v1.ChainRequest
@@ -128,7 +213,7 @@ export type ChainRequest = Message<"tilechain.v1.ChainRequest"> & {
  * Use `create(ChainRequestSchema)` to create a new message.
  */
 export const ChainRequestSchema: GenMessage<ChainRequest> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 3);
+  messageDesc(file_tilechain_v1_gateway, 6);
 
 /**
  * @generated from message tilechain.v1.JobRef
@@ -145,7 +230,7 @@ export type JobRef = Message<"tilechain.v1.JobRef"> & {
  * Use `create(JobRefSchema)` to create a new message.
  */
 export const JobRefSchema: GenMessage<JobRef> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 4);
+  messageDesc(file_tilechain_v1_gateway, 7);
 
 /**
  * @generated from message tilechain.v1.JobStatus
@@ -192,7 +277,7 @@ export type JobStatus = Message<"tilechain.v1.JobStatus"> & {
  * Use `create(JobStatusSchema)` to create a new message.
  */
 export const JobStatusSchema: GenMessage<JobStatus> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 5);
+  messageDesc(file_tilechain_v1_gateway, 8);
 
 /**
  * @generated from message tilechain.v1.StageEvent
@@ -229,7 +314,7 @@ export type StageEvent = Message<"tilechain.v1.StageEvent"> & {
  * Use `create(StageEventSchema)` to create a new message.
  */
 export const StageEventSchema: GenMessage<StageEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 6);
+  messageDesc(file_tilechain_v1_gateway, 9);
 
 /**
  * @generated from enum tilechain.v1.StageEvent.Kind
@@ -255,7 +340,7 @@ export enum StageEvent_Kind {
  * Describes the enum tilechain.v1.StageEvent.Kind.
  */
 export const StageEvent_KindSchema: GenEnum<StageEvent_Kind> = /*@__PURE__*/
-  enumDesc(file_tilechain_v1_gateway, 6, 0);
+  enumDesc(file_tilechain_v1_gateway, 9, 0);
 
 /**
  * @generated from message tilechain.v1.StageProgress
@@ -282,7 +367,7 @@ export type StageProgress = Message<"tilechain.v1.StageProgress"> & {
  * Use `create(StageProgressSchema)` to create a new message.
  */
 export const StageProgressSchema: GenMessage<StageProgress> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 7);
+  messageDesc(file_tilechain_v1_gateway, 10);
 
 /**
  * @generated from message tilechain.v1.TileEvent
@@ -314,7 +399,7 @@ export type TileEvent = Message<"tilechain.v1.TileEvent"> & {
  * Use `create(TileEventSchema)` to create a new message.
  */
 export const TileEventSchema: GenMessage<TileEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 8);
+  messageDesc(file_tilechain_v1_gateway, 11);
 
 /**
  * @generated from message tilechain.v1.NoticeEvent
@@ -341,7 +426,7 @@ export type NoticeEvent = Message<"tilechain.v1.NoticeEvent"> & {
  * Use `create(NoticeEventSchema)` to create a new message.
  */
 export const NoticeEventSchema: GenMessage<NoticeEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 9);
+  messageDesc(file_tilechain_v1_gateway, 12);
 
 /**
  * @generated from message tilechain.v1.JobEvent
@@ -399,7 +484,7 @@ export type JobEvent = Message<"tilechain.v1.JobEvent"> & {
  * Use `create(JobEventSchema)` to create a new message.
  */
 export const JobEventSchema: GenMessage<JobEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 10);
+  messageDesc(file_tilechain_v1_gateway, 13);
 
 /**
  * @generated from message tilechain.v1.ListStagesRequest
@@ -412,7 +497,7 @@ export type ListStagesRequest = Message<"tilechain.v1.ListStagesRequest"> & {
  * Use `create(ListStagesRequestSchema)` to create a new message.
  */
 export const ListStagesRequestSchema: GenMessage<ListStagesRequest> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 11);
+  messageDesc(file_tilechain_v1_gateway, 14);
 
 /**
  * @generated from message tilechain.v1.ListStagesResponse
@@ -434,7 +519,7 @@ export type ListStagesResponse = Message<"tilechain.v1.ListStagesResponse"> & {
  * Use `create(ListStagesResponseSchema)` to create a new message.
  */
 export const ListStagesResponseSchema: GenMessage<ListStagesResponse> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 12);
+  messageDesc(file_tilechain_v1_gateway, 15);
 
 /**
  * @generated from message tilechain.v1.FamilyDown
@@ -461,7 +546,7 @@ export type FamilyDown = Message<"tilechain.v1.FamilyDown"> & {
  * Use `create(FamilyDownSchema)` to create a new message.
  */
 export const FamilyDownSchema: GenMessage<FamilyDown> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 13);
+  messageDesc(file_tilechain_v1_gateway, 16);
 
 /**
  * @generated from enum tilechain.v1.TileReturn
@@ -548,6 +633,14 @@ export const Gateway: GenService<{
   submitChain: {
     methodKind: "unary";
     input: typeof ChainRequestSchema;
+    output: typeof JobRefSchema;
+  },
+  /**
+   * @generated from rpc tilechain.v1.Gateway.SubmitChainStream
+   */
+  submitChainStream: {
+    methodKind: "client_streaming";
+    input: typeof ChainUploadSchema;
     output: typeof JobRefSchema;
   },
   /**

@@ -133,7 +133,7 @@ def decode_attachments(
             raise invalid(f"attachments[{number}]: there is no stage named '{attachment.stage}'")
         role = attachment.role or "image"
         if role not in ROLE_NAMES:
-            raise invalid(f"{stage.label}: attachment role {role!r} is not 'image' or 'mask'")
+            raise invalid(f"{stage.label}: attachment role {role!r} is not one of {', '.join(map(repr, ROLE_NAMES))}")
         if role not in specs[stage.type].attachments:
             raise invalid(f"{stage.label}: takes no attached {role}")
         if any(a.role == role for a in stage.attachments):
@@ -145,7 +145,7 @@ def decode_attachments(
                     f"{stage.label}: attached {role} is {width}x{height}, over the limit of "
                     f"{settings.max_pixels} pixels (TILECHAIN_MAX_PIXELS)"
                 )
-            pixels = decode_image(attachment.data, mask=role == "mask")
+            pixels = decode_image(attachment.data, mask=role == "mask")  # a control image stays RGB
         except ImageDecodeError as exc:
             raise invalid(f"{stage.label}: attached {role}: {exc}") from None
         stage.attachments.append(AttachedImage(role, pixels))

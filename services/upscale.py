@@ -3,6 +3,8 @@ diffusion upscalers, or by outpainting a border."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import numpy as np
 
@@ -58,21 +60,31 @@ class SpandrelUpscale(Stage):
     architectures: tuple[str, ...] = ()  # spandrel architecture ids this stage takes; () = any
     requires = ("torch", "spandrel")
 
-    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+    def load_model(self) -> Any:
+        """The stage's model (a spandrel descriptor here), or ParamError naming 'model'."""
         from .core.spandrel_models import load_descriptor
 
         model = load_descriptor(self.context.models, "upscalers", self.p["model"], self.p["half"], ("SR", "Restoration"), self.type)
         arch = model.architecture.id
         if self.architectures and arch not in self.architectures:
             raise ParamError("model", f"{self.p['model']!r} is a {arch} model; {self.type} takes {', '.join(self.architectures)} (upscale-spandrel takes any)")
-        self.model = model
+        return model
+
+    def minimum_tile(self) -> int:
+        return self.model.size_requirements.minimum
+
+    def tiles_internally(self) -> bool:
+        return self.model.tiling.name == "INTERNAL"
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        model = self.model = self.load_model()
         self.scale = model.scale
         self.outscale = self.p["outscale"] or float(model.scale)
-        minimum = model.size_requirements.minimum
+        minimum = self.minimum_tile()
         self.tile_in = self._auto_tile() if self.p["tile"] == "auto" else self.p["tile"]
         if self.tile_in < minimum:
             raise ParamError("tile", f"{self.tile_in} is smaller than the model's minimum of {minimum} pixels")
-        if model.tiling.name == "INTERNAL":
+        if self.tiles_internally():
             self.tile_in = 0  # the model tiles internally: give it whole canvases
         self.context_px = self.p["overlap"]
         self.overlap = round(self.p["overlap"] * self.outscale)
@@ -197,6 +209,43 @@ class UpscaleBsrgan(SpandrelUpscale):
     doc = "BSRGAN models (an RRDBNet, which spandrel loads as ESRGAN)."
     params = _model_params("esrgan-x4")
     architectures = ("ESRGAN",)
+
+
+@register
+class UpscaleNcnn(SpandrelUpscale):
+    """ncnn models (dgenerate's upscaler-ncnn): a .param graph with its .bin weights, run by ncnn
+    on the CPU, or on a Vulkan GPU when asked and present. The same tiling as the spandrel
+    upscalers (tile, overlap as context, outscale)."""
+
+    type = "upscale-ncnn"
+    doc = (
+        "ncnn upscaling models (.param and .bin: Real-ESRGAN, realesr-animevideov3, upscayl's), run by "
+        "ncnn on the CPU or, with vulkan, on a Vulkan GPU; tiled like the spandrel upscalers."
+    )
+    params = (
+        *(p for p in _model_params("realesr-animevideov3-x4-ncnn") if p.name != "half"),
+        Param("vulkan", bool, False, "Run on a Vulkan GPU where ncnn finds one (else the CPU). Off by default: "
+              "ncnn's Vulkan allocator and torch's CUDA one should not share a GPU (docs/models.md)."),
+    )
+    requires = ("ncnn",)
+
+    def load_model(self) -> Any:
+        from .core.ncnn_models import load_ncnn
+
+        return load_ncnn(self.context.models, self.p["model"], self.p["vulkan"])
+
+    def minimum_tile(self) -> int:
+        return 1
+
+    def tiles_internally(self) -> bool:
+        return False
+
+    def _auto_tile(self) -> int:
+        return 512
+
+    def _upscale(self, pixels: np.ndarray) -> np.ndarray:
+        self.context.check_cancelled()
+        return self.model(pixels)
 
 
 # --- diffusion upscalers and outpainting -----------------------------------------------------

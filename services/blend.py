@@ -8,6 +8,7 @@ import numpy as np
 from tilechain.v1 import tiles_pb2
 
 from .core.codecs import channels, match_channels
+from .core.controlnet import control_params
 from .core.diffusion import DiffusionStage, count_param, mask_blur_param, prompt_params, sampling_params, strength_param, tile_params
 from .core.params import Param, ParamError
 from .core.stage import IMAGE, OutputPlan, Stage, TileWork, register
@@ -72,7 +73,7 @@ class _DiffusionBlend(DiffusionStage):
     """Image-to-image diffusion over the chain's images (or one attached image), in tiles."""
 
     family = "blend"
-    attachments = ("image",)
+    attachments = ("image", "control")
 
     def images(self, inputs: list[tiles_pb2.Canvas]) -> list[tiles_pb2.Canvas]:
         images = self.chain_images(inputs) or [c for c in inputs if c.attached and c.role == IMAGE]
@@ -84,7 +85,7 @@ class _DiffusionBlend(DiffusionStage):
         self.check_model()
         if int(self.p["steps"] * self.p["strength"]) < 1:
             raise ParamError("strength", f"{self.p['strength']} x {self.p['steps']} steps runs no step; raise strength or steps")
-        return self.variant_outputs(self.images(inputs))
+        return self.with_control(self.variant_outputs(self.images(inputs)), inputs)
 
 
 @register
@@ -96,10 +97,57 @@ class BlendImg2Img(_DiffusionBlend):
     )
     task = "img2img"
     makes_latents = takes_latents = True
-    params = (*prompt_params("sd15"), strength_param(0.5), count_param(), *sampling_params(), *tile_params(64))
+    params = (*prompt_params("sd15"), strength_param(0.5), count_param(), *sampling_params(), *control_params(), *tile_params(64))
 
     def tile_call(self, work: TileWork) -> dict:
-        return self.prompt_call() | {"strength": self.p["strength"]}
+        return self.prompt_call() | {"strength": self.p["strength"]} | self.control_call(work)
+
+
+@register
+class BlendControlNet(BlendImg2Img):
+    """onnx-web's blend-controlnet: the input image conditions a ControlNet (through its
+    preprocessor), and the prompt is drawn anew along it; strength 1 by default, as onnx-web's
+    ControlNet pipeline ignores its strength."""
+
+    type = "blend-controlnet"
+    doc = (
+        "Redraw each image from a prompt, guided by ControlNets whose control image is made from it "
+        "(or attached): onnx-web's blend-controlnet. Tiled like blend-img2img."
+    )
+    params = (
+        *prompt_params("sd15"), strength_param(1.0), count_param(), *sampling_params(),
+        *control_params({"canny": 1.0}), *tile_params(64),
+    )
+
+    def check_model(self) -> None:
+        if not self.p["control"]:
+            raise ParamError("control", "blend-controlnet needs at least one ControlNet, e.g. {\"canny\": 1.0}")
+        super().check_model()
+
+
+@register
+class BlendPix2Pix(_DiffusionBlend):
+    type = "blend-pix2pix"
+    doc = (
+        "Edit each image by an instruction with InstructPix2Pix (the prompt says what to change, e.g. "
+        "'make it snow'); tiled like blend-img2img."
+    )
+    task = "pix2pix"
+    params = (
+        *prompt_params("sd15-pix2pix", steps=20, cfg=7.5),
+        Param("image_guidance", float, 1.5, "How closely the result keeps to the input image (InstructPix2Pix's image "
+              "guidance scale; 1 turns it off).", min=0.0, max=20.0),
+        *(p for p in sampling_params() if p.name != "clip_skip"),  # its pipeline takes no clip_skip
+        *tile_params(64),
+    )
+    attachments = ("image",)
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.check_model()
+        return self.variant_outputs(self.images(inputs))
+
+    def tile_call(self, work: TileWork) -> dict:
+        return self.prompt_call() | {"image_guidance_scale": self.p["image_guidance"]}
 
 
 @register
@@ -111,8 +159,11 @@ class BlendInpaint(_DiffusionBlend):
         "Tiles without any mask pass through untouched."
     )
     task = "inpaint"
-    attachments = ("image", "mask")
-    params = (*prompt_params("sd15-inpaint"), strength_param(1.0), mask_blur_param(), count_param(), *sampling_params(), *tile_params(64))
+    attachments = ("image", "mask", "control")
+    params = (
+        *prompt_params("sd15-inpaint"), strength_param(1.0), mask_blur_param(), count_param(), *sampling_params(),
+        *control_params(), *tile_params(64),
+    )
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
         outputs = super().plan(inputs)
@@ -126,4 +177,5 @@ class BlendInpaint(_DiffusionBlend):
         pixels, mask = work.pixels()[:, :, :3], work.pixels("mask")[:, :, 0]  # pixels: blend-inpaint takes no latents
         if not mask.any():
             return pixels.copy()
-        return self.variant(work, lambda: self.inpaint(work.window, pixels, mask, self.prompt_call() | {"strength": self.p["strength"]}))
+        call = self.prompt_call() | {"strength": self.p["strength"]} | self.control_call(work)
+        return self.variant(work, lambda: self.inpaint(work.window, pixels, mask, call))

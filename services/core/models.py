@@ -1,5 +1,6 @@
 """The model registry shared by every service: models.yaml names the models (upscalers, face
-restorers, face detectors, diffusion bases, LoRAs), each a local path or a hub id; loaded
+restorers, face detectors, diffusion bases, LoRAs, ControlNets and their preprocessors, safety
+checkers, prompt models), each a local path or a hub id; loaded
 models are cached per (model, device, dtype) and evicted least-recently-used.
 
 Nothing here downloads anything: a hub id is passed to the loader, which is expected to run
@@ -18,7 +19,7 @@ import yaml
 
 from .params import ParamError
 
-KINDS = ("upscalers", "faces", "detectors", "base", "loras")
+KINDS = ("upscalers", "faces", "detectors", "base", "loras", "controlnets", "preprocessors", "safety", "prompts")
 
 
 @dataclass(frozen=True)

@@ -116,6 +116,7 @@ class SourceTxt2Img(DiffusionStage):
     size_params = ("width", "height")
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.adopt_chain_prompt(inputs)
         self.check_model()
         for side in ("width", "height"):
             if self.p[side] % 8:

@@ -685,6 +685,7 @@ class DiffusionStage(Stage):
             raise ParamError("overlap", f"{self.p['overlap']} must be smaller than the tile ({self.tile_in})")
 
     def plan(self, inputs: list[Any]) -> list[Any]:
+        self.adopt_chain_prompt(inputs)
         self.check_model()
         return super().plan(inputs)
 

@@ -198,6 +198,23 @@ class Stage:
         return dict_to_struct(data)
 
     @staticmethod
+    def carried(inputs: list[Canvas], key: str) -> str:
+        """A top-level provenance value the chain's canvases carry ("prompt", written by
+        text-prompt or edit-metadata), "" if none does."""
+        for canvas in inputs:
+            value = canvas.provenance.fields.get(key)
+            if value is not None and value.string_value:
+                return value.string_value
+        return ""
+
+    def adopt_chain_prompt(self, inputs: list[Canvas]) -> None:
+        """An empty prompt (or negative prompt) param takes the one the chain's images carry, as
+        onnx-web's stages read the job's prompt; the provenance then records the prompt used."""
+        for key in ("prompt", "negative_prompt"):
+            if key in self.p and not self.p[key]:
+                self.p[key] = self.carried(inputs, key)
+
+    @staticmethod
     def chain_images(inputs: list[Canvas]) -> list[Canvas]:
         return [c for c in inputs if c.role == IMAGE and not c.attached]
 

@@ -223,7 +223,8 @@ class BlendGrid(Stage):
         order = self.p["order"] or list(range(len(images)))
         for value in order:
             if not (isinstance(value, (int, float)) and float(value).is_integer() and 0 <= value < len(images)):
-                raise ParamError("order", f"{value!r} is not an image index (0..{len(images) - 1})")
+                shown = int(value) if isinstance(value, float) and value.is_integer() else repr(value)
+                raise ParamError("order", f"{shown} is not an image index (0..{len(images) - 1})")
         self.order = [int(v) for v in order]
         first = images[0]
         for image in images[1:]:

@@ -523,9 +523,9 @@ def lora_metadata(model) -> dict[str, Any]:
 
 def controlnet(unet: Callable[[], Any], seed: int):
     """A ControlNet made as the real ones start their training: `ControlNetModel.from_unet`
-    copies the UNet's encoder; its zero convolutions (the outputs into the UNet) start at zero,
-    which would make it a no-op, so here they are random (seeded per ControlNet), as the LoRA's
-    B matrices are."""
+    copies the UNet's encoder; its zero convolutions (the control image's way in, and the
+    outputs into the UNet) start at zero, which would make it ignore its control image, so here
+    they are random (seeded per ControlNet), as the LoRA's B matrices are."""
     from diffusers import ControlNetModel
 
     def make():
@@ -534,6 +534,12 @@ def controlnet(unet: Callable[[], Any], seed: int):
         with torch.no_grad():
             for block in (*net.controlnet_down_blocks, net.controlnet_mid_block):
                 block.weight.copy_(torch.randn_like(block.weight) * 0.1)
+            # the control image's encoder: He-initialised without biases, so that what comes out
+            # depends on the image (default init and biases make it nearly constant)
+            for conv in net.controlnet_cond_embedding.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(conv.weight)
+                    torch.nn.init.zeros_(conv.bias)
         return net
     return seeded(make)
 

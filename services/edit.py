@@ -13,7 +13,7 @@ from tilechain.v1 import tiles_pb2
 
 from .core.codecs import match_channels
 from .core.drawing import TextLayer, colour, load_font, render_text
-from .core.models import ModelCache
+from .core.models import ModelCache, hub_offline
 from .core.params import Param, ParamError, dict_to_struct, struct_to_dict
 from .core.stage import RGB8, RGBA8, OutputPlan, Stage, StageError, TileWork, register
 
@@ -109,15 +109,13 @@ SAFETY_MODELS = ModelCache(max_models=2)
 def load_checker(entry: Any) -> tuple[Any, Any]:
     """diffusers' StableDiffusionSafetyChecker and its CLIP image processor from one folder (or a
     hub id, when downloads are allowed), on the service's device."""
-    import os
-
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPImageProcessor
 
     from .core.torch_runtime import device
 
     source = str(entry.path) if entry.path is not None else entry.hub
-    offline = os.environ.get("TILECHAIN_ALLOW_DOWNLOADS", "") != "1"
+    offline = hub_offline()
 
     def load() -> tuple[Any, Any]:
         import transformers

@@ -18,7 +18,7 @@ import numpy as np
 from tilechain.v1 import tiles_pb2
 
 from .core.drawing import load_font, render_text
-from .core.models import ModelEntry
+from .core.models import ModelEntry, hub_offline
 from .core.params import Param, ParamError, dict_to_struct, struct_to_dict
 from .core.stage import IMAGE, RGB8, OutputPlan, Stage, TileWork, register
 
@@ -30,11 +30,10 @@ def extend_prompt(entry: ModelEntry, prompt: str, min_length: int) -> str:
     """The prompt continued by a text-generation model (onnx-web: MagicPrompt) until it has
     min_length characters; greedy, so the same prompt always gives the same result (the gateway
     plans with it, the service runs with it)."""
-    import os
-
     source = str(entry.path) if entry.path is not None else entry.hub
+    hub_offline()
     try:
-        generate = _text_pipeline(source, os.environ.get("TILECHAIN_ALLOW_DOWNLOADS", "") != "1")
+        generate = _text_pipeline(source)
     except Exception as exc:
         raise ParamError("model", f"{entry.name!r} ({entry.source}) does not load as a text-generation model: {type(exc).__name__}: {exc}") from None
     text = prompt
@@ -43,7 +42,8 @@ def extend_prompt(entry: ModelEntry, prompt: str, min_length: int) -> str:
             break
         tokens = max(8, (min_length - len(text)) // 2)
         result = generate(text, max_new_tokens=tokens, do_sample=False, num_return_sequences=1)
-        longer = str(result[0]["generated_text"]).strip()
+        # bytes that do not decode (a model's half-finished characters) and control characters go
+        longer = "".join(c for c in str(result[0]["generated_text"]) if c.isprintable() and c != "\ufffd").strip()
         if len(longer) <= len(text):
             break
         text = longer
@@ -51,13 +51,12 @@ def extend_prompt(entry: ModelEntry, prompt: str, min_length: int) -> str:
 
 
 @functools.lru_cache(maxsize=2)
-def _text_pipeline(source: str, offline: bool) -> Any:
+def _text_pipeline(source: str) -> Any:
     import transformers
-    from transformers import pipeline
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    return pipeline("text-generation", model=source, device="cpu", model_kwargs={"local_files_only": offline})
+    return transformers.pipeline("text-generation", model=source, device="cpu")
 
 
 @register

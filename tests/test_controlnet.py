@@ -64,6 +64,20 @@ def test_txt2img_makes_its_control_image_from_the_chain_image(gateway) -> None:
     assert np.abs(image_of(made, "gen").astype(int) - image_of(attached, "gen")).max() <= 1
 
 
+def test_a_preprocessor_model_makes_the_control_image(gateway) -> None:
+    """preprocessor: depth runs models.yaml's depth estimator (a tiny random DPT) on the image."""
+    from tilechain.services.core.preprocessor_models import run_preprocessor
+
+    from .test_upscale_models import REGISTRY
+
+    picture = smooth_image(64, 64)
+    _, made = run_chain(gateway, [photo(), txt2img(control={"canny": 1.0}, preprocessor="depth")], [("photo", "image", png(picture))])
+    depth = run_preprocessor(REGISTRY.resolve("preprocessors", "depth"), picture)
+    assert depth.std() > 1  # a map, not a constant
+    _, attached = run_chain(gateway, [txt2img(control={"canny": 1.0})], [("gen", "control", png(depth))])
+    assert np.abs(image_of(made, "gen").astype(int) - image_of(attached, "gen")).max() <= 1
+
+
 def _resized(picture: np.ndarray, size: int) -> np.ndarray:
     from tilechain.services.core.resample import resize
 
@@ -130,7 +144,7 @@ CONTROL_BAD = {
     "weight out of range": ({"control": {"canny": 3}}, [], ["param 'control'", "from 0 to 2"]),
     "no control image": ({"control": {"canny": 1.0}}, [], ["param 'control'", "needs a control image"]),
     "control image without a controlnet": ({}, ["control"], ["param 'control'", "no ControlNet: set control"]),
-    "unknown preprocessor": ({"control": {"canny": 1.0}, "preprocessor": "depth"}, ["control"], ["param 'preprocessor'", "unknown preprocessor 'depth'", "soft-edge"]),
+    "unknown preprocessor": ({"control": {"canny": 1.0}, "preprocessor": "normals"}, ["control"], ["param 'preprocessor'", "unknown preprocessor 'normals'", "soft-edge, none, depth"]),
     "model without controlnet pipelines": ({"model": "kandinsky22", "control": {"canny": 1.0}}, ["control"], ["param 'control'", "runs on sd1, sd2 and sdxl"]),
 }
 

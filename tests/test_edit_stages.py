@@ -178,6 +178,23 @@ def test_text_prompt_hands_its_prompt_to_the_diffusion_stage(gateway, output_roo
     assert started[0].outputs[0].width == 512  # no image before it: the prompt card carries it
 
 
+def test_a_prompt_model_extends_the_prompt(gateway) -> None:
+    """The tiny random GPT-2 of models.yaml's prompts: greedy, so the same prompt always gives
+    the same extension (the gateway plans with it and the service runs with it)."""
+    prompt = {"name": "prompt", "type": "text-prompt", "params": {"prompt": "a lighthouse", "model": "magic-prompt", "min_length": 40}}
+
+    def used() -> str:
+        events = run_events(gateway, chain_request({"stages": [prompt, txt2img(prompt="")]}))
+        assert events[-1].status.state == gateway_pb2.JOB_STATE_SUCCEEDED
+        [gen] = [e.stage for e in events if e.WhichOneof("kind") == "stage" and e.stage.name == "gen" and e.stage.outputs]
+        from tilechain.services.core.params import struct_to_dict
+
+        return struct_to_dict(gen.outputs[0].provenance)["stages"][0]["params"]["prompt"]
+    first = used()
+    assert first.startswith("a lighthouse") and len(first) >= 40
+    assert used() == first
+
+
 def test_bad_text_prompt(gateway) -> None:
     for params, fragments in [
         ({"remove_tokens": "(unclosed"}, ["param 'remove_tokens'", "not a regular expression"]),

@@ -2,8 +2,8 @@
 real diffusers architectures (SD 1.5, its inpainting UNet, SDXL base and refiner, the x4 and the
 latent x2 upscalers, Kandinsky 2.2 and its inpainting decoder, InstructPix2Pix) with small random
 weights, saved with `save_pretrained` as local pipeline folders, plus a LoRA for tiny-sd15,
-ControlNets for tiny-sd15 and tiny-sdxl, the SD safety checker, and a CLIP tokenizer written
-here (no download). They prove the loading, tiling and chaining paths offline, in CI, on
+ControlNets for tiny-sd15 and tiny-sdxl, a DPT depth estimator (a ControlNet preprocessor), the SD
+safety checker, a GPT-2 for text-prompt, and the tokenizers, written here (no download). They prove the loading, tiling and chaining paths offline, in CI, on
 a CPU; they draw noise, not pictures.
 
 Sizes follow the real models' structure, shrunk (sizes from diffusers' own test components):
@@ -601,6 +601,38 @@ def safety_checker(folder: Path) -> None:
     kandinsky22_image_processor().save_pretrained(folder)  # OpenAI's CLIP preprocessing, as the real one
 
 
+def depth_estimator(folder: Path) -> None:
+    """A DPT depth estimator (Intel/dpt-hybrid-midas's kind, as transformers' depth-estimation
+    pipeline loads it) with a tiny random ViT, and its image processor: the model preprocessor
+    for depth ControlNets."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=64, patch_size=16,
+        neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3], reassemble_factors=[4, 2, 1, 0.5],
+    )
+    quiet()
+    seeded(lambda: DPTForDepthEstimation(config)).save_pretrained(folder, safe_serialization=True)
+    DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(folder)
+
+
+def prompt_model(folder: Path) -> None:
+    """A text-generation model for text-prompt (onnx-web uses MagicPrompt, a GPT-2): GPT-2's
+    architecture, tiny and random, with a byte-level GPT-2 tokenizer of the 256 byte symbols
+    and no merges (written here, as the CLIP one is). It continues a prompt with random bytes."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {symbol: i for i, symbol in enumerate(byte_encoder().values())}
+    vocab[EOS] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    quiet()
+    GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token=EOS, bos_token=EOS, eos_token=EOS).save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(vocab), n_positions=512, n_embd=32, n_layer=2, n_head=2, bos_token_id=vocab[EOS], eos_token_id=vocab[EOS])
+    seeded(lambda: GPT2LMHeadModel(config)).save_pretrained(folder, safe_serialization=True)
+
+
 # relative path under the models root -> a writer of that path (a pipeline folder or a file)
 MODELS: dict[str, Callable[[Path], None]] = {
     "diffusion/tiny-sd15": save_pipeline(sd15),
@@ -617,4 +649,6 @@ MODELS: dict[str, Callable[[Path], None]] = {
     "controlnets/tiny-sdxl-canny": save_model(lambda: controlnet(lambda: sdxl_unet(refiner=False), seed=3)),
     "diffusion/tiny-sd15-pix2pix": save_pipeline(sd15_pix2pix),
     "safety/tiny-safety-checker": safety_checker,
+    "preprocessors/tiny-dpt": depth_estimator,
+    "prompts/tiny-gpt2": prompt_model,
 }

@@ -10,13 +10,12 @@ image's size), so a big canvas is conditioned everywhere at full resolution."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .models import ModelEntry, ModelRegistry
+from .models import ModelEntry, ModelRegistry, hub_offline
 from .params import Param, ParamError
 
 # family -> task -> diffusers ControlNet pipeline class
@@ -194,9 +193,8 @@ def load_controlnet(spec: ControlSpec, dtype: Any, device: Any) -> Any:
         if entry.path is not None and entry.path.is_file():
             net = diffusers.ControlNetModel.from_single_file(str(entry.path), dtype=dtype)
         else:
-            offline = os.environ.get("TILECHAIN_ALLOW_DOWNLOADS", "") != "1"
             source = str(entry.path) if entry.path is not None else entry.hub
-            net = diffusers.ControlNetModel.from_pretrained(source, dtype=dtype, local_files_only=offline)
+            net = diffusers.ControlNetModel.from_pretrained(source, dtype=dtype, local_files_only=hub_offline())
     except Exception as exc:
         raise ParamError("control", f"{spec.name!r} ({entry.source}) does not load as a ControlNet: {type(exc).__name__}: {exc}") from None
     return net.to(device).eval()

@@ -73,6 +73,15 @@ class ModelRegistry:
         return ModelEntry(value, kind, resolved)
 
 
+def hub_offline() -> bool:
+    """Whether the hub must stay offline (it does unless TILECHAIN_ALLOW_DOWNLOADS=1); sets
+    HF_HUB_OFFLINE for the libraries that read it, before a loader runs."""
+    offline = os.environ.get("TILECHAIN_ALLOW_DOWNLOADS", "") != "1"
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return offline
+
+
 class ModelCache:
     """Loaded models by key, least-recently-used first out. A model is loaded once even when
     several requests ask for it at the same time."""

@@ -24,8 +24,8 @@ from .conftest import ROOT, free_port
 
 SLIM_PYTHON = ROOT / "var" / "venv-slim" / "bin" / "python"
 MODEL_MODULES = ("torch", "torchvision", "diffusers", "transformers", "spandrel", "cv2")
-# the families a model-free chain needs; blend and correct stay down
-COMPONENTS = ("source", "upscale", "reduce", "persist", "gateway")
+# the families a model-free chain needs, and the edit and text families; blend and correct stay down
+COMPONENTS = ("source", "upscale", "reduce", "persist", "edit", "text", "gateway")
 
 
 def slim(code: str) -> str:
@@ -86,6 +86,13 @@ def test_model_stages_are_listed_unavailable(slim_stack: tuple[Stack, Path]) -> 
     assert specs["source-image"].unavailable == ""
     reason = specs["source-txt2img"].unavailable
     assert "torch" in reason and "diffusers" in reason and "tilechain[models]" in reason
+    # the edit and text families: drawing, metadata and prompt transforms serve slim, the safety checker not
+    for family, available, unavailable in (("edit", ("edit-text", "edit-metadata"), ("edit-safety",)), ("text", ("text-prompt",), ())):
+        with grpc.insecure_channel(stack.addresses[family]) as channel:
+            catalog = stage_pb2_grpc.StageStub(channel).Describe(stage_pb2.DescribeRequest(), timeout=10)
+        specs = {s.type: s for s in catalog.stages}
+        assert all(specs[t].unavailable == "" for t in available), family
+        assert all("torch" in specs[t].unavailable for t in unavailable), family
 
 
 def test_model_stage_is_refused_by_name(slim_stack: tuple[Stack, Path]) -> None:

@@ -127,7 +127,7 @@ def check_controls(registry: ModelRegistry | None, control: dict[str, Any], fami
         except ParamError as exc:
             raise ParamError("control", exc.message) from None
         own = str(entry.options.get("family", family))
-        if own != family and not {own, family} <= {"sd1", "sd2"}:
+        if own != family:  # SD 2's text encoder is wider than SD 1's: their ControlNets differ too
             raise ParamError("control", f"{name!r} is a ControlNet for {own} models, not for {model_name!r} ({family})")
         own_preprocessor = str(entry.options.get("preprocessor", "none"))
         try:

@@ -1,4 +1,4 @@
-"""Starting and stopping the local stack: the six stage services, the gateway and Envoy in front
+"""Starting and stopping the local stack: the stage services (one per family), the gateway and Envoy in front
 of it, each its own process, on loopback. Used by `make up`/`make down` (via the CLI) and by the tests."""
 
 from __future__ import annotations

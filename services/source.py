@@ -7,9 +7,11 @@ import secrets
 
 import numpy as np
 
+from .core.controlnet import control_call, control_images, control_params
 from .core.diffusion import DiffusionStage, count_param, generator, prompt_params, sampling_params
 from .core.params import Param, ParamError
-from .core.stage import IMAGE, RGB8, OutputPlan, Stage, TileWork, register
+from .core.resample import resize
+from .core.stage import CONTROL, IMAGE, RGB8, OutputPlan, Stage, TileWork, register
 from tilechain.v1 import tiles_pb2
 
 
@@ -95,7 +97,8 @@ class SourceTxt2Img(DiffusionStage):
         "Generate images from a prompt with a diffusion model (SD 1.x/2.x, SDXL, or any "
         "diffusers text-to-image pipeline). The whole image is one pipeline call; for images "
         "far beyond the model's native size, generate at native size and upscale, then refine "
-        "with blend-img2img, which tiles."
+        "with blend-img2img, which tiles. With control, ControlNets guide it: the control image "
+        "is attached, or made from the chain's image (resized to width x height) by the preprocessor."
     )
     task = "txt2img"
     makes_latents = True
@@ -105,23 +108,53 @@ class SourceTxt2Img(DiffusionStage):
         Param("height", int, 512, "Height in pixels, a multiple of 8.", min=64, max=4096),
         count_param("Images per request"),
         *sampling_params(),
+        *control_params(),
     )
     needs_whole_canvas = True
     max_tile = 0
+    attachments = ("control",)
     size_params = ("width", "height")
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.adopt_chain_prompt(inputs)
         self.check_model()
         for side in ("width", "height"):
             if self.p[side] % 8:
                 raise ParamError(side, f"{self.p[side]} is not a multiple of 8 (the VAE works in 8-pixel blocks)")
+        sources = self.control_source(inputs)
         self.images: np.ndarray | None = None
         outputs = []
         for index in range(self.p["count"]):
             canvas = tiles_pb2.Canvas(width=self.p["width"], height=self.p["height"], format=RGB8, role=IMAGE, index=index)
             canvas.provenance.CopyFrom(self.provenance())
-            outputs.append(OutputPlan(self.result_canvas(canvas), {}))
+            outputs.append(OutputPlan(self.result_canvas(canvas), dict(sources)))
         return outputs
+
+    def control_source(self, inputs: list[tiles_pb2.Canvas]) -> dict[str, tiles_pb2.Canvas]:
+        """The picture the control images come from: the attached control image, else the
+        chain's (first) image; a source stage reads its input only for this."""
+        attached = self.attached(inputs, CONTROL)
+        if not self.controls:
+            if attached is not None:
+                raise ParamError("control", "a control image is attached but the stage has no ControlNet: set control")
+            return {}
+        picture = attached or next(iter(self.chain_images(inputs)), None)
+        if picture is None:
+            raise ParamError("control", "needs a control image: attach one (role control) or place the stage after an image")
+        return {"control": picture}
+
+    def control_arguments(self, output: OutputPlan, sources: dict[str, np.ndarray]) -> dict:
+        if not self.controls:
+            return {}
+        from .core.codecs import to_pil
+
+        attached = output.sources["control"].attached
+        picture = sources["control"][:, :, :3]
+        if picture.shape[:2] != (self.p["height"], self.p["width"]):
+            picture = resize(picture, self.p["width"], self.p["height"], "lanczos")
+        call = control_call(self.controls, control_images(self.context.models, self.controls, picture, attached, self.p), self.p)
+        call["control_image"] = [to_pil(image) for image in call["control_image"]]
+        return call
 
     def jobs_with_steps(self, jobs: int) -> int:
         return 1  # one batched call makes every image
@@ -129,7 +162,7 @@ class SourceTxt2Img(DiffusionStage):
     def process_canvas(self, output: OutputPlan, sources: dict[str, np.ndarray]) -> np.ndarray:
         if self.images is None:  # all `count` images in one batched call, on the first output
             count, seed = self.p["count"], self.p["seed"]
-            call = self.prompt_call() | {
+            call = self.prompt_call() | self.control_arguments(output, sources) | {
                 "width": self.p["width"],
                 "height": self.p["height"],
                 "num_images_per_prompt": count,

@@ -3,6 +3,9 @@ diffusion upscalers, or by outpainting a border."""
 
 from __future__ import annotations
 
+import secrets
+from typing import Any
+
 import grpc
 import numpy as np
 
@@ -58,21 +61,31 @@ class SpandrelUpscale(Stage):
     architectures: tuple[str, ...] = ()  # spandrel architecture ids this stage takes; () = any
     requires = ("torch", "spandrel")
 
-    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+    def load_model(self) -> Any:
+        """The stage's model (a spandrel descriptor here), or ParamError naming 'model'."""
         from .core.spandrel_models import load_descriptor
 
         model = load_descriptor(self.context.models, "upscalers", self.p["model"], self.p["half"], ("SR", "Restoration"), self.type)
         arch = model.architecture.id
         if self.architectures and arch not in self.architectures:
             raise ParamError("model", f"{self.p['model']!r} is a {arch} model; {self.type} takes {', '.join(self.architectures)} (upscale-spandrel takes any)")
-        self.model = model
+        return model
+
+    def minimum_tile(self) -> int:
+        return self.model.size_requirements.minimum
+
+    def tiles_internally(self) -> bool:
+        return self.model.tiling.name == "INTERNAL"
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        model = self.model = self.load_model()
         self.scale = model.scale
         self.outscale = self.p["outscale"] or float(model.scale)
-        minimum = model.size_requirements.minimum
+        minimum = self.minimum_tile()
         self.tile_in = self._auto_tile() if self.p["tile"] == "auto" else self.p["tile"]
         if self.tile_in < minimum:
             raise ParamError("tile", f"{self.tile_in} is smaller than the model's minimum of {minimum} pixels")
-        if model.tiling.name == "INTERNAL":
+        if self.tiles_internally():
             self.tile_in = 0  # the model tiles internally: give it whole canvases
         self.context_px = self.p["overlap"]
         self.overlap = round(self.p["overlap"] * self.outscale)
@@ -199,6 +212,43 @@ class UpscaleBsrgan(SpandrelUpscale):
     architectures = ("ESRGAN",)
 
 
+@register
+class UpscaleNcnn(SpandrelUpscale):
+    """ncnn models (dgenerate's upscaler-ncnn): a .param graph with its .bin weights, run by ncnn
+    on the CPU, or on a Vulkan GPU when asked and present. The same tiling as the spandrel
+    upscalers (tile, overlap as context, outscale)."""
+
+    type = "upscale-ncnn"
+    doc = (
+        "ncnn upscaling models (.param and .bin: Real-ESRGAN, realesr-animevideov3, upscayl's), run by "
+        "ncnn on the CPU or, with vulkan, on a Vulkan GPU; tiled like the spandrel upscalers."
+    )
+    params = (
+        *(p for p in _model_params("realesr-animevideov3-x4-ncnn") if p.name != "half"),
+        Param("vulkan", bool, False, "Run on a Vulkan GPU where ncnn finds one (else the CPU). Off by default: "
+              "ncnn's Vulkan allocator and torch's CUDA one should not share a GPU (docs/models.md)."),
+    )
+    requires = ("ncnn",)
+
+    def load_model(self) -> Any:
+        from .core.ncnn_models import load_ncnn
+
+        return load_ncnn(self.context.models, self.p["model"], self.p["vulkan"])
+
+    def minimum_tile(self) -> int:
+        return 1
+
+    def tiles_internally(self) -> bool:
+        return False
+
+    def _auto_tile(self) -> int:
+        return 512
+
+    def _upscale(self, pixels: np.ndarray) -> np.ndarray:
+        self.context.check_cancelled()
+        return self.model(pixels)
+
+
 # --- diffusion upscalers and outpainting -----------------------------------------------------
 
 
@@ -242,6 +292,90 @@ class UpscaleLatent(DiffusionStage):
 
     def tile_call(self, work: TileWork) -> dict:
         return self.prompt_call()
+
+
+@register
+class UpscaleHighres(Stage):
+    """onnx-web's highres fix, composed of the stages it is made of: per iteration, enlarge by
+    `scale` (a resampling filter, as upscale-simple, or an upscaler model, as upscale-spandrel
+    with outscale = scale), then refine at the new size with blend-img2img's tiled img2img.
+    Both run through the tile engine in this process (core/compose.py), so they tile, blend and
+    seed exactly as they do in a chain; iteration i uses seed + i."""
+
+    type = "upscale-highres"
+    family = "upscale"
+    doc = (
+        "Highres fix (onnx-web's upscale-highres): enlarge each image by scale with a filter or an upscaler "
+        "model, then refine it at the new size with tiled img2img; iterations repeat both (scale ** iterations in all)."
+    )
+    params = (
+        *prompt_params("sd15", steps=20),
+        Param("scale", int, 2, "Enlargement per iteration.", min=2, max=4),
+        Param("iterations", int, 1, "Upscale-and-refine rounds; the output is scale ** iterations times larger.", min=1, max=4),
+        Param("method", str, "lanczos", "How to enlarge: a resampling filter, or 'upscale' for the upscaler model.",
+              choices=("bilinear", "bicubic", "lanczos", "upscale")),
+        Param("upscaler", str, "esrgan-x4", "The upscaler model (models.yaml upscalers) for method 'upscale'; its output "
+              "is resized to the scale (e.g. realesrgan-x4 for real weights)."),
+        strength_param(0.3),
+        *sampling_params(),
+        *tile_params(64),
+    )
+    needs_whole_canvas = True
+    max_tile = 0
+    size_params = ("scale",)
+    requires = ("torch", "diffusers", "transformers", "cv2", "spandrel")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.p["seed"] == -1:
+            self.p["seed"] = secrets.randbelow(2**32 - 8)
+
+    def upscaler(self, context: Any) -> Stage:
+        if self.p["method"] == "upscale":
+            return UpscaleSpandrel.create(self.name, {"model": self.p["upscaler"], "outscale": float(self.p["scale"])}, context)
+        return UpscaleSimple.create(self.name, {"method": self.p["method"], "scale": self.p["scale"]}, context)
+
+    def refiner(self, context: Any, iteration: int) -> Stage:
+        from .blend import BlendImg2Img
+
+        keys = ("model", "prompt", "negative_prompt", "steps", "cfg", "strength", "scheduler", "clip_skip", "eta", "loras", "tile", "overlap")
+        return BlendImg2Img.create(self.name, {k: self.p[k] for k in keys} | {"seed": self.p["seed"] + iteration}, context)
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        from .core.compose import inner_context, plan_in_memory
+
+        self.adopt_chain_prompt(inputs)
+        outputs = []
+        for image in self.chain_images(inputs):
+            canvas = tiles_pb2.Canvas(width=image.width, height=image.height, format=RGB8, role=image.role, index=image.index)
+            for iteration in range(self.p["iterations"]):  # checks every round's params and sizes now
+                context = inner_context(self.context)
+                try:
+                    [canvas] = plan_in_memory(self.upscaler(context), [canvas])
+                except ParamError as exc:
+                    raise ParamError("upscaler" if exc.param == "model" else exc.param, exc.message) from None
+                [canvas] = plan_in_memory(self.refiner(context, iteration), [canvas])
+            outputs.append(OutputPlan(self.derived(image, canvas.width, canvas.height, RGB8), {"image": image}))
+        return outputs
+
+    def process_canvas(self, output: OutputPlan, sources: dict[str, np.ndarray]) -> np.ndarray:
+        from .core.compose import Image, inner_context, run_in_memory
+
+        source = output.sources["image"]
+        image = Image(tiles_pb2.Canvas(width=source.width, height=source.height, format=RGB8, role=source.role), match_channels(sources["image"], 3))
+        rounds, report = self.p["iterations"], self.context.on_step
+
+        for iteration in range(rounds):
+            context = inner_context(self.context)
+            [image] = run_in_memory(self.upscaler(context), [image])
+            image.canvas.id = 0
+
+            def on_step(done: int, total: int, iteration: int = iteration) -> None:
+                if report is not None:  # steps over all the rounds
+                    report(iteration * total + done, rounds * total)
+            [image] = run_in_memory(self.refiner(context, iteration), [image], on_step)
+            image.canvas.id = 0
+        return image.pixels
 
 
 def parse_colour(value: str) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""Fixtures: the real stack (six services, the gateway and Envoy, each its own process) on free
+"""Fixtures: the real stack (a service per family, the gateway and Envoy, each its own process) on free
 loopback ports, with its own output root."""
 
 from __future__ import annotations

@@ -17,10 +17,14 @@ from tilechain.envoy import K8S_CONFIG, binary, k8s_config
 from tilechain.protos import ROOT
 from tilechain.services.core.config import DEFAULT_PORTS, FAMILIES, address_env, channel_target
 from tilechain.services.core.server import DRAIN_SECONDS
+from tilechain.services.core.stage import load_all
 from tilechain.stack import COMPONENTS
 
 K8S = ROOT / "k8s"
 GPU_FAMILIES = {"source", "blend", "correct", "upscale"}
+# families with stages that need the models extra run the models image (edit-safety and
+# text-prompt's models included, though edit and text need no GPU)
+MODEL_FAMILIES = {cls.family for cls in load_all().values() if cls.requires}
 NAMESPACE = "tilechain"
 DEPLOYED = (*COMPONENTS, "valkey")  # every Deployment: the stack's components and the job store
 KUSTOMIZATIONS = ["base", *sorted(str(p.parent.relative_to(K8S)) for p in (K8S / "overlays").glob("*/kustomization.yaml"))]
@@ -132,7 +136,7 @@ def test_services_run_the_tilechain_images_on_their_address(base: list[dict]) ->
     deployments = by_kind(base, "Deployment")
     for name in (*FAMILIES, "gateway"):
         c = container(deployments[name])
-        assert c["image"] == ("tilechain-models:latest" if name in GPU_FAMILIES else "tilechain-slim:latest"), name
+        assert c["image"] == ("tilechain-models:latest" if name in MODEL_FAMILIES else "tilechain-slim:latest"), name
         args = c["args"]
         assert args[: 2 if name != "gateway" else 1] == (["serve", name] if name != "gateway" else ["gateway"]), name
         assert args[args.index("--address") + 1] == f"[::]:{DEFAULT_PORTS[name]}", name

@@ -21,13 +21,14 @@ from tilechain.services.core.config import (
     family_channel_options,
     server_options,
 )
+from tilechain.services.core.config import FAMILIES
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2, stage_pb2, stage_pb2_grpc
 
 from .conftest import SLIM_PYTHON, free_port
 
 UP = ("source", "upscale", "reduce", "gateway")
-DOWN = ("blend", "correct", "persist")
+DOWN = tuple(f for f in FAMILIES if f not in UP)  # blend, correct, persist, edit, text
 NOISE_UPSCALE = [
     {"name": "noise", "type": "source-noise", "params": {"width": 64, "height": 64, "seed": 3}},
     {"name": "big", "type": "upscale-simple", "params": {"scale": 2}},

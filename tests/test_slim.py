@@ -22,8 +22,8 @@ from tilechain.v1 import gateway_pb2
 
 from .conftest import ROOT, SLIM_PYTHON, free_port
 MODEL_MODULES = ("torch", "torchvision", "diffusers", "transformers", "spandrel", "cv2")
-# the families a model-free chain needs; blend and correct stay down
-COMPONENTS = ("source", "upscale", "reduce", "persist", "gateway")
+# the families a model-free chain needs, and the edit and text families; blend and correct stay down
+COMPONENTS = ("source", "upscale", "reduce", "persist", "edit", "text", "gateway")
 
 
 def slim(code: str) -> str:
@@ -84,6 +84,13 @@ def test_model_stages_are_listed_unavailable(slim_stack: tuple[Stack, Path]) -> 
     assert specs["source-image"].unavailable == ""
     reason = specs["source-txt2img"].unavailable
     assert "torch" in reason and "diffusers" in reason and "tilechain[models]" in reason
+    # the edit and text families: drawing, metadata and prompt transforms serve slim, the safety checker not
+    for family, available, unavailable in (("edit", ("edit-text", "edit-metadata"), ("edit-safety",)), ("text", ("text-prompt",), ())):
+        with grpc.insecure_channel(stack.addresses[family]) as channel:
+            catalog = stage_pb2_grpc.StageStub(channel).Describe(stage_pb2.DescribeRequest(), timeout=10)
+        specs = {s.type: s for s in catalog.stages}
+        assert all(specs[t].unavailable == "" for t in available), family
+        assert all("torch" in specs[t].unavailable for t in unavailable), family
 
 
 def test_model_stage_is_refused_by_name(slim_stack: tuple[Stack, Path]) -> None:
@@ -99,3 +106,17 @@ def test_model_stage_is_refused_by_name(slim_stack: tuple[Stack, Path]) -> None:
     assert "torch" in info.value.details()
     # and the stack keeps serving
     test_model_free_chain_runs_without_torch(slim_stack)
+
+
+def test_prompt_model_is_refused_by_name_without_transformers(slim_stack: tuple[Stack, Path]) -> None:
+    """text-prompt runs in the slim install; only its optional `model` needs the models extra."""
+    stack, _ = slim_stack
+    chain = {"stages": [
+        {"name": "noise", "type": "source-noise", "params": {"width": 64, "height": 64}},
+        {"name": "words", "type": "text-prompt", "params": {"prompt": "a cat", "model": "magic-prompt"}},
+    ]}
+    with pytest.raises(grpc.RpcError) as info:
+        list(connect(stack.addresses["gateway"]).RunChain(chain_request(chain), timeout=30))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stage 'words' (text-prompt): param 'model'" in info.value.details()
+    assert "transformers" in info.value.details()

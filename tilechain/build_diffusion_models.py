@@ -1,8 +1,9 @@
 """The default local diffusers models `make models` builds (through tilechain.build_models): the
 real diffusers architectures (SD 1.5, its inpainting UNet, SDXL base and refiner, the x4 and the
-latent x2 upscalers, Kandinsky 2.2 and its inpainting decoder) with small random weights, saved
-with `save_pretrained` as local pipeline folders, plus a LoRA for tiny-sd15 and a CLIP tokenizer
-written here (no download). They prove the loading, tiling and chaining paths offline, in CI, on
+latent x2 upscalers, Kandinsky 2.2 and its inpainting decoder, InstructPix2Pix) with small random
+weights, saved with `save_pretrained` as local pipeline folders, plus a LoRA for tiny-sd15,
+ControlNets for tiny-sd15 and tiny-sdxl, a DPT depth estimator (a ControlNet preprocessor), the SD
+safety checker, a GPT-2 for text-prompt, and the tokenizers, written here (no download). They prove the loading, tiling and chaining paths offline, in CI, on
 a CPU; they draw noise, not pictures.
 
 Sizes follow the real models' structure, shrunk (sizes from diffusers' own test components):
@@ -517,6 +518,121 @@ def lora_metadata(model) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
 
 
+# --- ControlNets, InstructPix2Pix, the safety checker ----------------------------------------
+
+
+def controlnet(unet: Callable[[], Any], seed: int):
+    """A ControlNet made as the real ones start their training: `ControlNetModel.from_unet`
+    copies the UNet's encoder; its zero convolutions (the control image's way in, and the
+    outputs into the UNet) start at zero, which would make it ignore its control image, so here
+    they are random (seeded per ControlNet), as the LoRA's B matrices are."""
+    from diffusers import ControlNetModel
+
+    def make():
+        net = ControlNetModel.from_unet(unet(), conditioning_embedding_out_channels=(8, 16, 32, 32))
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for block in (*net.controlnet_down_blocks, net.controlnet_mid_block):
+                block.weight.copy_(torch.randn_like(block.weight) * 0.1)
+            # the control image's encoder: He-initialised without biases, so that what comes out
+            # depends on the image (default init and biases make it nearly constant)
+            for conv in net.controlnet_cond_embedding.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(conv.weight)
+                    torch.nn.init.zeros_(conv.bias)
+        return net
+    return seeded(make)
+
+
+def save_model(make: Callable[[], Any]) -> Callable[[Path], None]:
+    """A single diffusers or transformers model, saved as a folder (save_pretrained)."""
+    def write(folder: Path) -> None:
+        quiet()
+        make().save_pretrained(folder, safe_serialization=True)
+    return write
+
+
+def quiet() -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def sd15_pix2pix():
+    """InstructPix2Pix (timbrooks/instruct-pix2pix's structure): SD 1.5 with an 8-channel UNet
+    input, the noisy latents and the input image's latents."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInstructPix2PixPipeline
+
+    return StableDiffusionInstructPix2PixPipeline(
+        vae=sd15_vae(), text_encoder=text_encoder(32), tokenizer=tokenizer(), unet=sd15_unet(8),
+        scheduler=EulerAncestralDiscreteScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+        ),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def safety_checker(folder: Path) -> None:
+    """diffusers' StableDiffusionSafetyChecker (CompVis/stable-diffusion-safety-checker's
+    structure: a CLIP vision tower, a projection, 17 concept and 3 special-care embeddings with
+    their thresholds) with a tiny random tower, and the CLIP image processor it reads images
+    with. The thresholds are 1.0 (a cosine similarity never exceeds it), so this checker flags
+    nothing unless a stage raises its `adjustment`; the concept embeddings are random."""
+    from transformers import CLIPConfig
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    config = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4, vocab_size=1000,
+                         bos_token_id=0, eos_token_id=2, pad_token_id=1),  # unused by the checker
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32),
+        projection_dim=32,
+    )
+
+    def make():
+        checker = StableDiffusionSafetyChecker(config)
+        with torch.no_grad():
+            checker.concept_embeds.copy_(torch.randn_like(checker.concept_embeds))
+            checker.special_care_embeds.copy_(torch.randn_like(checker.special_care_embeds))
+        return checker
+    quiet()
+    seeded(make).save_pretrained(folder, safe_serialization=True)
+    kandinsky22_image_processor().save_pretrained(folder)  # OpenAI's CLIP preprocessing, as the real one
+
+
+def depth_estimator(folder: Path) -> None:
+    """A DPT depth estimator (Intel/dpt-hybrid-midas's kind, as transformers' depth-estimation
+    pipeline loads it) with a tiny random ViT, and its image processor: the model preprocessor
+    for depth ControlNets."""
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    config = DPTConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37, image_size=64, patch_size=16,
+        neck_hidden_sizes=[16, 16, 32, 32], fusion_hidden_size=16, backbone_out_indices=[0, 1, 2, 3], reassemble_factors=[4, 2, 1, 0.5],
+    )
+    quiet()
+    seeded(lambda: DPTForDepthEstimation(config)).save_pretrained(folder, safe_serialization=True)
+    DPTImageProcessor(size={"height": 64, "width": 64}, keep_aspect_ratio=False).save_pretrained(folder)
+
+
+def prompt_model(folder: Path) -> None:
+    """A text-generation model for text-prompt (onnx-web uses MagicPrompt, a GPT-2): GPT-2's
+    architecture, tiny and random, with a byte-level GPT-2 tokenizer of the 256 byte symbols
+    and no merges (written here, as the CLIP one is). It continues a prompt with random bytes."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {symbol: i for i, symbol in enumerate(byte_encoder().values())}
+    vocab[EOS] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    quiet()
+    GPT2Tokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token=EOS, bos_token=EOS, eos_token=EOS).save_pretrained(folder)
+    config = GPT2Config(vocab_size=len(vocab), n_positions=512, n_embd=32, n_layer=2, n_head=2, bos_token_id=vocab[EOS], eos_token_id=vocab[EOS])
+    seeded(lambda: GPT2LMHeadModel(config)).save_pretrained(folder, safe_serialization=True)
+
+
 # relative path under the models root -> a writer of that path (a pipeline folder or a file)
 MODELS: dict[str, Callable[[Path], None]] = {
     "diffusion/tiny-sd15": save_pipeline(sd15),
@@ -528,4 +644,11 @@ MODELS: dict[str, Callable[[Path], None]] = {
     "diffusion/tiny-kandinsky22": save_pipeline(kandinsky22),
     "diffusion/tiny-kandinsky22-inpaint": save_pipeline(kandinsky22_inpaint),
     "loras/tiny-sd15-style.safetensors": sd15_lora,
+    "controlnets/tiny-sd15-canny": save_model(lambda: controlnet(lambda: sd15_unet(4), seed=1)),
+    "controlnets/tiny-sd15-softedge": save_model(lambda: controlnet(lambda: sd15_unet(4), seed=2)),
+    "controlnets/tiny-sdxl-canny": save_model(lambda: controlnet(lambda: sdxl_unet(refiner=False), seed=3)),
+    "diffusion/tiny-sd15-pix2pix": save_pipeline(sd15_pix2pix),
+    "safety/tiny-safety-checker": safety_checker,
+    "preprocessors/tiny-dpt": depth_estimator,
+    "prompts/tiny-gpt2": prompt_model,
 }

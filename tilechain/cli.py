@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 
-from tilechain.services.core.config import default_address
+from tilechain.services.core.config import FAMILIES, default_address
 from tilechain.v1 import gateway_pb2
 
 
@@ -76,7 +76,7 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
     from tilechain.client import STREAM_ABOVE_BYTES, chain_request, connect, load_chain, submit_stream
     from tilechain.progress import PreviewWriter, display
 
-    attachments = _parse_inputs(args.input, "image") + _parse_inputs(args.mask, "mask")
+    attachments = _parse_inputs(args.input, "image") + _parse_inputs(args.mask, "mask") + _parse_inputs(args.control, "control")
     chain = load_chain(Path(args.chain))
     preview = PreviewWriter(args.preview, args.preview_every) if args.preview else None
     options = {
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("serve", help="run one stage-family service", add_help=False)
-    p.add_argument("family", choices=("source", "blend", "correct", "upscale", "persist", "reduce"))
+    p.add_argument("family", choices=FAMILIES)
     p.set_defaults(func=_serve)
     p = sub.add_parser("gateway", help="run the gateway", add_help=False)
     p.set_defaults(func=_gateway)
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("chain", help="chain JSON file: {\"stages\": [{\"name\", \"type\", \"params\"}]}")
     p.add_argument("--input", action="append", default=[], metavar="STAGE=FILE", help="attach an image to a stage")
     p.add_argument("--mask", action="append", default=[], metavar="STAGE=FILE", help="attach a mask to a stage")
+    p.add_argument("--control", action="append", default=[], metavar="STAGE=FILE", help="attach a ControlNet control image to a stage")
     p.add_argument("--gateway", default=default_address("gateway"))
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds for the whole chain")
     p.add_argument("--transport-tile", type=int, default=0, help="transport tile edge (default 512)")

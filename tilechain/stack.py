@@ -1,4 +1,4 @@
-"""Starting and stopping the local stack: the six stage services, the gateway, Envoy in front
+"""Starting and stopping the local stack: the stage services (one per family), the gateway, Envoy in front
 of it and the web page's server, each its own process, on loopback; and, when asked, Valkey
 (the job store's Redis-protocol server). Used by `make up`/`make down` (via the CLI), the tests
 and the benches.
@@ -88,6 +88,13 @@ class Stack:
     process_addresses: dict[str, str] = field(default_factory=dict)  # process name -> its address
     extra_env: dict[str, str] = field(default_factory=dict)  # the environment start() was given
     detach: bool = False
+
+    def __post_init__(self) -> None:
+        # A family this stack was given no address for gets a fresh loopback port that nothing
+        # listens on: its processes see that family as down, never as the default port, where
+        # another stack (`make up`) may be serving.
+        for family in FAMILIES:
+            self.addresses.setdefault(family, f"127.0.0.1:{unused_port()}")
 
     def env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
         env = dict(os.environ)
@@ -239,6 +246,13 @@ class Stack:
                 self.processes[name].wait()
             if self.pid_dir is not None:
                 (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
+
+
+def unused_port() -> int:
+    """A loopback port the kernel has just handed out and taken back."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def address_taken(address: str) -> bool:

@@ -9,7 +9,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-FAMILIES: tuple[str, ...] = ("source", "blend", "correct", "upscale", "persist", "reduce")
+# edit: change what an image says or carries (text, metadata, the safety check); text: prompt
+# transforms. Stage types are family-what, so every prefix is a family.
+FAMILIES: tuple[str, ...] = ("source", "blend", "correct", "upscale", "persist", "reduce", "edit", "text")
 
 DEFAULT_PORTS: dict[str, int] = {
     "gateway": 50050,
@@ -19,6 +21,8 @@ DEFAULT_PORTS: dict[str, int] = {
     "upscale": 50054,
     "persist": 50055,
     "reduce": 50056,
+    "edit": 50057,
+    "text": 50058,
     "envoy": 8080,
     "valkey": 6379,  # the job store's Redis-protocol server, when the local stack runs one
     "web": 8090,  # the web page (tilechain.web), which passes its API calls on to Envoy

@@ -27,14 +27,15 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import numpy as np
 
+from .controlnet import ControlSpec, check_controls, control_call, control_images, control_pipeline, load_controlnet, pipeline_arguments
 from .models import ModelCache, ModelEntry, ModelRegistry
 from .params import Param, ParamError
 from .codecs import LATENT_F32, image_size, is_latent
-from .stage import RGB8, SERVICE_COUNTERS, Cancelled, Context, OutputPlan, Stage, TileWork
+from .stage import CONTROL, RGB8, SERVICE_COUNTERS, Cancelled, Context, OutputPlan, Stage, TileWork
 from .tiles import Rect
 from tilechain.v1 import tiles_pb2
 
@@ -50,10 +51,12 @@ PIPELINES: dict[str, dict[str, str]] = {
     "sdxl-refiner": {"img2img": _SDXL["img2img"], "inpaint": _SDXL["inpaint"]},
     "sd-x4-upscaler": {"upscale-x4": "StableDiffusionUpscalePipeline"},
     "sd-latent-upscaler": {"upscale-latent": "StableDiffusionLatentUpscalePipeline"},
+    "sd1-pix2pix": {"pix2pix": "StableDiffusionInstructPix2PixPipeline"},
+    "sdxl-pix2pix": {"pix2pix": "StableDiffusionXLInstructPix2PixPipeline"},
     "auto": {"txt2img": "AutoPipelineForText2Image", "img2img": "AutoPipelineForImage2Image", "inpaint": "AutoPipelineForInpainting"},
 }
 TASK_WORDS = {"txt2img": "text-to-image", "img2img": "image-to-image", "inpaint": "inpainting",
-              "upscale-x4": "x4 upscaling", "upscale-latent": "latent x2 upscaling"}
+              "upscale-x4": "x4 upscaling", "upscale-latent": "latent x2 upscaling", "pix2pix": "instruction editing"}
 
 
 @dataclass(frozen=True)
@@ -348,7 +351,7 @@ class DiffusionRuntime:
         first_task = next(iter(model.tasks))
         cls = getattr(diffusers, model.tasks[first_task])
         kwargs: dict[str, Any] = {"torch_dtype": dtype}
-        if model.family in ("sd1", "sd2"):
+        if model.family in ("sd1", "sd2", "sd1-pix2pix"):
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         entry = model.entry
         try:
@@ -366,16 +369,28 @@ class DiffusionRuntime:
             count_vae_calls(pipe.vae)  # shared by the from_pipe pipelines too
         return LoadedModel(model, {first_task: pipe}, pipe.scheduler.config)
 
-    def pipeline(self, loaded: LoadedModel, task: str) -> Any:
-        if task not in loaded.pipes:
+    def pipeline(self, loaded: LoadedModel, task: str, controls: Sequence[ControlSpec] = ()) -> Any:
+        """The task's pipeline (with these ControlNets, when there are any), made once from the
+        loaded one with from_pipe."""
+        key: Any = (task, *(c.name for c in controls)) if controls else task
+        if key not in loaded.pipes:
             import diffusers
 
-            cls = getattr(diffusers, loaded.model.tasks[task])
             first = next(iter(loaded.pipes.values()))
-            pipe = cls.from_pipe(first)
+            if controls:
+                nets = [self.controlnet(spec, first.unet.dtype) for spec in controls]
+                pipe = control_pipeline(first, loaded.model.family, task, nets)
+            else:
+                pipe = getattr(diffusers, loaded.model.tasks[task]).from_pipe(first)
             pipe.set_progress_bar_config(disable=True)
-            loaded.pipes[task] = pipe
-        return loaded.pipes[task]
+            loaded.pipes[key] = pipe
+        return loaded.pipes[key]
+
+    def controlnet(self, spec: ControlSpec, dtype: Any) -> Any:
+        from .torch_runtime import device
+
+        dev = device()
+        return self.cache.get(("controlnet", spec.entry.source, str(dev), str(dtype)), lambda: load_controlnet(spec, dtype, dev))
 
     def run(
         self,
@@ -385,6 +400,7 @@ class DiffusionRuntime:
         context: Context,
         scheduler: str = "",
         loras: dict[str, tuple[ModelEntry, float]] | None = None,
+        controls: Sequence[ControlSpec] = (),
     ) -> np.ndarray:
         """One pipeline call; returns (N, H, W, 3) uint8, or with output_type="latent" the
         latents as (N, h, w, C) float32. Reports each denoising step to the
@@ -398,7 +414,7 @@ class DiffusionRuntime:
         loaded = self.load(model)
         request = _Request(call, context, num_images(call))
         key = batch_key(task, scheduler, loras, call)
-        batchable = task in BATCHED_TASKS and isinstance(call.get("generator"), list)
+        batchable = task in BATCHED_TASKS and isinstance(call.get("generator"), list) and not controls
         if model.family == "auto" and call.get("negative_prompt"):
             batchable = False  # Kandinsky's combined pipelines cannot batch negative prompts (docs/diffusion.md)
         if batchable:
@@ -414,15 +430,20 @@ class DiffusionRuntime:
                     batch = loaded.queue.pop(key)
             else:
                 batch = [request]
-            self._run_batch(loaded, task, batch, scheduler, loras or {})
+            self._run_batch(loaded, task, batch, scheduler, loras or {}, controls)
         return request.outcome()
 
-    def _run_batch(self, loaded: LoadedModel, task: str, batch: list[_Request], scheduler: str, loras: dict[str, tuple[ModelEntry, float]]) -> None:
+    def _run_batch(
+        self, loaded: LoadedModel, task: str, batch: list[_Request], scheduler: str, loras: dict[str, tuple[ModelEntry, float]],
+        controls: Sequence[ControlSpec] = (),
+    ) -> None:
         try:
-            pipe = self.pipeline(loaded, task)
+            pipe = self.pipeline(loaded, task, controls)
             self._set_scheduler(pipe, loaded, scheduler)
             self._set_loras(pipe, loaded, loras)
             kwargs = dict(batch[0].call)
+            if controls:
+                kwargs = pipeline_arguments(task, controls, kwargs)
             if len(batch) > 1:
                 kwargs.update(merge_calls([r.call for r in batch]))
                 for request in batch:
@@ -648,6 +669,9 @@ class DiffusionStage(Stage):
         if self.p.get("eta") and name and not scheduler_has_eta(scheduler_class(name)):
             raise ParamError("eta", f"the scheduler {name} takes no eta; use e.g. DDIMScheduler, or leave eta at 0")
         self.loras = check_loras(self.context.models, self.p.get("loras", {}), self.model) if self.p.get("loras") else {}
+        self.controls = check_controls(
+            self.context.models, self.p["control"], self.model.family, self.model.name, self.task, self.p["preprocessor"]
+        ) if self.p.get("control") else []
         if self.model.family == "auto":
             # Kandinsky rounds sizes up to multiples of 64 (its MoVQ's factor squared)
             self.pad_multiple = max(self.pad_multiple, 64)
@@ -661,6 +685,7 @@ class DiffusionStage(Stage):
             raise ParamError("overlap", f"{self.p['overlap']} must be smaller than the tile ({self.tile_in})")
 
     def plan(self, inputs: list[Any]) -> list[Any]:
+        self.adopt_chain_prompt(inputs)
         self.check_model()
         return super().plan(inputs)
 
@@ -705,7 +730,36 @@ class DiffusionStage(Stage):
         return self.handoff_space(outputs, self.makes_latents)
 
     def accepts_latent(self, outputs: list[OutputPlan]) -> str:
-        return self.handoff_space(outputs, self.takes_latents)
+        # ControlNet stages need pixels: the control image is made from them, or tiled with them
+        return self.handoff_space(outputs, self.takes_latents and not self.controls)
+
+    # --- ControlNet ------------------------------------------------------------------------------
+
+    controls: list[ControlSpec] = []   # set by check_model from the `control` param
+
+    def with_control(self, outputs: list[OutputPlan], inputs: list[Any]) -> list[OutputPlan]:
+        """Tiled stages: an attached control image becomes a source of every output, so that
+        each processing tile gets the control tile under it; it must have the image's size."""
+        attached = self.attached(inputs, CONTROL)
+        if not self.controls:
+            if attached is not None:
+                raise ParamError("control", "a control image is attached but the stage has no ControlNet: set control")
+            return outputs
+        if attached is not None:
+            for output in outputs:
+                self.require_same_size("control", "the attached control image", attached, output.sources["image"])
+                output.sources["control"] = attached
+        return outputs
+
+    def control_call(self, work: TileWork) -> dict[str, Any]:
+        """The ControlNet arguments for one processing tile: the control images from the
+        attached control tile, or made from the tile's pixels."""
+        if not self.controls:
+            return {}
+        attached = "control" in work.inputs
+        picture = work.pixels("control") if attached else work.pixels("image")
+        images = control_images(self.context.models, self.controls, picture, attached, self.p)
+        return control_call(self.controls, images, self.p)
 
     # --- work ----------------------------------------------------------------------------------
 
@@ -724,7 +778,7 @@ class DiffusionStage(Stage):
         return call
 
     def run_pipeline(self, call: dict[str, Any]) -> np.ndarray:
-        return self.runtime.run(self.model, self.task, call, self.context, self.scheduler, self.loras)
+        return self.runtime.run(self.model, self.task, call, self.context, self.scheduler, self.loras, self.controls)
 
     def tile_call(self, work: TileWork) -> dict[str, Any]:
         """The call for one processing tile, besides image and generator (img2img, upscale)."""
@@ -792,6 +846,8 @@ class DiffusionStage(Stage):
         if mask is not None:
             call["mask_image"] = to_pil(pad_to_multiple(mask[:, :, None], self.pad_multiple))
             call["height"], call["width"] = padded.shape[:2]
+        if "control_image" in call:  # the ControlNets' control tiles, padded as the tile is
+            call["control_image"] = [to_pil(pad_to_multiple(image, self.pad_multiple)) for image in call["control_image"]]
         out = self.run_pipeline(call)
         unit_out = self.latent.scale if call["output_type"] == "latent" else 1
         height, width = pixels.shape[0] * unit_in * self.scale // unit_out, pixels.shape[1] * unit_in * self.scale // unit_out

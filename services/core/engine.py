@@ -22,7 +22,7 @@ from tilechain.v1 import stage_pb2, tiles_pb2
 from .codecs import canvas_layout, is_latent, tile_message, tile_rect, transport_edge
 from .config import Settings
 from .params import ParamError
-from .stage import OutputPlan, Stage, StageError, TileWork
+from .stage import ROLE_NAMES, OutputPlan, Stage, StageError, TileWork
 from .tiles import CanvasBuffer, Rect, TileError, feather_weights, plan_windows, transport_grid
 
 
@@ -35,7 +35,7 @@ def plan_outputs(stage: Stage, inputs: list[tiles_pb2.Canvas], settings: Setting
         except ValueError as exc:
             raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"{stage.label}: input {exc}") from None
     for role in stage.required_attachments:
-        if not any(c.attached and c.role == {"image": 1, "mask": 2}[role] for c in inputs):
+        if not any(c.attached and c.role == ROLE_NAMES[role] for c in inputs):
             raise ParamError(role, f"needs an attached {role} (attach one to stage '{stage.name}')")
     outputs = stage.plan(inputs)
     for number, output in enumerate(outputs):

@@ -1,5 +1,6 @@
 """The model registry shared by every service: models.yaml names the models (upscalers, face
-restorers, face detectors, diffusion bases, LoRAs), each a local path or a hub id; loaded
+restorers, face detectors, diffusion bases, LoRAs, ControlNets and their preprocessors, safety
+checkers, prompt models), each a local path or a hub id; loaded
 models are cached per (model, device, dtype) and evicted least-recently-used.
 
 Nothing here downloads anything: a hub id is passed to the loader, which is expected to run
@@ -18,7 +19,7 @@ import yaml
 
 from .params import ParamError
 
-KINDS = ("upscalers", "faces", "detectors", "base", "loras")
+KINDS = ("upscalers", "faces", "detectors", "base", "loras", "controlnets", "preprocessors", "safety", "prompts")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,15 @@ class ModelRegistry:
             known = ", ".join(self.names(kind)) or "none"
             raise ParamError(param, f"unknown model {value!r} (models.yaml {kind}: {known}; or a path under the models root)")
         return ModelEntry(value, kind, resolved)
+
+
+def hub_offline() -> bool:
+    """Whether the hub must stay offline (it does unless TILECHAIN_ALLOW_DOWNLOADS=1); sets
+    HF_HUB_OFFLINE for the libraries that read it, before a loader runs."""
+    offline = os.environ.get("TILECHAIN_ALLOW_DOWNLOADS", "") != "1"
+    if offline:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return offline
 
 
 class ModelCache:

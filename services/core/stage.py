@@ -27,8 +27,9 @@ from .tiles import Rect
 Canvas = tiles_pb2.Canvas
 IMAGE = tiles_pb2.CANVAS_ROLE_IMAGE
 MASK = tiles_pb2.CANVAS_ROLE_MASK
+CONTROL = tiles_pb2.CANVAS_ROLE_CONTROL
 RGB8, RGBA8, L8 = tiles_pb2.PIXEL_FORMAT_RGB8, tiles_pb2.PIXEL_FORMAT_RGBA8, tiles_pb2.PIXEL_FORMAT_L8
-ROLE_NAMES = {"image": IMAGE, "mask": MASK}
+ROLE_NAMES = {"image": IMAGE, "mask": MASK, "control": CONTROL}
 
 # Service-wide counters that stage code bumps where the engine cannot see the work (images
 # through a VAE); the Stats RPC reports them.
@@ -107,7 +108,7 @@ class Stage:
     overlap: ClassVar[int] = 0             # output pixels shared by neighbouring processing tiles
     order: ClassVar[str] = "grid"          # or "spiral"
     needs_whole_canvas: ClassVar[bool] = False
-    attachments: ClassVar[tuple[str, ...]] = ()           # roles a caller may attach: "image", "mask"
+    attachments: ClassVar[tuple[str, ...]] = ()           # roles a caller may attach: "image", "mask", "control"
     required_attachments: ClassVar[tuple[str, ...]] = ()
     size_params: ClassVar[tuple[str, ...]] = ()           # params that set the output size
     keeps_output: ClassVar[bool] = False    # the engine hands finished canvases to finish()
@@ -191,9 +192,28 @@ class Stage:
         return canvas
 
     def provenance(self, source: Canvas | None = None) -> Any:
-        history = struct_to_dict(source.provenance).get("stages", []) if source is not None else []
-        history = history + [{"name": self.name, "type": self.type, "params": self.p}]
-        return dict_to_struct({"stages": history})
+        """The source's provenance with this stage appended to its stages; other top-level keys
+        (a note, the chain's prompt: edit-metadata, text-prompt) carry on unchanged."""
+        data = struct_to_dict(source.provenance) if source is not None else {}
+        data["stages"] = data.get("stages", []) + [{"name": self.name, "type": self.type, "params": self.p}]
+        return dict_to_struct(data)
+
+    @staticmethod
+    def carried(inputs: list[Canvas], key: str) -> str:
+        """A top-level provenance value the chain's canvases carry ("prompt", written by
+        text-prompt or edit-metadata), "" if none does."""
+        for canvas in inputs:
+            value = canvas.provenance.fields.get(key)
+            if value is not None and value.string_value:
+                return value.string_value
+        return ""
+
+    def adopt_chain_prompt(self, inputs: list[Canvas]) -> None:
+        """An empty prompt (or negative prompt) param takes the one the chain's images carry, as
+        onnx-web's stages read the job's prompt; the provenance then records the prompt used."""
+        for key in ("prompt", "negative_prompt"):
+            if key in self.p and not self.p[key]:
+                self.p[key] = self.carried(inputs, key)
 
     @staticmethod
     def chain_images(inputs: list[Canvas]) -> list[Canvas]:

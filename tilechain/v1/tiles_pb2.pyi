@@ -20,6 +20,7 @@ class CanvasRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CANVAS_ROLE_UNSPECIFIED: _ClassVar[CanvasRole]
     CANVAS_ROLE_IMAGE: _ClassVar[CanvasRole]
     CANVAS_ROLE_MASK: _ClassVar[CanvasRole]
+    CANVAS_ROLE_CONTROL: _ClassVar[CanvasRole]
 PIXEL_FORMAT_UNSPECIFIED: PixelFormat
 PIXEL_FORMAT_RGB8: PixelFormat
 PIXEL_FORMAT_RGBA8: PixelFormat
@@ -28,6 +29,7 @@ PIXEL_FORMAT_LATENT_F32: PixelFormat
 CANVAS_ROLE_UNSPECIFIED: CanvasRole
 CANVAS_ROLE_IMAGE: CanvasRole
 CANVAS_ROLE_MASK: CanvasRole
+CANVAS_ROLE_CONTROL: CanvasRole
 
 class Canvas(_message.Message):
     __slots__ = ("id", "width", "height", "format", "role", "index", "attached", "provenance", "latent")

@@ -58,6 +58,7 @@ class PlannedStage:
     emits_latent: str = ""      # from the stage's plan: see stage.proto PlanResult
     accepts_latent: str = ""
     latent_output: bool = False  # hand the next stage latents
+    attempt: int = 1             # the job's run (a job is run again after its gateway or a service died)
 
     @property
     def label(self) -> str:
@@ -72,6 +73,7 @@ class PlannedStage:
             inputs=self.inputs,
             transport_tile=transport_tile,
             latent_output=self.latent_output,
+            attempt=self.attempt,
         )
 
 
@@ -151,17 +153,22 @@ def decode_attachments(
         stage.attachments.append(AttachedImage(role, pixels))
 
 
-async def plan_chain(
-    request: gateway_pb2.ChainRequest, families: dict[str, Family], settings: Settings, job_id: str
-) -> list[PlannedStage]:
-    raw = parse_chain(request)
+def chain_families(raw: list[dict[str, Any]]) -> set[str]:
+    """The families a parsed chain needs; INVALID_ARGUMENT for a type no family serves."""
     needed = set()
     for stage in raw:
         family = family_of(stage["type"])
         if family is None:
             raise invalid(f"{stage_label(stage['name'], stage['type'])}: unknown stage type")
         needed.add(family)
-    specs = await fetch_catalogs(families, needed)
+    return needed
+
+
+async def plan_chain(
+    request: gateway_pb2.ChainRequest, families: dict[str, Family], settings: Settings, job_id: str, attempt: int = 1
+) -> list[PlannedStage]:
+    raw = parse_chain(request)
+    specs = await fetch_catalogs(families, chain_families(raw))
 
     planned: list[PlannedStage] = []
     for number, stage in enumerate(raw):
@@ -180,7 +187,7 @@ async def plan_chain(
             validate_params([Param.from_proto(p) for p in spec.params], params)
         except ParamError as exc:
             raise invalid(param_message(stage["name"], stage["type"], exc)) from None
-        planned.append(PlannedStage(number, stage["name"], stage["type"], params, families[spec.family]))
+        planned.append(PlannedStage(number, stage["name"], stage["type"], params, families[spec.family], attempt=attempt))
 
     by_name = {s.name: s for s in planned}
     decode_attachments(request, by_name, specs, settings)

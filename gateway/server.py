@@ -1,9 +1,13 @@
-"""The gateway service: validates and plans chains, runs them as jobs, streams their events."""
+"""The gateway service: validates and plans chains, queues them as jobs in the job store, runs
+its share of them (gateway/jobs.py) and streams any job's events to its watchers."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import time
+from collections import Counter
 from typing import AsyncIterator
 
 import grpc
@@ -19,74 +23,146 @@ from tilechain.services.core.config import (
 from tilechain.services.core.server import serve, setup_logging, tune_malloc
 from tilechain.v1 import gateway_pb2, gateway_pb2_grpc
 
-from .chain import ChainError, plan_chain
+from .chain import ChainError, PlannedStage, plan_chain
 from .families import Family, FamilyUnavailable, connect
-from .jobs import Job, JobTable
+from .jobs import Worker, new_job_id
+from .settings import GatewaySettings, max_streams_env
+from .store import SCHEMES, open_store
+from .store.base import FAILED, FINAL_STATES, RUNNING, JobStore, NewJob, StoreConfig
+from .watch import FINAL, JobNotFound, Watcher, WatcherClosed, follow
+
+log = logging.getLogger("tilechain.gateway")
+
+CANCEL_WAIT = 5.0  # CancelJob waits this long for a running job to end before it answers
+STOPPING = "stopping"
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, families: dict[str, Family], settings: Settings) -> None:
+    def __init__(
+        self, families: dict[str, Family], settings: Settings, gateway: GatewaySettings, store: JobStore, worker: Worker
+    ) -> None:
         self.families = families
         self.settings = settings
-        self.jobs = JobTable()
+        self.gateway = gateway
+        self.store = store
+        self.worker = worker
+        self.watchers: set[Watcher] = set()
+        self.stopping = False
+        self.background: set[asyncio.Task[object]] = set()
 
-    async def _start(self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext) -> Job:
-        """Validate and plan the whole chain, then start it. Nothing runs for a bad request."""
-        job_id = JobTable.new_id()
+    # --- accepting jobs ------------------------------------------------------------------------
+
+    async def _prepare(self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext, deadline: float = 0.0) -> NewJob:
+        """Validate and plan the whole chain: a bad request is refused here and never queued."""
+        if self.stopping:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"the gateway {self.gateway.gateway_id} is stopping; send the request to another")
+        job_id = new_job_id()
         try:
             stages = await plan_chain(request, self.families, self.settings, job_id)
+            needs = self._needs(stages)
         except ChainError as exc:
             await context.abort(exc.code, exc.message)
-        job = Job(job_id, stages, request)
-        self.jobs.add(job)
-        return job
+        self.worker.plans.put(job_id, stages)
+        return NewJob(job_id, request.SerializeToString(), needs, len(stages), self.gateway.max_attempts, deadline)
 
-    async def _job(self, request: gateway_pb2.JobRef, context: grpc.aio.ServicerContext) -> Job:
-        job = self.jobs.get(request.job_id)
-        if job is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {request.job_id!r}")
-        return job
+    def _needs(self, stages: list[PlannedStage]) -> dict[str, int]:
+        """The streams per family the chain holds at once (every stage streams for the whole job);
+        a chain that needs more than a family's whole limit could never be admitted."""
+        needs = Counter(stage.family.name for stage in stages)
+        for family, count in needs.items():
+            limit = self.gateway.stream_limits[family]
+            if count > limit:
+                last = [s for s in stages if s.family.name == family][-1]
+                raise ChainError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{last.label}: the chain needs {count} {family} streams at once, over the limit of {limit} "
+                    f"({max_streams_env(family)}={self.gateway.per_replica[family]} per replica x "
+                    f"{self.gateway.replicas[family]} replica(s))",
+                )
+        return dict(needs)
+
+    async def SubmitChain(self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.JobRef:
+        job = await self._prepare(request, context)
+        await self.store.submit(job)
+        return gateway_pb2.JobRef(job_id=job.id)
 
     async def RunChain(
         self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.JobEvent]:
-        job = await self._start(request, context)
-        job.timeout = context.time_remaining()  # the caller's deadline reaches every service
-        events = job.watch()
-        first = asyncio.ensure_future(anext(events))  # subscribe before the job emits anything
-        job.start()
+        remaining = context.time_remaining()
+        # the caller's deadline travels with the job and reaches every service
+        deadline = time.time() + remaining if remaining is not None else 0.0
+        job = await self._prepare(request, context, deadline)
+        ended = False
         try:
-            event = await first
-            while True:
-                if event.WhichOneof("kind") == "status" and event.status.state == gateway_pb2.JOB_STATE_FAILED:
-                    await context.abort(status_code(event.status.code), event.status.message)
-                yield event
+            async for event in self._follow(job.id, context, replay=False, job=job):
                 if event.WhichOneof("kind") == "status":
-                    return
-                event = await anext(events)
+                    ended = True
+                    if event.status.state == FAILED:
+                        await context.abort(status_code(event.status.code), event.status.message)
+                yield event
         finally:
-            job.cancel()  # the caller went away (or the job ended): stop the services' work
-            await events.aclose()
+            if not ended and not self.stopping:
+                # the caller went away: stop the services' work, wherever the job runs
+                self._in_background(self.store.cancel(job.id))
 
-    async def SubmitChain(self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.JobRef:
-        job = await self._start(request, context)
-        job.start()
-        return gateway_pb2.JobRef(job_id=job.id)
+    # --- answering for any job -----------------------------------------------------------------
+
+    async def _follow(
+        self, job_id: str, context: grpc.aio.ServicerContext, replay: bool, job: NewJob | None = None
+    ) -> AsyncIterator[gateway_pb2.JobEvent]:
+        watcher = Watcher(self.gateway.watch_tile_bytes)
+        if self.stopping:
+            watcher.close(STOPPING)
+        self.watchers.add(watcher)
+        submit = (lambda: self.store.submit(job)) if job is not None else None
+        try:
+            async for event in follow(self.store, job_id, watcher, replay, submit):
+                yield event
+        except JobNotFound:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {job_id!r}")
+        except WatcherClosed as exc:
+            if exc.reason == STOPPING:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    f"the gateway {self.gateway.gateway_id} is stopping; job {job_id} goes on (another gateway, "
+                    f"or this one after its restart, runs it): follow it with WatchJob(job_id={job_id!r}) on another gateway",
+                )
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"job {job_id}: {exc.reason}; watch it again with WatchJob")
+        finally:
+            self.watchers.discard(watcher)
 
     async def GetJob(self, request: gateway_pb2.JobRef, context: grpc.aio.ServicerContext) -> gateway_pb2.JobStatus:
-        return (await self._job(request, context)).status
+        status = await self.store.status(request.job_id)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {request.job_id!r}")
+        return status
 
     async def WatchJob(self, request: gateway_pb2.JobRef, context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.JobEvent]:
-        job = await self._job(request, context)
-        async for event in job.watch():
+        async for event in self._follow(request.job_id, context, replay=True):
             yield event
 
     async def CancelJob(self, request: gateway_pb2.JobRef, context: grpc.aio.ServicerContext) -> gateway_pb2.JobStatus:
-        job = await self._job(request, context)
-        job.cancel()
-        if job.task is not None:
-            await asyncio.wait([job.task])
-        return job.status
+        """A queued job ends at once; a running one is stopped by the gateway running it, which
+        ends its services' streams: this answers with its final status (or, if that gateway
+        takes longer than CANCEL_WAIT, with the status as it is, the cancel still pending)."""
+        ended = Watcher(tile_budget=0)
+        async with self.store.subscribe(request.job_id, ended.offer):
+            status = await self.store.cancel(request.job_id)
+            if status is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {request.job_id!r}")
+            if status.state == RUNNING:
+                try:
+                    await asyncio.wait_for(self._until_final(ended), CANCEL_WAIT)
+                except asyncio.TimeoutError:
+                    pass
+                status = await self.store.status(request.job_id) or status
+        return status
+
+    @staticmethod
+    async def _until_final(watcher: Watcher) -> None:
+        while await watcher.get() != FINAL:
+            pass
 
     async def ListStages(
         self, request: gateway_pb2.ListStagesRequest, context: grpc.aio.ServicerContext
@@ -96,6 +172,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except FamilyUnavailable as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         return gateway_pb2.ListStagesResponse(catalogs=catalogs)
+
+    # --- stopping ------------------------------------------------------------------------------
+
+    def _in_background(self, coroutine) -> None:
+        task = asyncio.ensure_future(coroutine)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def stop(self) -> None:
+        """SIGTERM: watchers are told where to follow their jobs, running jobs go back to the queue."""
+        self.stopping = True
+        for watcher in list(self.watchers):
+            watcher.close(STOPPING)
+        await self.worker.stop()
+        await asyncio.gather(*self.background, return_exceptions=True)
 
 
 def status_code(value: int) -> grpc.StatusCode:
@@ -113,18 +204,37 @@ def main(argv: list[str] | None = None) -> None:
             f"--{family}-address", default=default_address(family),
             help=f"the {family} service (env {address_env(family)})",
         )
+    parser.add_argument("--job-store", default=None, help=f"where jobs live (env TILECHAIN_JOB_STORE, default var/jobs.db): {SCHEMES}")
     args = parser.parse_args(argv)
     tune_malloc()
     setup_logging()
+    addresses = {f: getattr(args, f"{f}_address") for f in FAMILIES}
+    gateway = GatewaySettings.from_env(addresses, args.address, args.job_store)
 
     async def run() -> None:
-        families = connect({f: getattr(args, f"{f}_address") for f in FAMILIES})
-        servicer = GatewayServicer(families, Settings.from_env())
+        families = connect(addresses)
+        settings = Settings.from_env()
+        config = StoreConfig(limits=gateway.stream_limits, lease=gateway.lease, retention=gateway.retention)
+        try:
+            store = open_store(gateway.job_store, config)
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        await store.open()
+        log.info(
+            "job store %s; gateway %s runs up to %d jobs; streams per family %s",
+            gateway.job_store, gateway.gateway_id, gateway.max_jobs, gateway.stream_limits,
+        )
+        worker = Worker(store, families, settings, gateway)
+        await worker.start()
+        servicer = GatewayServicer(families, settings, gateway, store, worker)
 
         def add(server: grpc.aio.Server) -> list[str]:
             gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
             return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
-        await serve(args.address, add, max_receive_bytes=GATEWAY_MAX_REQUEST_BYTES)
+        try:
+            await serve(args.address, add, max_receive_bytes=GATEWAY_MAX_REQUEST_BYTES, on_stop=servicer.stop)
+        finally:
+            await store.close()
 
     asyncio.run(run())

@@ -15,7 +15,7 @@ import numpy as np
 
 from tilechain.v1 import stage_pb2, tiles_pb2
 
-from .core.codecs import encode_image
+from .core.codecs import encode_image, read_metadata
 from .core.params import Param, ParamError, struct_to_dict
 from .core.stage import IMAGE, OutputPlan, Stage, StageError, TileWork, register
 
@@ -102,13 +102,25 @@ class PersistDisk(Stage):
             raise ParamError("filename", "gives the same file for several images; add {index}")
         if not self.p["overwrite"]:
             for path in targets:
-                if path.exists():
+                if path.exists() and not self.written_by_earlier_attempt(path):
                     raise StageError(
                         grpc.StatusCode.ALREADY_EXISTS,
                         f"stage '{self.name}' (persist-disk): param 'filename': {path.name} exists "
                         "under the output root; choose another name or set overwrite",
                     )
         return outputs
+
+    def written_by_earlier_attempt(self, path: Path) -> bool:
+        """When the gateway runs a job again (attempt 2 or more), the files an earlier run of the
+        same job wrote are replaced, not refused and not duplicated: the file's metadata names its
+        job. A file of any other job is still refused."""
+        if self.context.attempt <= 1 or not self.context.job_id or not path.is_file():
+            return False
+        try:
+            metadata = read_metadata(path.read_bytes())
+        except Exception:  # unreadable or not an image: not ours to replace
+            return False
+        return isinstance(metadata, dict) and metadata.get("job") == self.context.job_id
 
     def process_tile(self, work: TileWork) -> np.ndarray:
         return work.pixels()
@@ -122,7 +134,7 @@ class PersistDisk(Stage):
         data = encode_image(pixels, self.p["format"], metadata, self.p["quality"])
         path = self.target(canvas.index)
         try:
-            write_atomically(path, data, self.p["overwrite"])
+            write_atomically(path, data, self.p["overwrite"] or self.written_by_earlier_attempt(path))
         except FileExistsError:
             raise StageError(
                 grpc.StatusCode.ALREADY_EXISTS,

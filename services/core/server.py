@@ -8,7 +8,7 @@ import ctypes
 import logging
 import os
 import signal
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -60,9 +60,11 @@ async def serve(
     address: str,
     add_services: Callable[[grpc.aio.Server], list[str]],
     max_receive_bytes: int | None = None,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and drain for up to DRAIN_SECONDS.
-    add_services registers the servicers and returns their full service names."""
+    add_services registers the servicers and returns their full service names; on_stop runs
+    once health says NOT_SERVING, before the drain (the gateway hands its jobs back there)."""
     options = channel_options()
     if max_receive_bytes:
         # replace the default, not append: gRPC takes the first of two equal keys
@@ -87,5 +89,7 @@ async def serve(
     await stopping.wait()
     log.info("draining in-flight streams (up to %.0fs)", DRAIN_SECONDS)
     await health_servicer.enter_graceful_shutdown()
+    if on_stop is not None:
+        await on_stop()
     await server.stop(DRAIN_SECONDS)
     log.info("stopped")

@@ -58,7 +58,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
 
     async def Plan(self, request: stage_pb2.StageStart, context: grpc.aio.ServicerContext) -> stage_pb2.PlanResult:
         try:
-            stage = self._create(request, Context(request.job_id, self.settings, self.models))
+            stage = self._create(request, Context(request.job_id, self.settings, self.models, attempt=request.attempt or 1))
             outputs = plan_outputs(stage, list(request.inputs), self.settings)
         except ParamError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, param_message(request.name, request.type, exc))
@@ -79,6 +79,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def _set_active(self, delta: int) -> None:
         async with self._idle:
             self.stats.active_streams += delta
+            self.stats.peak_active_streams = max(self.stats.peak_active_streams, self.stats.active_streams)
             self._idle.notify_all()
 
     async def Process(
@@ -96,6 +97,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 raise StageError(grpc.StatusCode.INVALID_ARGUMENT, "a Process stream must begin with a start message")
             start = first.start
             run_context.job_id = start.job_id
+            run_context.attempt = start.attempt or 1
             stage = self._create(start, run_context)
             outputs = plan_outputs(stage, list(start.inputs), self.settings)
             engine = TileEngine(stage, list(start.inputs), outputs, start.transport_tile or self.settings.transport_tile)

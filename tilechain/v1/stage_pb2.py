@@ -26,47 +26,47 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from tilechain.v1 import tiles_pb2 as tilechain_dot_v1_dot_tiles__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tilechain/v1/stage.proto\x12\x0ctilechain.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18tilechain/v1/tiles.proto\"\xb6\x01\n\nStageStart\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12$\n\x06inputs\x18\x05 \x03(\x0b\x32\x14.tilechain.v1.Canvas\x12\x16\n\x0etransport_tile\x18\x06 \x01(\r\x12\x15\n\rlatent_output\x18\x07 \x01(\x08\"\n\n\x08InputEnd\"\x8a\x01\n\nStageInput\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.tilechain.v1.StageStartH\x00\x12\"\n\x04tile\x18\x02 \x01(\x0b\x32\x12.tilechain.v1.TileH\x00\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x16.tilechain.v1.InputEndH\x00\x42\x06\n\x04kind\"5\n\x08Progress\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\"\x96\x01\n\x08\x41rtifact\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\r\n\x05index\x18\x07 \x01(\r\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\"\x19\n\x06Notice\x12\x0f\n\x07message\x18\x01 \x01(\t\";\n\tStageDone\x12\x17\n\x0ftiles_processed\x18\x01 \x01(\r\x12\x15\n\rtiles_emitted\x18\x02 \x01(\r\"\x8a\x02\n\x0bStageOutput\x12&\n\x06\x63\x61nvas\x18\x01 \x01(\x0b\x32\x14.tilechain.v1.CanvasH\x00\x12\"\n\x04tile\x18\x02 \x01(\x0b\x32\x12.tilechain.v1.TileH\x00\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.tilechain.v1.ProgressH\x00\x12*\n\x08\x61rtifact\x18\x04 \x01(\x0b\x32\x16.tilechain.v1.ArtifactH\x00\x12&\n\x06notice\x18\x05 \x01(\x0b\x32\x14.tilechain.v1.NoticeH\x00\x12\'\n\x04\x64one\x18\x06 \x01(\x0b\x32\x17.tilechain.v1.StageDoneH\x00\x42\x06\n\x04kind\"\x11\n\x0f\x44\x65scribeRequest\"\x87\x02\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.tilechain.v1.ParamType\x12\'\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x14\n\x07minimum\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\'\n\x07\x63hoices\x18\x07 \x03(\x0b\x32\x16.google.protobuf.Value\x12\x0b\n\x03\x64oc\x18\x08 \x01(\t\x12\x10\n\x08keywords\x18\t \x03(\tB\n\n\x08_minimumB\n\n\x08_maximum\"\xce\x02\n\tStageSpec\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\x12\'\n\x06params\x18\x04 \x03(\x0b\x32\x17.tilechain.v1.ParamSpec\x12\x10\n\x08max_tile\x18\x05 \x01(\r\x12\x0f\n\x07overlap\x18\x06 \x01(\r\x12\x1a\n\x12needs_whole_canvas\x18\x07 \x01(\x08\x12&\n\x05order\x18\x08 \x01(\x0e\x32\x17.tilechain.v1.TileOrder\x12\x13\n\x0b\x61ttachments\x18\t \x03(\t\x12\x1c\n\x14required_attachments\x18\n \x03(\t\x12\x15\n\rmakes_latents\x18\x0b \x01(\x08\x12\x15\n\rtakes_latents\x18\x0c \x01(\x08\x12\x13\n\x0bunavailable\x18\r \x01(\t\x12\x10\n\x08requires\x18\x0e \x03(\t\"G\n\x0cStageCatalog\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\'\n\x06stages\x18\x02 \x03(\x0b\x32\x17.tilechain.v1.StageSpec\"a\n\nPlanResult\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.tilechain.v1.Canvas\x12\x14\n\x0c\x65mits_latent\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pts_latent\x18\x03 \x01(\t\"!\n\x0cStatsRequest\x12\x11\n\twait_idle\x18\x01 \x01(\x08\"\xe2\x01\n\x0cServiceStats\x12\x16\n\x0e\x61\x63tive_streams\x18\x01 \x01(\r\x12\x17\n\x0fstreams_started\x18\x02 \x01(\x04\x12\x18\n\x10streams_finished\x18\x03 \x01(\x04\x12\x19\n\x11streams_cancelled\x18\x04 \x01(\x04\x12\x16\n\x0estreams_failed\x18\x05 \x01(\x04\x12\x17\n\x0ftiles_processed\x18\x06 \x01(\x04\x12\x11\n\tsteps_run\x18\x07 \x01(\x04\x12\x13\n\x0bvae_decodes\x18\x08 \x01(\x04\x12\x13\n\x0bvae_encodes\x18\t \x01(\x04*\xa9\x01\n\tParamType\x12\x1a\n\x16PARAM_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePARAM_TYPE_INT\x10\x01\x12\x14\n\x10PARAM_TYPE_FLOAT\x10\x02\x12\x13\n\x0fPARAM_TYPE_BOOL\x10\x03\x12\x15\n\x11PARAM_TYPE_STRING\x10\x04\x12\x13\n\x0fPARAM_TYPE_LIST\x10\x05\x12\x15\n\x11PARAM_TYPE_OBJECT\x10\x06*S\n\tTileOrder\x12\x1a\n\x16TILE_ORDER_UNSPECIFIED\x10\x00\x12\x13\n\x0fTILE_ORDER_GRID\x10\x01\x12\x15\n\x11TILE_ORDER_SPIRAL\x10\x02\x32\x8f\x02\n\x05Stage\x12\x42\n\x07Process\x12\x18.tilechain.v1.StageInput\x1a\x19.tilechain.v1.StageOutput(\x01\x30\x01\x12\x45\n\x08\x44\x65scribe\x12\x1d.tilechain.v1.DescribeRequest\x1a\x1a.tilechain.v1.StageCatalog\x12:\n\x04Plan\x12\x18.tilechain.v1.StageStart\x1a\x18.tilechain.v1.PlanResult\x12?\n\x05Stats\x12\x1a.tilechain.v1.StatsRequest\x1a\x1a.tilechain.v1.ServiceStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tilechain/v1/stage.proto\x12\x0ctilechain.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x18tilechain/v1/tiles.proto\"\xc7\x01\n\nStageStart\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04type\x18\x03 \x01(\t\x12\'\n\x06params\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12$\n\x06inputs\x18\x05 \x03(\x0b\x32\x14.tilechain.v1.Canvas\x12\x16\n\x0etransport_tile\x18\x06 \x01(\r\x12\x15\n\rlatent_output\x18\x07 \x01(\x08\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\"\n\n\x08InputEnd\"\x8a\x01\n\nStageInput\x12)\n\x05start\x18\x01 \x01(\x0b\x32\x18.tilechain.v1.StageStartH\x00\x12\"\n\x04tile\x18\x02 \x01(\x0b\x32\x12.tilechain.v1.TileH\x00\x12%\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x16.tilechain.v1.InputEndH\x00\x42\x06\n\x04kind\"5\n\x08Progress\x12\x0c\n\x04unit\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\r\x12\r\n\x05total\x18\x03 \x01(\r\"\x96\x01\n\x08\x41rtifact\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0b\n\x03uri\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x04 \x01(\t\x12\r\n\x05width\x18\x05 \x01(\r\x12\x0e\n\x06height\x18\x06 \x01(\r\x12\r\n\x05index\x18\x07 \x01(\r\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\"\x19\n\x06Notice\x12\x0f\n\x07message\x18\x01 \x01(\t\";\n\tStageDone\x12\x17\n\x0ftiles_processed\x18\x01 \x01(\r\x12\x15\n\rtiles_emitted\x18\x02 \x01(\r\"\x8a\x02\n\x0bStageOutput\x12&\n\x06\x63\x61nvas\x18\x01 \x01(\x0b\x32\x14.tilechain.v1.CanvasH\x00\x12\"\n\x04tile\x18\x02 \x01(\x0b\x32\x12.tilechain.v1.TileH\x00\x12*\n\x08progress\x18\x03 \x01(\x0b\x32\x16.tilechain.v1.ProgressH\x00\x12*\n\x08\x61rtifact\x18\x04 \x01(\x0b\x32\x16.tilechain.v1.ArtifactH\x00\x12&\n\x06notice\x18\x05 \x01(\x0b\x32\x14.tilechain.v1.NoticeH\x00\x12\'\n\x04\x64one\x18\x06 \x01(\x0b\x32\x17.tilechain.v1.StageDoneH\x00\x42\x06\n\x04kind\"\x11\n\x0f\x44\x65scribeRequest\"\x87\x02\n\tParamSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.tilechain.v1.ParamType\x12\'\n\x07\x64\x65\x66\x61ult\x18\x03 \x01(\x0b\x32\x16.google.protobuf.Value\x12\x10\n\x08required\x18\x04 \x01(\x08\x12\x14\n\x07minimum\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x14\n\x07maximum\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\'\n\x07\x63hoices\x18\x07 \x03(\x0b\x32\x16.google.protobuf.Value\x12\x0b\n\x03\x64oc\x18\x08 \x01(\t\x12\x10\n\x08keywords\x18\t \x03(\tB\n\n\x08_minimumB\n\n\x08_maximum\"\xce\x02\n\tStageSpec\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0b\n\x03\x64oc\x18\x03 \x01(\t\x12\'\n\x06params\x18\x04 \x03(\x0b\x32\x17.tilechain.v1.ParamSpec\x12\x10\n\x08max_tile\x18\x05 \x01(\r\x12\x0f\n\x07overlap\x18\x06 \x01(\r\x12\x1a\n\x12needs_whole_canvas\x18\x07 \x01(\x08\x12&\n\x05order\x18\x08 \x01(\x0e\x32\x17.tilechain.v1.TileOrder\x12\x13\n\x0b\x61ttachments\x18\t \x03(\t\x12\x1c\n\x14required_attachments\x18\n \x03(\t\x12\x15\n\rmakes_latents\x18\x0b \x01(\x08\x12\x15\n\rtakes_latents\x18\x0c \x01(\x08\x12\x13\n\x0bunavailable\x18\r \x01(\t\x12\x10\n\x08requires\x18\x0e \x03(\t\"G\n\x0cStageCatalog\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\'\n\x06stages\x18\x02 \x03(\x0b\x32\x17.tilechain.v1.StageSpec\"a\n\nPlanResult\x12%\n\x07outputs\x18\x01 \x03(\x0b\x32\x14.tilechain.v1.Canvas\x12\x14\n\x0c\x65mits_latent\x18\x02 \x01(\t\x12\x16\n\x0e\x61\x63\x63\x65pts_latent\x18\x03 \x01(\t\"!\n\x0cStatsRequest\x12\x11\n\twait_idle\x18\x01 \x01(\x08\"\xff\x01\n\x0cServiceStats\x12\x16\n\x0e\x61\x63tive_streams\x18\x01 \x01(\r\x12\x17\n\x0fstreams_started\x18\x02 \x01(\x04\x12\x18\n\x10streams_finished\x18\x03 \x01(\x04\x12\x19\n\x11streams_cancelled\x18\x04 \x01(\x04\x12\x16\n\x0estreams_failed\x18\x05 \x01(\x04\x12\x17\n\x0ftiles_processed\x18\x06 \x01(\x04\x12\x11\n\tsteps_run\x18\x07 \x01(\x04\x12\x13\n\x0bvae_decodes\x18\x08 \x01(\x04\x12\x13\n\x0bvae_encodes\x18\t \x01(\x04\x12\x1b\n\x13peak_active_streams\x18\n \x01(\r*\xa9\x01\n\tParamType\x12\x1a\n\x16PARAM_TYPE_UNSPECIFIED\x10\x00\x12\x12\n\x0ePARAM_TYPE_INT\x10\x01\x12\x14\n\x10PARAM_TYPE_FLOAT\x10\x02\x12\x13\n\x0fPARAM_TYPE_BOOL\x10\x03\x12\x15\n\x11PARAM_TYPE_STRING\x10\x04\x12\x13\n\x0fPARAM_TYPE_LIST\x10\x05\x12\x15\n\x11PARAM_TYPE_OBJECT\x10\x06*S\n\tTileOrder\x12\x1a\n\x16TILE_ORDER_UNSPECIFIED\x10\x00\x12\x13\n\x0fTILE_ORDER_GRID\x10\x01\x12\x15\n\x11TILE_ORDER_SPIRAL\x10\x02\x32\x8f\x02\n\x05Stage\x12\x42\n\x07Process\x12\x18.tilechain.v1.StageInput\x1a\x19.tilechain.v1.StageOutput(\x01\x30\x01\x12\x45\n\x08\x44\x65scribe\x12\x1d.tilechain.v1.DescribeRequest\x1a\x1a.tilechain.v1.StageCatalog\x12:\n\x04Plan\x12\x18.tilechain.v1.StageStart\x1a\x18.tilechain.v1.PlanResult\x12?\n\x05Stats\x12\x1a.tilechain.v1.StatsRequest\x1a\x1a.tilechain.v1.ServiceStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tilechain.v1.stage_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PARAMTYPE']._serialized_start=2060
-  _globals['_PARAMTYPE']._serialized_end=2229
-  _globals['_TILEORDER']._serialized_start=2231
-  _globals['_TILEORDER']._serialized_end=2314
+  _globals['_PARAMTYPE']._serialized_start=2106
+  _globals['_PARAMTYPE']._serialized_end=2275
+  _globals['_TILEORDER']._serialized_start=2277
+  _globals['_TILEORDER']._serialized_end=2360
   _globals['_STAGESTART']._serialized_start=99
-  _globals['_STAGESTART']._serialized_end=281
-  _globals['_INPUTEND']._serialized_start=283
-  _globals['_INPUTEND']._serialized_end=293
-  _globals['_STAGEINPUT']._serialized_start=296
-  _globals['_STAGEINPUT']._serialized_end=434
-  _globals['_PROGRESS']._serialized_start=436
-  _globals['_PROGRESS']._serialized_end=489
-  _globals['_ARTIFACT']._serialized_start=492
-  _globals['_ARTIFACT']._serialized_end=642
-  _globals['_NOTICE']._serialized_start=644
-  _globals['_NOTICE']._serialized_end=669
-  _globals['_STAGEDONE']._serialized_start=671
-  _globals['_STAGEDONE']._serialized_end=730
-  _globals['_STAGEOUTPUT']._serialized_start=733
-  _globals['_STAGEOUTPUT']._serialized_end=999
-  _globals['_DESCRIBEREQUEST']._serialized_start=1001
-  _globals['_DESCRIBEREQUEST']._serialized_end=1018
-  _globals['_PARAMSPEC']._serialized_start=1021
-  _globals['_PARAMSPEC']._serialized_end=1284
-  _globals['_STAGESPEC']._serialized_start=1287
-  _globals['_STAGESPEC']._serialized_end=1621
-  _globals['_STAGECATALOG']._serialized_start=1623
-  _globals['_STAGECATALOG']._serialized_end=1694
-  _globals['_PLANRESULT']._serialized_start=1696
-  _globals['_PLANRESULT']._serialized_end=1793
-  _globals['_STATSREQUEST']._serialized_start=1795
-  _globals['_STATSREQUEST']._serialized_end=1828
-  _globals['_SERVICESTATS']._serialized_start=1831
-  _globals['_SERVICESTATS']._serialized_end=2057
-  _globals['_STAGE']._serialized_start=2317
-  _globals['_STAGE']._serialized_end=2588
+  _globals['_STAGESTART']._serialized_end=298
+  _globals['_INPUTEND']._serialized_start=300
+  _globals['_INPUTEND']._serialized_end=310
+  _globals['_STAGEINPUT']._serialized_start=313
+  _globals['_STAGEINPUT']._serialized_end=451
+  _globals['_PROGRESS']._serialized_start=453
+  _globals['_PROGRESS']._serialized_end=506
+  _globals['_ARTIFACT']._serialized_start=509
+  _globals['_ARTIFACT']._serialized_end=659
+  _globals['_NOTICE']._serialized_start=661
+  _globals['_NOTICE']._serialized_end=686
+  _globals['_STAGEDONE']._serialized_start=688
+  _globals['_STAGEDONE']._serialized_end=747
+  _globals['_STAGEOUTPUT']._serialized_start=750
+  _globals['_STAGEOUTPUT']._serialized_end=1016
+  _globals['_DESCRIBEREQUEST']._serialized_start=1018
+  _globals['_DESCRIBEREQUEST']._serialized_end=1035
+  _globals['_PARAMSPEC']._serialized_start=1038
+  _globals['_PARAMSPEC']._serialized_end=1301
+  _globals['_STAGESPEC']._serialized_start=1304
+  _globals['_STAGESPEC']._serialized_end=1638
+  _globals['_STAGECATALOG']._serialized_start=1640
+  _globals['_STAGECATALOG']._serialized_end=1711
+  _globals['_PLANRESULT']._serialized_start=1713
+  _globals['_PLANRESULT']._serialized_end=1810
+  _globals['_STATSREQUEST']._serialized_start=1812
+  _globals['_STATSREQUEST']._serialized_end=1845
+  _globals['_SERVICESTATS']._serialized_start=1848
+  _globals['_SERVICESTATS']._serialized_end=2103
+  _globals['_STAGE']._serialized_start=2363
+  _globals['_STAGE']._serialized_end=2634
 # @@protoc_insertion_point(module_scope)

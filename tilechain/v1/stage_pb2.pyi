@@ -36,7 +36,7 @@ TILE_ORDER_GRID: TileOrder
 TILE_ORDER_SPIRAL: TileOrder
 
 class StageStart(_message.Message):
-    __slots__ = ("job_id", "name", "type", "params", "inputs", "transport_tile", "latent_output")
+    __slots__ = ("job_id", "name", "type", "params", "inputs", "transport_tile", "latent_output", "attempt")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class StageStart(_message.Message):
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_TILE_FIELD_NUMBER: _ClassVar[int]
     LATENT_OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     name: str
     type: str
@@ -51,7 +52,8 @@ class StageStart(_message.Message):
     inputs: _containers.RepeatedCompositeFieldContainer[_tiles_pb2.Canvas]
     transport_tile: int
     latent_output: bool
-    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_tiles_pb2.Canvas, _Mapping]]] = ..., transport_tile: _Optional[int] = ..., latent_output: _Optional[bool] = ...) -> None: ...
+    attempt: int
+    def __init__(self, job_id: _Optional[str] = ..., name: _Optional[str] = ..., type: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., inputs: _Optional[_Iterable[_Union[_tiles_pb2.Canvas, _Mapping]]] = ..., transport_tile: _Optional[int] = ..., latent_output: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class InputEnd(_message.Message):
     __slots__ = ()
@@ -212,7 +214,7 @@ class StatsRequest(_message.Message):
     def __init__(self, wait_idle: _Optional[bool] = ...) -> None: ...
 
 class ServiceStats(_message.Message):
-    __slots__ = ("active_streams", "streams_started", "streams_finished", "streams_cancelled", "streams_failed", "tiles_processed", "steps_run", "vae_decodes", "vae_encodes")
+    __slots__ = ("active_streams", "streams_started", "streams_finished", "streams_cancelled", "streams_failed", "tiles_processed", "steps_run", "vae_decodes", "vae_encodes", "peak_active_streams")
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     STREAMS_STARTED_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +224,7 @@ class ServiceStats(_message.Message):
     STEPS_RUN_FIELD_NUMBER: _ClassVar[int]
     VAE_DECODES_FIELD_NUMBER: _ClassVar[int]
     VAE_ENCODES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     active_streams: int
     streams_started: int
     streams_finished: int
@@ -231,4 +234,5 @@ class ServiceStats(_message.Message):
     steps_run: int
     vae_decodes: int
     vae_encodes: int
-    def __init__(self, active_streams: _Optional[int] = ..., streams_started: _Optional[int] = ..., streams_finished: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_failed: _Optional[int] = ..., tiles_processed: _Optional[int] = ..., steps_run: _Optional[int] = ..., vae_decodes: _Optional[int] = ..., vae_encodes: _Optional[int] = ...) -> None: ...
+    peak_active_streams: int
+    def __init__(self, active_streams: _Optional[int] = ..., streams_started: _Optional[int] = ..., streams_finished: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_failed: _Optional[int] = ..., tiles_processed: _Optional[int] = ..., steps_run: _Optional[int] = ..., vae_decodes: _Optional[int] = ..., vae_encodes: _Optional[int] = ..., peak_active_streams: _Optional[int] = ...) -> None: ...

@@ -240,11 +240,21 @@ async def plan_latent_handoffs(planned: list[PlannedStage], job_id: str) -> None
         log.info("job %s: %s hands latents (%s) to %s", job_id, before.label, before.emits_latent, after.label)
 
 
+def connection_broke(exc: grpc.aio.AioRpcError) -> bool:
+    """gRPC's asyncio client reports a stream whose connection broke while it was sending as
+    INTERNAL "Internal error from Core" (the failed send hides the UNAVAILABLE underneath): the
+    service died or went away mid-stream, which is not an error of the service's own."""
+    return exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (exc.debug_error_string() or "")
+
+
 def rpc_error(stage: PlannedStage, exc: grpc.aio.AioRpcError) -> ChainError:
     """A service's error as the gateway reports it: the service's own message where it gave one
     (it names the stage and param), else which service could not be reached."""
     code = exc.code()
+    details = exc.details()
+    if connection_broke(exc):
+        code, details = grpc.StatusCode.UNAVAILABLE, "the connection broke mid-stream"
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         what = "unavailable" if code == grpc.StatusCode.UNAVAILABLE else code.name.lower().replace("_", " ")
-        return ChainError(code, f"{stage.label}: the {stage.family.name} service at {stage.family.address} is {what}: {exc.details()}")
+        return ChainError(code, f"{stage.label}: the {stage.family.name} service at {stage.family.address} is {what}: {details}")
     return ChainError(code, exc.details() or f"{stage.label}: {code.name}")

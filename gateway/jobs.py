@@ -73,6 +73,7 @@ class Run:
         self.claim = claim
         self.id = claim.id
         self.attempt = claim.attempt
+        self.run = claim.run            # every run of the job, hand-backs included: the store's fencing token
         self.worker = worker
         self.store = worker.store
         self.request = gateway_pb2.ChainRequest.FromString(claim.request)
@@ -98,7 +99,7 @@ class Run:
         if event.WhichOneof("kind") == "tile":
             await self.store.publish_tile(self.id, self.history_length, event)
             return
-        index = await self.store.append(self.id, self.worker.owner, self.attempt, event)
+        index = await self.store.append(self.id, self.worker.owner, self.run, event)
         if index < 0:
             raise LeaseLost()
         self.history_length = max(self.history_length, index + 1)
@@ -141,7 +142,7 @@ class Run:
         state, code, message = outcome
         log.info("job %s %s (attempt %d) %s", self.id, gateway_pb2.JobState.Name(state), self.attempt, message)
         # the final state must land even though this task may have been cancelled
-        await asyncio.shield(store.finish(self.id, self.worker.owner, self.attempt, state, code, message))
+        await asyncio.shield(store.finish(self.id, self.worker.owner, self.run, state, code, message))
 
     async def _retry(self, reason: str) -> None:
         log.info("job %s: attempt %d failed (%s); queued again", self.id, self.attempt, reason)
@@ -151,7 +152,7 @@ class Run:
             ))
         except LeaseLost:
             return
-        await self.store.requeue(self.id, self.worker.owner, self.attempt, counted=True)
+        await self.store.requeue(self.id, self.worker.owner, self.run, counted=True)
 
     async def _hand_back(self) -> None:
         log.info("job %s: handed back to the queue (gateway stopping)", self.id)
@@ -162,18 +163,20 @@ class Run:
             ))
         except LeaseLost:
             return
-        await self.store.requeue(self.id, self.worker.owner, self.attempt, counted=False)
+        await self.store.requeue(self.id, self.worker.owner, self.run, counted=False)
 
     async def _plan(self) -> list[PlannedStage]:
         """The plan made at submission when this gateway took the request itself, else a new
-        one (the services may have changed since; a retry waits for them to be back first)."""
-        if self.attempt == 1:
+        one (the services may have changed since; a job run again waits for them to be back
+        first). Each stage hears which run this is (StageStart.attempt): persist-disk replaces
+        the files an earlier run of the job wrote."""
+        if self.run == 1:
             cached = self.worker.plans.take(self.id)
             if cached is not None:
                 return cached
         else:
             await self._wait_for_families()
-        return await plan_chain(self.request, self.worker.families, self.worker.settings, self.id, self.attempt)
+        return await plan_chain(self.request, self.worker.families, self.worker.settings, self.id, self.run)
 
     async def _wait_for_families(self) -> None:
         """A retry starts when its services are reachable again (a restarted service, another
@@ -350,7 +353,7 @@ class Worker:
         while True:
             await asyncio.sleep(self.gateway.lease / 3)  # a period: three renewals per lease
             try:
-                verdicts = await self.store.renew(self.owner, {job_id: run.attempt for job_id, run in self.runs.items()})
+                verdicts = await self.store.renew(self.owner, {job_id: run.run for job_id, run in self.runs.items()})
                 for job_id, verdict in verdicts.items():
                     run = self.runs.get(job_id)
                     if run is not None:

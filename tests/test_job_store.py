@@ -103,7 +103,7 @@ def test_a_job_from_queue_to_end_keeps_a_compact_history(backend) -> None:
             assert claim is not None and (claim.id, claim.attempt, claim.max_attempts) == ("job1", 1, 3)
             assert claim.request == job.request and claim.previous_owner == ""
             status = await store.status("job1")
-            assert (status.state, status.attempt, status.queue_position) == (RUNNING, 1, 0)
+            assert (status.state, status.attempt, status.queue_position, status.gateway) == (RUNNING, 1, 0, "gw/1")
 
             events = [
                 stage_event(0, gateway_pb2.StageEvent.KIND_STARTED), progress(0, 1), progress(0, 2),
@@ -199,12 +199,15 @@ def test_retry_and_hand_back(backend) -> None:
             status = await store.status("r")
             assert (status.state, status.attempt, status.queue_position) == (QUEUED, 1, 1)
             claims = {c.id: c for c in [await store.claim("gw/1", wait=0), await store.claim("gw/1", wait=0)]}
-            assert claims["r"].attempt == 2 and claims["later"].attempt == 1
-            # a hand-back by a stopping gateway does not count
+            assert (claims["r"].attempt, claims["r"].run) == (2, 2) and claims["later"].attempt == 1
+            # a hand-back by a stopping gateway does not count (but it is another run)
             assert await store.requeue("r", "gw/1", 2, counted=False)
             assert (await store.status("r")).attempt == 1
-            assert (await store.claim("gw/2", wait=0)).attempt == 2
+            claim = await store.claim("gw/2", wait=0)
+            assert (claim.attempt, claim.run) == (2, 3)
             assert not await store.requeue("r", "gw/1", 2, counted=True)  # gw/1 no longer holds it
+            assert not await store.append("r", "gw/2", 2, progress(0, 1)) >= 0  # nor run 2
+            assert await store.append("r", "gw/2", 3, progress(0, 1)) >= 0
         finally:
             await store.close()
 

@@ -53,14 +53,17 @@ class NewJob:
 
 @dataclass
 class Claim:
-    """A job a gateway took to run: one attempt, with the lease that proves it owns it."""
+    """A job a gateway took to run, with the lease that proves it owns it. run counts every run
+    of the job (the fencing token: each claim gets a new one); attempt counts the runs that count
+    against max_attempts (a gateway handing a job back on shutdown does not use one up)."""
 
     id: str
     request: bytes
     attempt: int
     max_attempts: int
+    run: int
     deadline: float = 0.0
-    previous_owner: str = ""     # the gateway whose lease on the previous attempt ran out, if any
+    previous_owner: str = ""     # the gateway whose lease on the previous run ran out, if any
 
 
 @dataclass
@@ -111,8 +114,8 @@ def event_kind(event: gateway_pb2.JobEvent) -> str:
     return "event"
 
 
-def progress_slot(attempt: int, event: gateway_pb2.JobEvent) -> str:
-    return f"{attempt}:{event.progress.stage_index}"
+def progress_slot(run: int, event: gateway_pb2.JobEvent) -> str:
+    return f"{run}:{event.progress.stage_index}"
 
 
 def job_notice(message: str) -> gateway_pb2.JobEvent:
@@ -176,7 +179,7 @@ class StoreConfig:
 class JobStore(abc.ABC):
     """Every operation that changes a job is atomic in the store (one SQLite transaction, one
     Redis script), so a gateway dying at any point leaves a consistent record. Operations on a
-    running job carry the owner and attempt that claimed it: a gateway that lost its lease (it
+    running job carry the owner and run that claimed it: a gateway that lost its lease (it
     stalled past it and another gateway took the job over) is refused."""
 
     def __init__(self, config: StoreConfig) -> None:
@@ -198,17 +201,17 @@ class JobStore(abc.ABC):
     @abc.abstractmethod
     async def claim(self, owner: str, wait: float) -> Claim | None:
         """Take the next admitted job to run, waiting up to wait seconds for one: attempt + 1,
-        RUNNING, leased to owner. A job whose previous owner's lease ran out is taken over as a
+        run + 1, RUNNING, leased to owner. A job whose previous owner's lease ran out is taken over as a
         new attempt; one past its last attempt, cancelled, or past its deadline ends here instead
         (and is not returned)."""
 
     @abc.abstractmethod
     async def renew(self, owner: str, running: dict[str, int]) -> dict[str, str]:
-        """Extend the leases of the jobs owner runs (job id -> attempt). Returns the jobs to stop:
+        """Extend the leases of the jobs owner runs (job id -> run). Returns the jobs to stop:
         "cancel" (someone cancelled it) or "lost" (the lease is no longer this owner's)."""
 
     @abc.abstractmethod
-    async def append(self, job_id: str, owner: str, attempt: int, event: gateway_pb2.JobEvent) -> int:
+    async def append(self, job_id: str, owner: str, run: int, event: gateway_pb2.JobEvent) -> int:
         """Keep an event in the job's compact history and send it to live watchers. Returns its
         index in the history, or -1 when owner no longer holds the job."""
 
@@ -217,12 +220,12 @@ class JobStore(abc.ABC):
         """Send a tile event to live watchers only (tiles are never kept)."""
 
     @abc.abstractmethod
-    async def finish(self, job_id: str, owner: str, attempt: int, state: int, code: int = 0, message: str = "") -> bool:
+    async def finish(self, job_id: str, owner: str, run: int, state: int, code: int = 0, message: str = "") -> bool:
         """End a running job: its final state, its streams given back, its request dropped (the
         status and history stay, for the retention time). False when owner no longer holds it."""
 
     @abc.abstractmethod
-    async def requeue(self, job_id: str, owner: str, attempt: int, counted: bool) -> bool:
+    async def requeue(self, job_id: str, owner: str, run: int, counted: bool) -> bool:
         """Put a running job back in the queue, at its old place (it is older than the jobs
         behind it), giving back its streams: a retry (counted: this attempt counts) or a hand-back
         by a stopping gateway (not counted). A job cancelled meanwhile ends CANCELLED instead."""

@@ -65,9 +65,9 @@ local function is_final(state) return state == '3' or state == '4' or state == '
 local function jkey(id) return P .. 'job:' .. id end
 local function now() local t = redis.call('TIME'); return tonumber(t[1]) + tonumber(t[2]) / 1e6 end
 
-local function holds(key, owner, attempt)
-  local f = redis.call('HMGET', key, 'state', 'owner', 'attempt')
-  return f[1] == RUNNING and f[2] == owner and f[3] == attempt
+local function holds(key, owner, run)
+  local f = redis.call('HMGET', key, 'state', 'owner', 'runs')
+  return f[1] == RUNNING and f[2] == owner and f[3] == run
 end
 
 -- Admit waiting jobs, oldest first, each with every stream its chain needs or not at all; one
@@ -133,7 +133,7 @@ SUBMIT = """
 local id = ARGV[1]
 local key = jkey(id)
 local seq = redis.call('INCR', P .. 'seq')
-redis.call('HSET', key, 'state', QUEUED, 'code', 0, 'message', '', 'attempt', 0, 'max_attempts', ARGV[4],
+redis.call('HSET', key, 'state', QUEUED, 'code', 0, 'message', '', 'attempt', 0, 'runs', 0, 'max_attempts', ARGV[4],
   'stages_total', ARGV[3], 'stages_done', 0, 'needs', ARGV[2], 'deadline', ARGV[5], 'seq', seq,
   'owner', '', 'entry', '', 'cancel', 0, 'created', now())
 redis.call('ZADD', P .. 'waiting', seq, id)
@@ -145,7 +145,7 @@ return seq
 """
 
 # A gateway got a stream entry (new, or taken over from a dead gateway). ARGV: id, entry,
-# owner, retention, limits, scan. Returns {'run', request, attempt, max_attempts, deadline,
+# owner, retention, limits, scan. Returns {'run', request, attempt, max_attempts, run, deadline,
 # previous owner} or {'ended'} / {'stale'}.
 START = """
 local id, entry, owner = ARGV[1], ARGV[2], ARGV[3]
@@ -166,25 +166,26 @@ elseif attempt > tonumber(f[5]) then
 elseif tonumber(f[6]) > 0 and now() > tonumber(f[6]) then
   finalize(id, FAILED, 4, 'the deadline passed before the job could run', ARGV[4])
 else
+  local run = redis.call('HINCRBY', key, 'runs', 1)
   redis.call('HSET', key, 'state', RUNNING, 'attempt', attempt, 'owner', owner, 'stages_done', 0)
   redis.call('DEL', key .. ':artifacts')
   if redis.call('ZREM', P .. 'queued', id) == 1 then redis.call('PUBLISH', P .. 'queue-moved', id) end
-  return {'run', f[8], attempt, f[5], f[6], previous}
+  return {'run', f[8], attempt, f[5], run, f[6], previous}
 end
 admit(ARGV[5], tonumber(ARGV[6]))
 return {'ended'}
 """
 
-# ARGV: owner, then job id and attempt pairs. Renews the leases this owner still holds (its
+# ARGV: owner, then job id and run pairs. Renews the leases this owner still holds (its
 # pending entries' idle time); returns id, verdict pairs for the jobs to stop.
 RENEW = """
 local owner = ARGV[1]
 local out = {}
 for i = 2, #ARGV, 2 do
-  local id, attempt = ARGV[i], ARGV[i + 1]
-  local f = redis.call('HMGET', jkey(id), 'state', 'owner', 'attempt', 'cancel', 'entry')
+  local id, run = ARGV[i], ARGV[i + 1]
+  local f = redis.call('HMGET', jkey(id), 'state', 'owner', 'runs', 'cancel', 'entry')
   local mine = false
-  if f[1] == RUNNING and f[2] == owner and f[3] == attempt and f[5] and f[5] ~= '' then
+  if f[1] == RUNNING and f[2] == owner and f[3] == run and f[5] and f[5] ~= '' then
     local pending = redis.call('XPENDING', STREAM, GROUP, f[5], f[5], 1)
     mine = #pending == 1 and pending[1][2] == owner
   end
@@ -202,7 +203,7 @@ end
 return out
 """
 
-# ARGV: id, owner, attempt, kind, progress slot, event. Returns the event's history index, or -1.
+# ARGV: id, owner, run, kind, progress slot, event. Returns the event's history index, or -1.
 APPEND = """
 local id = ARGV[1]
 local key = jkey(id)
@@ -223,7 +224,7 @@ redis.call('PUBLISH', P .. 'events:' .. id, 'e' .. index .. ':' .. ARGV[6])
 return tonumber(index)
 """
 
-# ARGV: id, owner, attempt, state, code, message, retention, limits, scan
+# ARGV: id, owner, run, state, code, message, retention, limits, scan
 FINISH = """
 if not holds(jkey(ARGV[1]), ARGV[2], ARGV[3]) then return 0 end
 finalize(ARGV[1], ARGV[4], ARGV[5], ARGV[6], ARGV[7])
@@ -231,7 +232,7 @@ admit(ARGV[8], tonumber(ARGV[9]))
 return 1
 """
 
-# ARGV: id, owner, attempt, counted ('1' or '0'), retention, limits, scan
+# ARGV: id, owner, run, counted ('1' or '0'), retention, limits, scan
 REQUEUE = """
 local id = ARGV[1]
 local key = jkey(id)
@@ -296,7 +297,7 @@ admit(ARGV[2], tonumber(ARGV[3]))
 return 1
 """
 
-STATUS_FIELDS = ("state", "code", "message", "attempt", "max_attempts", "stages_total", "stages_done")
+STATUS_FIELDS = ("state", "code", "message", "attempt", "max_attempts", "stages_total", "stages_done", "owner")
 
 
 class RedisStore(JobStore):
@@ -448,32 +449,32 @@ class RedisStore(JobStore):
         reply = await self.scripts["start"](args=[job_id, entry_id, owner, *self._end_args()])
         if reply[0] != b"run":
             return None
-        _, request, attempt, max_attempts, deadline, previous = reply
-        return Claim(job_id, request, int(attempt), int(max_attempts), float(deadline), previous.decode())
+        _, request, attempt, max_attempts, run, deadline, previous = reply
+        return Claim(job_id, request, int(attempt), int(max_attempts), int(run), float(deadline), previous.decode())
 
     async def renew(self, owner: str, running: dict[str, int]) -> dict[str, str]:
         if not running:
             return {}
         args: list[object] = [owner]
-        for job_id, attempt in running.items():
-            args += [job_id, attempt]
+        for job_id, run in running.items():
+            args += [job_id, run]
         reply = await self.scripts["renew"](args=args)
         return {reply[i].decode(): reply[i + 1].decode() for i in range(0, len(reply), 2)}
 
-    async def append(self, job_id: str, owner: str, attempt: int, event: gateway_pb2.JobEvent) -> int:
+    async def append(self, job_id: str, owner: str, run: int, event: gateway_pb2.JobEvent) -> int:
         kind = event_kind(event)
-        slot = progress_slot(attempt, event) if kind == "progress" else ""
-        return int(await self.scripts["append"](args=[job_id, owner, attempt, kind, slot, event.SerializeToString()]))
+        slot = progress_slot(run, event) if kind == "progress" else ""
+        return int(await self.scripts["append"](args=[job_id, owner, run, kind, slot, event.SerializeToString()]))
 
     async def publish_tile(self, job_id: str, position: int, event: gateway_pb2.JobEvent) -> None:
         await self.r.publish(events_channel(job_id), b"t%d:" % position + event.SerializeToString())
 
-    async def finish(self, job_id: str, owner: str, attempt: int, state: int, code: int = 0, message: str = "") -> bool:
-        done = await self.scripts["finish"](args=[job_id, owner, attempt, state, code, message, *self._end_args()])
+    async def finish(self, job_id: str, owner: str, run: int, state: int, code: int = 0, message: str = "") -> bool:
+        done = await self.scripts["finish"](args=[job_id, owner, run, state, code, message, *self._end_args()])
         return bool(done)
 
-    async def requeue(self, job_id: str, owner: str, attempt: int, counted: bool) -> bool:
-        done = await self.scripts["requeue"](args=[job_id, owner, attempt, int(counted), *self._end_args()])
+    async def requeue(self, job_id: str, owner: str, run: int, counted: bool) -> bool:
+        done = await self.scripts["requeue"](args=[job_id, owner, run, int(counted), *self._end_args()])
         return bool(done)
 
     async def cancel(self, job_id: str) -> gateway_pb2.JobStatus | None:
@@ -500,11 +501,11 @@ class RedisStore(JobStore):
         values = replies[0]
         if values[0] is None:
             return None
-        state, code, message, attempt, max_attempts, stages_total, stages_done = values
+        state, code, message, attempt, max_attempts, stages_total, stages_done, owner = values
         status = gateway_pb2.JobStatus(
             job_id=job_id, state=int(state), code=int(code), message=message.decode(),
             attempt=int(attempt), max_attempts=int(max_attempts),
-            stages_total=int(stages_total), stages_done=int(stages_done),
+            stages_total=int(stages_total), stages_done=int(stages_done), gateway=(owner or b"").decode(),
         )
         status.artifacts.extend(gateway_pb2.JobEvent.FromString(a).artifact for a in replies[1])
         if status.state == QUEUED and replies[2] is not None:

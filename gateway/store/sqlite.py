@@ -48,8 +48,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     state        INTEGER NOT NULL,                   -- tilechain.v1.JobState
     code         INTEGER NOT NULL DEFAULT 0,
     message      TEXT NOT NULL DEFAULT '',
-    attempt      INTEGER NOT NULL DEFAULT 0,
+    attempt      INTEGER NOT NULL DEFAULT 0,         -- runs that count against max_attempts
     max_attempts INTEGER NOT NULL,
+    runs         INTEGER NOT NULL DEFAULT 0,         -- every run, hand-backs included: the fencing token
     stages_total INTEGER NOT NULL,
     stages_done  INTEGER NOT NULL DEFAULT 0,
     needs        TEXT NOT NULL,                      -- {"family": streams}
@@ -68,9 +69,9 @@ CREATE INDEX IF NOT EXISTS jobs_by_admission ON jobs (admitted);
 CREATE TABLE IF NOT EXISTS events (
     job_id  TEXT NOT NULL,
     idx     INTEGER NOT NULL,   -- position in the job's history
-    attempt INTEGER NOT NULL,
+    run     INTEGER NOT NULL,   -- the job's run that made it
     kind    TEXT NOT NULL,      -- event, progress, finished, artifact (base.event_kind)
-    slot    TEXT,               -- progress: "attempt:stage", replaced in place
+    slot    TEXT,               -- progress: "run:stage", replaced in place
     data    BLOB NOT NULL,      -- a serialized JobEvent
     PRIMARY KEY (job_id, idx)
 );
@@ -231,13 +232,14 @@ class SqliteStore(JobStore):
                 if ended is not None:
                     notes += self._end(db, row["id"], *ended)
                     continue
+                run = row["runs"] + 1
                 db.execute(
-                    "UPDATE jobs SET state = ?, attempt = ?, owner = ?, lease_until = ?, stages_done = 0 WHERE id = ?",
-                    (RUNNING, attempt, owner, now + self.config.lease, row["id"]),
+                    "UPDATE jobs SET state = ?, attempt = ?, runs = ?, owner = ?, lease_until = ?, stages_done = 0 WHERE id = ?",
+                    (RUNNING, attempt, run, owner, now + self.config.lease, row["id"]),
                 )
                 if row["state"] == QUEUED:
                     notes.append(("queue",))
-                return notes, Claim(row["id"], row["request"], attempt, row["max_attempts"], row["deadline"], previous)
+                return notes, Claim(row["id"], row["request"], attempt, row["max_attempts"], run, row["deadline"], previous)
 
     @staticmethod
     def _cannot_start(row: sqlite3.Row, attempt: int, previous: str, now: float) -> tuple[int, int, str] | None:
@@ -258,10 +260,10 @@ class SqliteStore(JobStore):
         stop: dict[str, str] = {}
         with self._tx() as db:
             until = time.time() + self.config.lease
-            for job_id, attempt in running.items():
+            for job_id, run in running.items():
                 row = db.execute(
-                    "SELECT cancel FROM jobs WHERE id = ? AND state = ? AND owner = ? AND attempt = ?",
-                    (job_id, RUNNING, owner, attempt),
+                    "SELECT cancel FROM jobs WHERE id = ? AND state = ? AND owner = ? AND runs = ?",
+                    (job_id, RUNNING, owner, run),
                 ).fetchone()
                 if row is None:
                     stop[job_id] = "lost"
@@ -271,22 +273,22 @@ class SqliteStore(JobStore):
                     stop[job_id] = "cancel"
         return [], stop
 
-    def _holds(self, db: sqlite3.Connection, job_id: str, owner: str, attempt: int) -> bool:
+    def _holds(self, db: sqlite3.Connection, job_id: str, owner: str, run: int) -> bool:
         return db.execute(
-            "SELECT 1 FROM jobs WHERE id = ? AND state = ? AND owner = ? AND attempt = ?", (job_id, RUNNING, owner, attempt)
+            "SELECT 1 FROM jobs WHERE id = ? AND state = ? AND owner = ? AND runs = ?", (job_id, RUNNING, owner, run)
         ).fetchone() is not None
 
-    async def append(self, job_id: str, owner: str, attempt: int, event: gateway_pb2.JobEvent) -> int:
-        return await self._call(self._append, job_id, owner, attempt, event)
+    async def append(self, job_id: str, owner: str, run: int, event: gateway_pb2.JobEvent) -> int:
+        return await self._call(self._append, job_id, owner, run, event)
 
-    def _append(self, job_id: str, owner: str, attempt: int, event: gateway_pb2.JobEvent) -> tuple[list[Note], int]:
+    def _append(self, job_id: str, owner: str, run: int, event: gateway_pb2.JobEvent) -> tuple[list[Note], int]:
         kind = event_kind(event)
         data = event.SerializeToString()
         with self._tx() as db:
-            if not self._holds(db, job_id, owner, attempt):
+            if not self._holds(db, job_id, owner, run):
                 return [], -1
             index = None
-            slot = progress_slot(attempt, event) if kind == "progress" else None
+            slot = progress_slot(run, event) if kind == "progress" else None
             if slot is not None:
                 found = db.execute("SELECT idx FROM events WHERE job_id = ? AND slot = ?", (job_id, slot)).fetchone()
                 if found is not None:
@@ -295,8 +297,8 @@ class SqliteStore(JobStore):
             if index is None:
                 index = db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM events WHERE job_id = ?", (job_id,)).fetchone()[0]
                 db.execute(
-                    "INSERT INTO events (job_id, idx, attempt, kind, slot, data) VALUES (?, ?, ?, ?, ?, ?)",
-                    (job_id, index, attempt, kind, slot, data),
+                    "INSERT INTO events (job_id, idx, run, kind, slot, data) VALUES (?, ?, ?, ?, ?, ?)",
+                    (job_id, index, run, kind, slot, data),
                 )
             if kind == "finished":
                 db.execute("UPDATE jobs SET stages_done = stages_done + 1 WHERE id = ?", (job_id,))
@@ -305,21 +307,21 @@ class SqliteStore(JobStore):
     async def publish_tile(self, job_id: str, position: int, event: gateway_pb2.JobEvent) -> None:
         self.feed.deliver(job_id, FeedItem("tile", position, event))
 
-    async def finish(self, job_id: str, owner: str, attempt: int, state: int, code: int = 0, message: str = "") -> bool:
-        return await self._call(self._finish, job_id, owner, attempt, state, code, message)
+    async def finish(self, job_id: str, owner: str, run: int, state: int, code: int = 0, message: str = "") -> bool:
+        return await self._call(self._finish, job_id, owner, run, state, code, message)
 
-    def _finish(self, job_id: str, owner: str, attempt: int, state: int, code: int, message: str) -> tuple[list[Note], bool]:
+    def _finish(self, job_id: str, owner: str, run: int, state: int, code: int, message: str) -> tuple[list[Note], bool]:
         with self._tx() as db:
-            if not self._holds(db, job_id, owner, attempt):
+            if not self._holds(db, job_id, owner, run):
                 return [], False
             return self._end(db, job_id, state, code, message), True
 
-    async def requeue(self, job_id: str, owner: str, attempt: int, counted: bool) -> bool:
-        return await self._call(self._requeue, job_id, owner, attempt, counted)
+    async def requeue(self, job_id: str, owner: str, run: int, counted: bool) -> bool:
+        return await self._call(self._requeue, job_id, owner, run, counted)
 
-    def _requeue(self, job_id: str, owner: str, attempt: int, counted: bool) -> tuple[list[Note], bool]:
+    def _requeue(self, job_id: str, owner: str, run: int, counted: bool) -> tuple[list[Note], bool]:
         with self._tx() as db:
-            if not self._holds(db, job_id, owner, attempt):
+            if not self._holds(db, job_id, owner, run):
                 return [], False
             if db.execute("SELECT cancel FROM jobs WHERE id = ?", (job_id,)).fetchone()[0]:
                 return self._end(db, job_id, CANCELLED, CANCELLED_CODE, "cancelled"), True
@@ -366,10 +368,10 @@ class SqliteStore(JobStore):
         status = gateway_pb2.JobStatus(
             job_id=job_id, state=row["state"], code=row["code"], message=row["message"],
             stages_total=row["stages_total"], stages_done=row["stages_done"],
-            attempt=row["attempt"], max_attempts=row["max_attempts"],
+            attempt=row["attempt"], max_attempts=row["max_attempts"], gateway=row["owner"],
         )
         for (data,) in db.execute(
-            "SELECT data FROM events WHERE job_id = ? AND kind = 'artifact' AND attempt = ? ORDER BY idx", (job_id, row["attempt"])
+            "SELECT data FROM events WHERE job_id = ? AND kind = 'artifact' AND run = ? ORDER BY idx", (job_id, row["runs"])
         ):
             status.artifacts.append(gateway_pb2.JobEvent.FromString(data).artifact)
         if row["state"] == QUEUED:

@@ -83,7 +83,7 @@ class JobRef(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "state", "code", "message", "artifacts", "stages_total", "stages_done", "attempt", "max_attempts", "queue_position", "queue_length")
+    __slots__ = ("job_id", "state", "code", "message", "artifacts", "stages_total", "stages_done", "attempt", "max_attempts", "queue_position", "queue_length", "gateway")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,7 @@ class JobStatus(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     code: int
@@ -106,7 +107,8 @@ class JobStatus(_message.Message):
     max_attempts: int
     queue_position: int
     queue_length: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_stage_pb2.Artifact, _Mapping]]] = ..., stages_total: _Optional[int] = ..., stages_done: _Optional[int] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., queue_position: _Optional[int] = ..., queue_length: _Optional[int] = ...) -> None: ...
+    gateway: str
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_stage_pb2.Artifact, _Mapping]]] = ..., stages_total: _Optional[int] = ..., stages_done: _Optional[int] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., queue_position: _Optional[int] = ..., queue_length: _Optional[int] = ..., gateway: _Optional[str] = ...) -> None: ...
 
 class QueueEvent(_message.Message):
     __slots__ = ("position", "length", "attempt")

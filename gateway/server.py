@@ -28,7 +28,7 @@ from .families import Family, FamilyUnavailable, connect
 from .jobs import Worker, new_job_id
 from .settings import GatewaySettings, max_streams_env
 from .store import SCHEMES, open_store
-from .store.base import FAILED, FINAL_STATES, RUNNING, JobStore, NewJob, StoreConfig
+from .store.base import FAILED, RUNNING, JobStore, NewJob, StoreConfig, StoreError
 from .watch import FINAL, JobNotFound, Watcher, WatcherClosed, follow
 
 log = logging.getLogger("tilechain.gateway")
@@ -217,9 +217,9 @@ def main(argv: list[str] | None = None) -> None:
         config = StoreConfig(limits=gateway.stream_limits, lease=gateway.lease, retention=gateway.retention)
         try:
             store = open_store(gateway.job_store, config)
-        except ValueError as exc:
-            raise SystemExit(str(exc)) from None
-        await store.open()
+            await store.open()
+        except (ValueError, StoreError) as exc:
+            raise SystemExit(f"tilechain gateway: {exc}") from None
         log.info(
             "job store %s; gateway %s runs up to %d jobs; streams per family %s",
             gateway.job_store, gateway.gateway_id, gateway.max_jobs, gateway.stream_limits,

@@ -12,12 +12,15 @@ from tilechain.services.core.config import FAMILIES
 
 from .store import DEFAULT_STORE
 
-# Concurrent streams one replica of a family serves: the model families are sized for one GPU
-# (a diffusion or super-resolution model per stream, each holding its activations), the
-# model-free ones (file writes, crops, resizes) for a few CPU cores.
+# Concurrent streams one replica of a family serves. The model families are sized for one GPU:
+# the diffusion families (source, blend) run the calls of concurrent streams as one batch when
+# they can (docs/diffusion.md), so their limit is also the largest batch, 4 images of SD 1.x or
+# SDXL in fp16 on a 24 GB card; the super-resolution and face models (upscale, correct) run
+# each stream's tiles on their own, two at a time keep a GPU busy. The model-free families (file
+# writes, crops, resizes) are sized for a few CPU cores.
 DEFAULT_MAX_STREAMS: dict[str, int] = {
-    "source": 2,
-    "blend": 2,
+    "source": 4,
+    "blend": 4,
     "correct": 2,
     "upscale": 2,
     "persist": 16,

@@ -19,6 +19,9 @@ from .store.base import FINAL_STATES, QUEUED, FeedItem, JobStore
 
 DEFAULT_TILE_BUDGET = 32 * 1024 * 1024  # bytes of tile events one watcher may have waiting
 MAX_WAITING_EVENTS = 10_000              # a watcher this far behind on non-tile events is dropped
+# With nothing heard for this long, a watcher reads the job's status: the end of a job is never
+# missed, even if a live message was (a dropped pub/sub connection loses what was sent meanwhile).
+QUIET_CHECK_SECONDS = 5.0
 
 FINAL = "final"          # markers in a watcher's buffer, besides events
 REQUEUED = "requeued"
@@ -130,7 +133,10 @@ class Watcher:
                 self.recheck = False
                 return RECHECK
             self.ready.clear()
-            await self.ready.wait()
+            try:
+                await asyncio.wait_for(self.ready.wait(), QUIET_CHECK_SECONDS)
+            except asyncio.TimeoutError:
+                return RECHECK
 
 
 def queue_event(job_id: str, status: gateway_pb2.JobStatus) -> gateway_pb2.JobEvent:
@@ -185,12 +191,14 @@ async def follow(
                 return
             if item in (REQUEUED, RECHECK):
                 watcher.queued = watcher.queued or item == REQUEUED
-                if not watcher.queued:
-                    continue
                 status = await store.status(job_id)
-                if status is None or status.state != QUEUED:
+                if status is None or status.state in FINAL_STATES:
+                    if status is not None:
+                        yield final_event(status)
+                    return
+                if status.state != QUEUED:
                     watcher.queued = False
-                elif item == REQUEUED or status.queue_position != position:
+                elif watcher.queued and (item == REQUEUED or status.queue_position != position):
                     position = status.queue_position
                     yield queue_event(job_id, status)
                 continue

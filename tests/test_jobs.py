@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +17,7 @@ import pytest
 from PIL import Image
 
 from tilechain.client import chain_request, connect
-from tilechain.services.core.codecs import encode_image, read_metadata, tile_message
+from tilechain.services.core.codecs import read_metadata, tile_message
 from tilechain.services.core.tiles import transport_grid
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc, tiles_pb2

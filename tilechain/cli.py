@@ -80,7 +80,11 @@ class ProgressBar:
             filled = width * p.done // max(1, p.total)
             self.line(f"  {event.progress.name}: [{'#' * filled}{'.' * (width - filled)}] {p.done}/{p.total} {p.unit}")
         elif kind == "notice":
-            self.line(f"  {event.notice.name}: {event.notice.message}", final=True)
+            self.line(f"  {event.notice.name or 'job'}: {event.notice.message}", final=True)
+        elif kind == "queue":
+            q = event.queue
+            retry = f" (attempt {q.attempt})" if q.attempt > 1 else ""
+            self.line(f"queued{retry}: {q.position} of {q.length}", final=q.position == 1)
 
 
 def _run(args: argparse.Namespace, rest: list[str]) -> int:

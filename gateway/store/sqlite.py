@@ -33,6 +33,7 @@ from .base import (
     JobStore,
     NewJob,
     StoreConfig,
+    StoreError,
     admit,
     dumps_needs,
     event_kind,
@@ -97,8 +98,11 @@ class SqliteStore(JobStore):
     # --- plumbing ----------------------------------------------------------------------------
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        await self._call(self._open)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            await self._call(self._open)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"the job store {self.path} cannot be opened: {exc} (TILECHAIN_JOB_STORE sets where it is)") from exc
 
     def _open(self) -> list[Note]:
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)

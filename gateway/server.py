@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import time
 from collections import Counter
-from typing import AsyncIterator
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import grpc
 
@@ -35,6 +36,27 @@ log = logging.getLogger("tilechain.gateway")
 
 CANCEL_WAIT = 5.0  # CancelJob waits this long for a running job to end before it answers
 STOPPING = "stopping"
+
+Reply = TypeVar("Reply")
+
+
+def store_unavailable(exc: BaseException) -> str:
+    return f"the job store is unavailable ({type(exc).__name__}: {exc}); try again"
+
+
+def answers_store_errors(
+    handler: Callable[[GatewayServicer, object, grpc.aio.ServicerContext], Awaitable[Reply]],
+) -> Callable[[GatewayServicer, object, grpc.aio.ServicerContext], Awaitable[Reply]]:
+    """A unary handler that answers UNAVAILABLE when the job store fails, not UNKNOWN."""
+
+    @functools.wraps(handler)
+    async def wrapped(self: GatewayServicer, request: object, context: grpc.aio.ServicerContext) -> Reply:
+        try:
+            return await handler(self, request, context)
+        except self.store.errors as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, store_unavailable(exc))
+
+    return wrapped
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -81,6 +103,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 )
         return dict(needs)
 
+    @answers_store_errors
     async def SubmitChain(self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.JobRef:
         job = await self._prepare(request, context)
         await self.store.submit(job)
@@ -121,6 +144,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 yield event
         except JobNotFound:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {job_id!r}")
+        except self.store.errors as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, store_unavailable(exc))
         except WatcherClosed as exc:
             if exc.reason == STOPPING:
                 await context.abort(
@@ -132,6 +157,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         finally:
             self.watchers.discard(watcher)
 
+    @answers_store_errors
     async def GetJob(self, request: gateway_pb2.JobRef, context: grpc.aio.ServicerContext) -> gateway_pb2.JobStatus:
         status = await self.store.status(request.job_id)
         if status is None:
@@ -142,6 +168,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         async for event in self._follow(request.job_id, context, replay=True):
             yield event
 
+    @answers_store_errors
     async def CancelJob(self, request: gateway_pb2.JobRef, context: grpc.aio.ServicerContext) -> gateway_pb2.JobStatus:
         """A queued job ends at once; a running one is stopped by the gateway running it, which
         ends its services' streams: this answers with its final status (or, if that gateway

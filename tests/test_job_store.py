@@ -122,6 +122,8 @@ def test_a_job_from_queue_to_end_keeps_a_compact_history(backend) -> None:
             assert await store.finish("job1", "gw/1", 1, SUCCEEDED)
             status = await store.status("job1")
             assert (status.state, status.attempt, len(status.artifacts)) == (SUCCEEDED, 1, 1)
+            created, started, ended = (t.ToNanoseconds() for t in (status.created_at, status.started_at, status.ended_at))
+            assert 0 < created <= started <= ended
             assert not request_kept(store, "job1")  # the attachment bytes are gone, the record stays
             assert len((await store.snapshot("job1"))[1]) == 5
             assert await store.append("job1", "gw/1", 1, progress(1, 1)) == -1  # ended: nothing more

@@ -375,3 +375,22 @@ def test_a_retried_attempt_replaces_its_own_file_and_no_other(services: Services
     assert np.asarray(Image.open(path))[0, 0, 0] == 30
     assert read_metadata(path.read_bytes())["job"] == "job-a"
     assert [p.name for p in path.parent.iterdir()] == ["out.png"]  # no temporary left behind
+
+
+def test_a_job_store_that_went_away_is_unavailable_not_unknown(services: Services, tmp_path: Path) -> None:
+    store = ValkeyServer(tmp_path / "valkey").start()
+    gateway = Gateway(services, "gw-lost", store.url, TILECHAIN_GATEWAY_MAX_JOBS="0").start()
+    try:
+        job_id = submit(gateway, small_chain("lost"))
+        store.stop()
+        for call in (gateway.stub.GetJob, gateway.stub.CancelJob, lambda r, timeout: list(gateway.stub.WatchJob(r, timeout=timeout))):
+            with pytest.raises(grpc.RpcError) as info:
+                call(gateway_pb2.JobRef(job_id=job_id), timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "the job store is unavailable" in info.value.details()
+        with pytest.raises(grpc.RpcError) as info:
+            gateway.stub.SubmitChain(chain_request(small_chain("lost")), timeout=30)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        gateway.stop()
+        store.stop()

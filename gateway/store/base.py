@@ -118,6 +118,13 @@ def progress_slot(run: int, event: gateway_pb2.JobEvent) -> str:
     return f"{run}:{event.progress.stage_index}"
 
 
+def set_times(status: gateway_pb2.JobStatus, created: float | None, started: float | None, ended: float | None) -> None:
+    """The job's timestamps (unix seconds from the store; None or 0: not yet)."""
+    for field_name, value in (("created_at", created), ("started_at", started), ("ended_at", ended)):
+        if value:
+            getattr(status, field_name).FromNanoseconds(int(value * 1e9))
+
+
 def job_notice(message: str) -> gateway_pb2.JobEvent:
     """A notice about the job itself rather than one stage (name ""): retries, hand-backs."""
     return gateway_pb2.JobEvent(notice=gateway_pb2.NoticeEvent(message=message))
@@ -181,6 +188,9 @@ class JobStore(abc.ABC):
     Redis script), so a gateway dying at any point leaves a consistent record. Operations on a
     running job carry the owner and run that claimed it: a gateway that lost its lease (it
     stalled past it and another gateway took the job over) is refused."""
+
+    # what a backend raises when it cannot be reached or fails (the gateway answers UNAVAILABLE)
+    errors: tuple[type[BaseException], ...] = (StoreError,)
 
     def __init__(self, config: StoreConfig) -> None:
         self.config = config

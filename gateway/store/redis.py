@@ -35,6 +35,7 @@ from .base import (
     dumps_needs,
     event_kind,
     progress_slot,
+    set_times,
 )
 
 log = logging.getLogger("tilechain.gateway")
@@ -167,7 +168,7 @@ elseif tonumber(f[6]) > 0 and now() > tonumber(f[6]) then
   finalize(id, FAILED, 4, 'the deadline passed before the job could run', ARGV[4])
 else
   local run = redis.call('HINCRBY', key, 'runs', 1)
-  redis.call('HSET', key, 'state', RUNNING, 'attempt', attempt, 'owner', owner, 'stages_done', 0)
+  redis.call('HSET', key, 'state', RUNNING, 'attempt', attempt, 'owner', owner, 'stages_done', 0, 'started', now())
   redis.call('DEL', key .. ':artifacts')
   if redis.call('ZREM', P .. 'queued', id) == 1 then redis.call('PUBLISH', P .. 'queue-moved', id) end
   return {'run', f[8], attempt, f[5], run, f[6], previous}
@@ -297,10 +298,12 @@ admit(ARGV[2], tonumber(ARGV[3]))
 return 1
 """
 
-STATUS_FIELDS = ("state", "code", "message", "attempt", "max_attempts", "stages_total", "stages_done", "owner")
+STATUS_FIELDS = ("state", "code", "message", "attempt", "max_attempts", "stages_total", "stages_done", "owner", "created", "started", "finished")
 
 
 class RedisStore(JobStore):
+    errors = (StoreError, RedisError)
+
     def __init__(self, url: str, config: StoreConfig) -> None:
         super().__init__(config)
         self.url = url
@@ -501,12 +504,13 @@ class RedisStore(JobStore):
         values = replies[0]
         if values[0] is None:
             return None
-        state, code, message, attempt, max_attempts, stages_total, stages_done, owner = values
+        state, code, message, attempt, max_attempts, stages_total, stages_done, owner, created, started, finished = values
         status = gateway_pb2.JobStatus(
             job_id=job_id, state=int(state), code=int(code), message=message.decode(),
             attempt=int(attempt), max_attempts=int(max_attempts),
             stages_total=int(stages_total), stages_done=int(stages_done), gateway=(owner or b"").decode(),
         )
+        set_times(status, *(float(t) if t else None for t in (created, started, finished)))
         status.artifacts.extend(gateway_pb2.JobEvent.FromString(a).artifact for a in replies[1])
         if status.state == QUEUED and replies[2] is not None:
             status.queue_position, status.queue_length = replies[2] + 1, replies[3]

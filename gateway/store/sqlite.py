@@ -38,6 +38,7 @@ from .base import (
     dumps_needs,
     event_kind,
     progress_slot,
+    set_times,
     wait_event,
 )
 
@@ -62,7 +63,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner        TEXT NOT NULL DEFAULT '',           -- gateway-id/process running it
     lease_until  REAL NOT NULL DEFAULT 0,
     cancel       INTEGER NOT NULL DEFAULT 0,
-    created      REAL NOT NULL,
+    created      REAL NOT NULL,                      -- unix times
+    started      REAL,
     finished     REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state, seq);
@@ -88,6 +90,8 @@ Note = tuple  # ("event", job_id, FeedItem) | ("cancel", job_id) | ("queue",) | 
 
 
 class SqliteStore(JobStore):
+    errors = (StoreError, sqlite3.Error, OSError)
+
     def __init__(self, path: Path, config: StoreConfig) -> None:
         super().__init__(config)
         self.path = path
@@ -238,8 +242,9 @@ class SqliteStore(JobStore):
                     continue
                 run = row["runs"] + 1
                 db.execute(
-                    "UPDATE jobs SET state = ?, attempt = ?, runs = ?, owner = ?, lease_until = ?, stages_done = 0 WHERE id = ?",
-                    (RUNNING, attempt, run, owner, now + self.config.lease, row["id"]),
+                    "UPDATE jobs SET state = ?, attempt = ?, runs = ?, owner = ?, lease_until = ?, stages_done = 0, started = ? "
+                    "WHERE id = ?",
+                    (RUNNING, attempt, run, owner, now + self.config.lease, now, row["id"]),
                 )
                 if row["state"] == QUEUED:
                     notes.append(("queue",))
@@ -374,6 +379,7 @@ class SqliteStore(JobStore):
             stages_total=row["stages_total"], stages_done=row["stages_done"],
             attempt=row["attempt"], max_attempts=row["max_attempts"], gateway=row["owner"],
         )
+        set_times(status, row["created"], row["started"], row["finished"])
         for (data,) in db.execute(
             "SELECT data FROM events WHERE job_id = ? AND kind = 'artifact' AND run = ? ORDER BY idx", (job_id, row["runs"])
         ):

@@ -1,4 +1,7 @@
+import datetime
+
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from tilechain.v1 import stage_pb2 as _stage_pb2
 from tilechain.v1 import tiles_pb2 as _tiles_pb2
 from google.protobuf.internal import containers as _containers
@@ -83,7 +86,7 @@ class JobRef(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "state", "code", "message", "artifacts", "stages_total", "stages_done", "attempt", "max_attempts", "queue_position", "queue_length", "gateway")
+    __slots__ = ("job_id", "state", "code", "message", "artifacts", "stages_total", "stages_done", "attempt", "max_attempts", "queue_position", "queue_length", "gateway", "created_at", "started_at", "ended_at")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +99,9 @@ class JobStatus(_message.Message):
     QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     code: int
@@ -108,7 +114,10 @@ class JobStatus(_message.Message):
     queue_position: int
     queue_length: int
     gateway: str
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_stage_pb2.Artifact, _Mapping]]] = ..., stages_total: _Optional[int] = ..., stages_done: _Optional[int] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., queue_position: _Optional[int] = ..., queue_length: _Optional[int] = ..., gateway: _Optional[str] = ...) -> None: ...
+    created_at: _timestamp_pb2.Timestamp
+    started_at: _timestamp_pb2.Timestamp
+    ended_at: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_stage_pb2.Artifact, _Mapping]]] = ..., stages_total: _Optional[int] = ..., stages_done: _Optional[int] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., queue_position: _Optional[int] = ..., queue_length: _Optional[int] = ..., gateway: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class QueueEvent(_message.Message):
     __slots__ = ("position", "length", "attempt")

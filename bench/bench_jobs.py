@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -128,6 +129,7 @@ def main() -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave bench/RESULTS.md alone")
     args = parser.parse_args()
     info = machine()
+    load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         valkey = ValkeyServer(tmp / "valkey").start()
@@ -180,7 +182,10 @@ def main() -> int:
         "",
         "On these 2 cores the services, the gateways, valkey and the client share the CPU, so a second gateway "
         "adds work to the same cores rather than capacity; on separate machines the gateways' share of a job is "
-        "what a second replica divides.",
+        "what a second replica divides. The SQLite store runs every operation on one thread of the gateway "
+        "(claims wait behind the events of running jobs and the watchers' reads), valkey serves them from "
+        f"its own process. Load average (1 min) when the bench started: {load:.1f}"
+        + (" — other work was running on this machine, so the numbers are noisy." if load > 1.5 else "."),
     ]
     block = results_block(BEGIN, END, "bench_jobs.py", info, "no GPU", f"Python {info['python']}, {info['libs']}",
                           f"`python bench/bench_jobs.py --jobs {args.jobs}`", lines, "Jobs: throughput, queue wait, store overhead")

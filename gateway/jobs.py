@@ -31,7 +31,6 @@ from .store.base import (
     SUCCEEDED,
     Claim,
     JobStore,
-    StoreError,
     job_notice,
 )
 
@@ -318,13 +317,9 @@ class Worker:
                 await self.room.wait_for(lambda: len(self.runs) < self.gateway.max_jobs)
             try:
                 claim = await self.store.claim(self.owner, wait=poll)
-            except (StoreError, OSError, ConnectionError) as exc:
-                log.warning("job store: %s", exc)
+            except self.store.errors as exc:
+                log.warning("taking a job: the job store: %s", exc)
                 await asyncio.sleep(1.0)  # the store is down: try again, not in a tight loop
-                continue
-            except Exception as exc:  # e.g. redis errors: keep the worker alive
-                log.exception("taking a job failed: %s", exc)
-                await asyncio.sleep(1.0)
                 continue
             if claim is not None:
                 self._launch(claim)

@@ -78,6 +78,7 @@ class Watcher:
             if waiting is not None:
                 waiting.CopyFrom(event)
                 return
+            event = copy_event(event)  # this watcher's own, to update in place (others share the original)
             self.progress[event.progress.stage_index] = event
         self._push(event)
 
@@ -137,6 +138,12 @@ class Watcher:
                 await asyncio.wait_for(self.ready.wait(), QUIET_CHECK_SECONDS)
             except asyncio.TimeoutError:
                 return RECHECK
+
+
+def copy_event(event: gateway_pb2.JobEvent) -> gateway_pb2.JobEvent:
+    copied = gateway_pb2.JobEvent()
+    copied.CopyFrom(event)
+    return copied
 
 
 def queue_event(job_id: str, status: gateway_pb2.JobStatus) -> gateway_pb2.JobEvent:

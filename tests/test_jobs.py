@@ -350,6 +350,26 @@ def test_bad_requests_are_refused_before_queuing_and_unknown_jobs_are_not_found(
         gateway.stop()
 
 
+def test_an_error_of_the_request_at_run_time_is_not_retried(services: Services, tmp_path: Path) -> None:
+    """Queued by an API-only gateway; before a worker runs it, its output file appears: the run
+    fails ALREADY_EXISTS on its first attempt and is not run again (only UNAVAILABLE is)."""
+    store = job_store_url(tmp_path)
+    front = Gateway(services, "gw-api", store, TILECHAIN_GATEWAY_MAX_JOBS="0").start()
+    job_id = submit(front, small_chain("taken"))
+    front.stop()
+    (services.output_root / "taken").mkdir(exist_ok=True)
+    (services.output_root / "taken" / f"{job_id}.png").write_bytes(b"someone else's")
+    worker = Gateway(services, "gw-run", store).start()
+    try:
+        status, events = final(worker, job_id)
+        assert (status.state, status.code, status.attempt) == (gateway_pb2.JOB_STATE_FAILED, grpc.StatusCode.ALREADY_EXISTS.value[0], 1)
+        assert f"stage 'save' (persist-disk): param 'filename': {job_id}.png exists" in status.message
+        assert not [n for n in notices(events) if "runs again" in n]
+        assert (services.output_root / "taken" / f"{job_id}.png").read_bytes() == b"someone else's"
+    finally:
+        worker.stop()
+
+
 def persist_once(services: Services, job_id: str, attempt: int, value: int) -> list[stage_pb2.StageOutput]:
     """One persist-disk stream straight to the service: an 8x8 image of one grey value."""
     pixels = np.full((8, 8, 3), value, dtype=np.uint8)

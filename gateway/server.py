@@ -27,7 +27,7 @@ from tilechain.v1 import gateway_pb2, gateway_pb2_grpc
 from .chain import ChainError, PlannedStage, plan_chain
 from .families import Family, FamilyUnavailable, connect
 from .jobs import Worker, new_job_id
-from .settings import GatewaySettings, max_streams_env
+from .settings import GatewaySettings, StreamLimits, max_streams_env
 from .store import SCHEMES, open_store
 from .store.base import FAILED, RUNNING, JobStore, NewJob, StoreConfig, StoreError
 from .watch import FINAL, JobNotFound, Watcher, WatcherClosed, follow
@@ -61,11 +61,13 @@ def answers_store_errors(
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(
-        self, families: dict[str, Family], settings: Settings, gateway: GatewaySettings, store: JobStore, worker: Worker
+        self, families: dict[str, Family], settings: Settings, gateway: GatewaySettings, limits: StreamLimits,
+        store: JobStore, worker: Worker,
     ) -> None:
         self.families = families
         self.settings = settings
         self.gateway = gateway
+        self.limits = limits
         self.store = store
         self.worker = worker
         self.watchers: set[Watcher] = set()
@@ -89,17 +91,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     def _needs(self, stages: list[PlannedStage]) -> dict[str, int]:
         """The streams per family the chain holds at once (every stage streams for the whole job);
-        a chain that needs more than a family's whole limit could never be admitted."""
+        a chain that needs more than a family's whole limit could never be admitted (a family
+        scaled to zero counts as one replica: it can grow)."""
         needs = Counter(stage.family.name for stage in stages)
         for family, count in needs.items():
-            limit = self.gateway.stream_limits[family]
+            replicas = max(1, self.limits.replicas[family])
+            limit = self.limits.per_replica[family] * replicas
             if count > limit:
                 last = [s for s in stages if s.family.name == family][-1]
                 raise ChainError(
                     grpc.StatusCode.INVALID_ARGUMENT,
                     f"{last.label}: the chain needs {count} {family} streams at once, over the limit of {limit} "
-                    f"({max_streams_env(family)}={self.gateway.per_replica[family]} per replica x "
-                    f"{self.gateway.replicas[family]} replica(s))",
+                    f"({max_streams_env(family)}={self.limits.per_replica[family]} per replica x {replicas} replica(s))",
                 )
         return dict(needs)
 
@@ -236,12 +239,13 @@ def main(argv: list[str] | None = None) -> None:
     tune_malloc()
     setup_logging()
     addresses = {f: getattr(args, f"{f}_address") for f in FAMILIES}
-    gateway = GatewaySettings.from_env(addresses, args.address, args.job_store)
+    gateway = GatewaySettings.from_env(args.address, args.job_store)
+    limits = StreamLimits(gateway.per_replica, addresses)
 
     async def run() -> None:
         families = connect(addresses)
         settings = Settings.from_env()
-        config = StoreConfig(limits=gateway.stream_limits, lease=gateway.lease, retention=gateway.retention)
+        config = StoreConfig(limits=limits.limits, lease=gateway.lease, retention=gateway.retention)
         try:
             store = open_store(gateway.job_store, config)
             await store.open()
@@ -249,11 +253,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"tilechain gateway: {exc}") from None
         log.info(
             "job store %s; gateway %s runs up to %d jobs; streams per family %s",
-            gateway.job_store, gateway.gateway_id, gateway.max_jobs, gateway.stream_limits,
+            gateway.job_store, gateway.gateway_id, gateway.max_jobs, limits.limits,
         )
         worker = Worker(store, families, settings, gateway)
         await worker.start()
-        servicer = GatewayServicer(families, settings, gateway, store, worker)
+        following = asyncio.create_task(limits.follow(store))
+        servicer = GatewayServicer(families, settings, gateway, limits, store, worker)
 
         def add(server: grpc.aio.Server) -> list[str]:
             gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, server)
@@ -262,6 +267,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             await serve(args.address, add, max_receive_bytes=GATEWAY_MAX_REQUEST_BYTES, on_stop=servicer.stop)
         finally:
+            following.cancel()
             await store.close()
 
     asyncio.run(run())

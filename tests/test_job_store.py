@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 from pathlib import Path
 from typing import Awaitable, Callable, Iterator
 
 import pytest
 
+from tilechain.gateway.settings import DEFAULT_MAX_STREAMS, StreamLimits, replica_count
 from tilechain.gateway.store import open_store
 from tilechain.gateway.store.base import (
     CANCELLED,
@@ -165,6 +167,45 @@ def test_admission_rule_is_one_function() -> None:
     waiting = [("big", {"upscale": 2}), ("small", {"upscale": 1}), ("other", {"persist": 1}), ("more", {"upscale": 1})]
     assert admit(waiting, {"upscale": 1, "persist": 16}) == ["other"]
     assert admit(waiting, {"upscale": 3, "persist": 16}) == ["big", "small", "other"]
+
+
+def test_new_limits_admit_what_now_fits(backend) -> None:
+    async def test() -> None:
+        store = await opened(backend(limits={**LIMITS, "upscale": 0}))  # a family scaled to zero
+        try:
+            await store.submit(new_job("wait", {"upscale": 1}))
+            assert await store.claim("gw/1", wait=0) is None
+            await store.set_limits({**LIMITS, "upscale": 2})  # its first replica came up
+            assert (await store.claim("gw/1", wait=0)).id == "wait"
+        finally:
+            await store.close()
+
+    run(test)
+
+
+def test_stream_limits_follow_the_replicas() -> None:
+    addresses = {f: "127.0.0.1:1" for f in LIMITS}
+    addresses["upscale"] = "127.0.0.1:1,127.0.0.1:2,127.0.0.1:3"
+    addresses["blend"] = "ipv4:127.0.0.1:1,127.0.0.1:2"
+    addresses["source"] = "dns:///source.tilechain.svc.cluster.local:50051"
+    pods = [2]
+
+    def headless_service(host: str, port: int, type: int) -> list:  # one address per ready pod
+        assert (host, port, type) == ("source.tilechain.svc.cluster.local", 50051, socket.SOCK_STREAM)
+        if not pods[0]:
+            raise socket.gaierror(socket.EAI_NONAME, "no address")
+        return [(socket.AF_INET, type, 6, "", (f"10.0.0.{n}", port)) for n in range(pods[0])]
+
+    limits = StreamLimits(DEFAULT_MAX_STREAMS, addresses, env={"TILECHAIN_CORRECT_REPLICAS": "5"}, resolve=headless_service)
+    assert limits.replicas == {"source": 2, "blend": 2, "correct": 5, "upscale": 3, "persist": 1, "reduce": 1}
+    assert limits.limits["upscale"] == 3 * DEFAULT_MAX_STREAMS["upscale"] and limits.changing == ["source"]
+    assert not limits.recount()
+    pods[0] = 0  # scaled to zero: nothing is admitted for it
+    assert limits.recount() and limits.limits["source"] == 0
+    pods[0] = 4
+    assert limits.recount() and limits.limits["source"] == 4 * DEFAULT_MAX_STREAMS["source"]
+    assert replica_count("dns:///localhost:50051") >= 1  # the real resolver
+    assert replica_count("dns://8.8.8.8/nosuchname.invalid:1", lambda *a, **k: []) == 0
 
 
 def test_claims_are_shared_and_the_limit_holds_across_gateways(backend) -> None:

@@ -263,6 +263,10 @@ class JobStore(abc.ABC):
         """A restarted gateway (same gateway id, new owner) runs none of the jobs its previous
         process held: make them claimable now rather than when their leases run out."""
 
+    @abc.abstractmethod
+    async def set_limits(self, limits: dict[str, int]) -> None:
+        """New stream limits per family (a family gained or lost replicas); admits what now fits."""
+
     async def maintain(self) -> None:
         """Periodic housekeeping (the worker calls it about once per lease)."""
 

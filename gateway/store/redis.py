@@ -298,6 +298,12 @@ admit(ARGV[2], tonumber(ARGV[3]))
 return 1
 """
 
+# ARGV: limits, scan
+ADMIT = """
+admit(ARGV[1], tonumber(ARGV[2]))
+return 1
+"""
+
 STATUS_FIELDS = ("state", "code", "message", "attempt", "max_attempts", "stages_total", "stages_done", "owner", "created", "started", "finished")
 
 
@@ -310,7 +316,7 @@ class RedisStore(JobStore):
         self.r = aioredis.Redis.from_url(url, decode_responses=False)
         self.scripts = {name: self.r.register_script(LUA_COMMON + body) for name, body in (
             ("submit", SUBMIT), ("start", START), ("renew", RENEW), ("append", APPEND), ("finish", FINISH),
-            ("requeue", REQUEUE), ("cancel", CANCEL), ("reconcile", RECONCILE),
+            ("requeue", REQUEUE), ("cancel", CANCEL), ("reconcile", RECONCILE), ("admit", ADMIT),
         )}
         self.limits = json.dumps(config.limits, sort_keys=True)
         self.retention = max(1, int(config.retention))
@@ -538,6 +544,11 @@ class RedisStore(JobStore):
         if released:
             self._next_reap = 0.0
         return released
+
+    async def set_limits(self, limits: dict[str, int]) -> None:
+        self.config.limits = dict(limits)
+        self.limits = json.dumps(limits, sort_keys=True)
+        await self.scripts["admit"](args=[self.limits, ADMISSION_SCAN])
 
     async def maintain(self) -> None:
         """Forget consumers (gateway processes) with nothing pending that have been silent for

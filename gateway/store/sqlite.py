@@ -433,6 +433,14 @@ class SqliteStore(JobStore):
             ).rowcount
         return ([("work",)] if released else []), released
 
+    async def set_limits(self, limits: dict[str, int]) -> None:
+        self.config.limits = dict(limits)
+        await self._call(self._admit_now)
+
+    def _admit_now(self) -> list[Note]:
+        with self._tx() as db:
+            return self._admit(db)
+
     async def maintain(self) -> None:
         await self._call(self._purge)
 

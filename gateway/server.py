@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
             f"--{family}-address", default=default_address(family),
             help=f"the {family} service (env {address_env(family)})",
         )
-    parser.add_argument("--job-store", default=None, help=f"where jobs live (env TILECHAIN_JOB_STORE, default var/jobs.db): {SCHEMES}")
+    parser.add_argument("--job-store", default=None, help=f"where jobs live (env TILECHAIN_JOB_STORE, default var/jobs-PORT.db): {SCHEMES}")
     args = parser.parse_args(argv)
     tune_malloc()
     setup_logging()

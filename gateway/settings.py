@@ -13,7 +13,7 @@ from typing import Callable
 
 from tilechain.services.core.config import FAMILIES
 
-from .store import DEFAULT_STORE
+from .store import default_store
 from .store.base import JobStore
 
 log = logging.getLogger("tilechain.gateway")
@@ -144,7 +144,7 @@ def seconds(env: dict[str, str], name: str, default: float) -> float:
 
 @dataclass(frozen=True)
 class GatewaySettings:
-    job_store: str = DEFAULT_STORE
+    job_store: str = ""               # the store's URL (default: default_store(port))
     gateway_id: str = ""              # this gateway's name in the store; a restart keeps it
     max_jobs: int = 16                # jobs this gateway runs at once (0: it only takes requests)
     max_attempts: int = 3
@@ -160,7 +160,7 @@ class GatewaySettings:
         per_replica = {f: positive_int(env, max_streams_env(f), DEFAULT_MAX_STREAMS[f]) for f in FAMILIES}
         port = listen.rpartition(":")[2]
         return cls(
-            job_store=job_store or env.get("TILECHAIN_JOB_STORE") or DEFAULT_STORE,
+            job_store=job_store or env.get("TILECHAIN_JOB_STORE") or default_store(port),
             gateway_id=env.get("TILECHAIN_GATEWAY_ID") or f"{socket.gethostname()}:{port}",
             max_jobs=positive_int(env, "TILECHAIN_GATEWAY_MAX_JOBS", cls.max_jobs, minimum=0),
             max_attempts=positive_int(env, "TILECHAIN_JOB_MAX_ATTEMPTS", cls.max_attempts),

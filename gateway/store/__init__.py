@@ -6,7 +6,13 @@ from pathlib import Path
 
 from .base import JobStore, StoreConfig
 
-DEFAULT_STORE = "sqlite:///var/jobs.db"
+
+
+def default_store(port: str) -> str:
+    """A SQLite file under var/ per gateway port: a gateway restarted on its port finds its queue,
+    and two local stacks side by side (on other ports) never take each other's jobs."""
+    return f"sqlite:///var/jobs-{port}.db"
+
 SCHEMES = "sqlite:///PATH (relative, or sqlite:////absolute), redis://HOST:PORT/DB (also rediss://, valkey://)"
 
 

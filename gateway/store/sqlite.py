@@ -1,4 +1,4 @@
-"""The embedded job store: one SQLite file in WAL mode (default var/jobs.db).
+"""The embedded job store: one SQLite file in WAL mode (default var/jobs-<gateway port>.db).
 
 Jobs are rows with state and lease columns; every change is one transaction (BEGIN IMMEDIATE,
 so two processes on one file take turns), run on one worker thread so the event loop never

@@ -50,6 +50,7 @@ class Watcher:
         self.drop_notice: gateway_pb2.JobEvent | None = None
         self.dropped = 0
         self.skip_below = 0      # history entries already replayed: live ones before are duplicates
+        self.heard_up_to = 0     # history entries heard live so far (all read once the buffer is empty)
         self.queued = False      # follow the job's place in the queue
         self.recheck = False
         self.closed: str | None = None
@@ -63,6 +64,8 @@ class Watcher:
         elif item.kind == "requeued":
             self._push(REQUEUED)
         elif item.event is not None and (item.index >= self.skip_below or item.event.WhichOneof("kind") == "progress"):
+            if item.kind == "event":
+                self.heard_up_to = max(self.heard_up_to, item.index + 1)
             self.put(item.event)
 
     def put(self, event: gateway_pb2.JobEvent) -> None:
@@ -181,9 +184,10 @@ async def follow(
         watcher.skip_below = len(history)
         for event in history:
             yield event
-        if status.state in FINAL_STATES:
+        if replay and status.state in FINAL_STATES:
             yield final_event(status)
             return
+        # (without a replay, a job that ended already has its events and end in the buffer)
         position = 0
         watcher.queued = status.state == QUEUED
         if watcher.queued:
@@ -200,7 +204,12 @@ async def follow(
                 watcher.queued = watcher.queued or item == REQUEUED
                 status = await store.status(job_id)
                 if status is None or status.state in FINAL_STATES:
-                    if status is not None:
+                    # it ended and its last live messages were lost or are late: the history has them
+                    found = await store.snapshot(job_id)
+                    if found is not None:
+                        status, history = found
+                        for event in history[max(watcher.heard_up_to, watcher.skip_below):]:
+                            yield event
                         yield final_event(status)
                     return
                 if status.state != QUEUED:

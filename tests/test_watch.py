@@ -4,11 +4,14 @@ tiles (and is told how many), never stage, notice, artifact or final events; pro
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
-from tilechain.gateway.store.base import FeedItem
-from tilechain.gateway.watch import FINAL, Watcher, WatcherClosed
+from tilechain.gateway import watch
+from tilechain.gateway.store import open_store
+from tilechain.gateway.store.base import SUCCEEDED, FeedItem, NewJob, StoreConfig
+from tilechain.gateway.watch import FINAL, Watcher, WatcherClosed, follow
 from tilechain.v1 import gateway_pb2, stage_pb2, tiles_pb2
 
 
@@ -86,3 +89,39 @@ def test_closed_watcher_ends_with_the_reason() -> None:
     with pytest.raises(WatcherClosed) as info:
         asyncio.run(watcher.get())
     assert info.value.reason == "stopping"
+
+
+def test_a_watcher_that_hears_nothing_live_still_gets_every_event_and_the_end(tmp_path: Path, monkeypatch) -> None:
+    """Two stores on one SQLite file are two processes: no live message passes between them, as
+    when a pub/sub connection drops. The watcher's quiet check finds the end, and the history
+    gives it what it missed, each event once."""
+    monkeypatch.setattr(watch, "QUIET_CHECK_SECONDS", 0.1)
+
+    async def test() -> list[str]:
+        url = f"sqlite:///{tmp_path / 'jobs.db'}"
+        watching, running = (open_store(url, StoreConfig(limits={"source": 1})) for _ in range(2))
+        await watching.open()
+        await running.open()
+        try:
+            await running.submit(NewJob("j", b"", {"source": 1}, 1, 3))
+            claim = await running.claim("gw/1", wait=0)
+            await running.append("j", "gw/1", claim.run, stage(0))
+            seen: list[str] = []
+
+            async def watcher() -> None:
+                async for event in follow(watching, "j", Watcher(), replay=True):
+                    seen.append(event.WhichOneof("kind"))
+
+            task = asyncio.create_task(watcher())
+            for done in (1, 2):
+                await running.append("j", "gw/1", claim.run, progress(0, done))
+            await running.append("j", "gw/1", claim.run, gateway_pb2.JobEvent(stage=gateway_pb2.StageEvent(
+                kind=gateway_pb2.StageEvent.KIND_FINISHED, stage_index=0, name="s0")))
+            await running.finish("j", "gw/1", claim.run, SUCCEEDED)
+            await asyncio.wait_for(task, 30)
+            return seen
+        finally:
+            await watching.close()
+            await running.close()
+
+    assert asyncio.run(test()) == ["stage", "progress", "stage", "status"]

@@ -328,13 +328,16 @@ class RedisStore(JobStore):
 
     # --- plumbing ----------------------------------------------------------------------------
 
+    async def _create_group(self) -> None:
+        try:
+            await self.r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
     async def open(self) -> None:
         try:
-            try:
-                await self.r.xgroup_create(STREAM, GROUP, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
+            await self._create_group()
             await self.scripts["reconcile"](args=[json.dumps(FAMILIES), self.limits, ADMISSION_SCAN])
             await self._subscribe(CANCEL_CHANNEL, QUEUE_CHANNEL)
         except RedisError as exc:
@@ -420,6 +423,15 @@ class RedisStore(JobStore):
             await pipe.execute()
 
     async def claim(self, owner: str, wait: float) -> Claim | None:
+        try:
+            return await self._claim(owner, wait)
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            await self._create_group()  # the server lost its data (restarted without persistence)
+            return None
+
+    async def _claim(self, owner: str, wait: float) -> Claim | None:
         deadline = time.monotonic() + wait
         while True:
             entry = None

@@ -22,13 +22,17 @@ from tilechain.services.core.tiles import transport_grid
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2, gateway_pb2_grpc, stage_pb2, stage_pb2_grpc, tiles_pb2
 
-from .conftest import free_port, job_store_url
+from .conftest import ROOT, free_port, job_store_url
 from .valkey import ValkeyServer
 
 SERVICES = ("source", "upscale", "persist", "reduce")
 SUCCEEDED, CANCELLED, QUEUED, RUNNING = (
     gateway_pb2.JOB_STATE_SUCCEEDED, gateway_pb2.JOB_STATE_CANCELLED, gateway_pb2.JOB_STATE_QUEUED, gateway_pb2.JOB_STATE_RUNNING,
 )
+
+
+# the slim environment `make setup` builds (no torch): its processes start in a fraction of a second
+SLIM_PYTHON = str(ROOT / "var" / "venv-slim" / "bin" / "python")
 
 
 class Services:
@@ -41,7 +45,7 @@ class Services:
         addresses = {f: f"127.0.0.1:{free_port()}" for f in SERVICES}
         # blend and correct are not started: no chain here needs them
         addresses.update({f: f"127.0.0.1:{free_port()}" for f in ("blend", "correct")})
-        self.stack = Stack(addresses, self.log_dir)
+        self.stack = Stack(addresses, self.log_dir, python=SLIM_PYTHON)
         self.env = {"TILECHAIN_OUTPUT_ROOT": str(self.output_root), "TILECHAIN_MAX_PIXELS": str(4096 * 4096)}
 
     def start(self, *families: str) -> None:
@@ -63,7 +67,7 @@ class Gateway:
 
     def __init__(self, services: Services, name: str, store: str, **env: str) -> None:
         addresses = dict(services.stack.addresses, gateway=f"127.0.0.1:{free_port()}")
-        self.stack = Stack(addresses, services.log_dir / name)
+        self.stack = Stack(addresses, services.log_dir / name, python=SLIM_PYTHON)
         self.env = {**services.env, "TILECHAIN_JOB_STORE": store, "TILECHAIN_GATEWAY_ID": name, **env}
         self.address = addresses["gateway"]
         self.stub: gateway_pb2_grpc.GatewayStub = connect(self.address)
@@ -108,13 +112,13 @@ def small_chain(folder: str) -> dict:
     ]}
 
 
-def slow_chain(folder: str, early_file: bool = False) -> dict:
-    """Seconds of upscaling in 64 processing windows (progress after each), then a small file: cut
+def slow_chain(folder: str, early_file: bool = False, edge: int = 1024) -> dict:
+    """Upscaling in (edge/256)² processing windows (progress after each), then a small file: cut
     from the last window, so written as the job ends, or with early_file from the first one, so
     written long before the job ends."""
-    corner = 0 if early_file else 4096 - 64
+    corner = 0 if early_file else 2 * edge - 64
     return {"stages": [
-        {"name": "noise", "type": "source-noise", "params": {"width": 2048, "height": 2048, "seed": 2}},
+        {"name": "noise", "type": "source-noise", "params": {"width": edge, "height": edge, "seed": 2}},
         {"name": "up", "type": "upscale-simple", "params": {"scale": 2}},
         {"name": "cut", "type": "reduce-crop", "params": {"left": corner, "top": corner, "width": 64, "height": 64}},
         {"name": "save", "type": "persist-disk", "params": {"filename": folder + "/{job}.png"}},
@@ -298,7 +302,7 @@ def test_a_watcher_that_never_reads_holds_nothing_up(services: Services, tmp_pat
     gateway = Gateway(services, "gw-watch", job_store_url(tmp_path), TILECHAIN_WATCH_BUFFER_BYTES=str(1 << 20)).start()
     try:
         # every tile returned (far more than the watcher's 1 MiB), never read while the job runs
-        chain = {"stages": slow_chain("watch")["stages"][:2]}
+        chain = {"stages": slow_chain("watch", edge=2048)["stages"][:2]}  # 63 MB of tiles
         request = chain_request(chain, return_tiles=gateway_pb2.TILE_RETURN_ALL, transport_tile=64)
         stalled = gateway.stub.RunChain(request, timeout=300)
         job_id = next(stalled).job_id

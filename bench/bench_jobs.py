@@ -182,9 +182,10 @@ def main() -> int:
         "",
         "On these 2 cores the services, the gateways, valkey and the client share the CPU, so a second gateway "
         "adds work to the same cores rather than capacity; on separate machines the gateways' share of a job is "
-        "what a second replica divides. The SQLite store runs every operation on one thread of the gateway "
-        "(claims wait behind the events of running jobs and the watchers' reads), valkey serves them from "
-        f"its own process. Load average (1 min) when the bench started: {load:.1f}"
+        "what a second replica divides. With SQLite the store's work runs inside the gateway's process (on one "
+        "thread), with valkey in valkey's own process: where the SQLite gateway shows a queue wait it fell "
+        "behind the submissions. "
+        f"Load average (1 min) when the bench started: {load:.1f}"
         + (" — other work was running on this machine, so the numbers are noisy." if load > 1.5 else "."),
     ]
     block = results_block(BEGIN, END, "bench_jobs.py", info, "no GPU", f"Python {info['python']}, {info['libs']}",

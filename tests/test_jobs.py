@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -81,7 +81,10 @@ class Gateway:
         process.kill()  # SIGKILL: no clean-up of any kind
         process.wait()
 
-    def stop(self) -> int:
+    def stop(self) -> int | None:
+        """SIGTERM and wait (nothing if it was never started or has exited); its exit status."""
+        if "gateway" not in self.stack.processes:
+            return None
         self.stack.stop("gateway")
         return self.stack.processes["gateway"].returncode
 
@@ -96,6 +99,20 @@ def services(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Services]:
     services.start()
     yield services
     services.stack.stop()
+
+
+@pytest.fixture
+def gateways(services: Services) -> Iterator[Callable[..., Gateway]]:
+    """Makes the test's gateways, and stops every one of them when the test ends, however it ends."""
+    made: list[Gateway] = []
+
+    def make(name: str, store: str, **env: str) -> Gateway:
+        made.append(Gateway(services, name, store, **env))
+        return made[-1]
+
+    yield make
+    for gateway in made:
+        gateway.stop()
 
 
 @pytest.fixture(scope="module")
@@ -151,9 +168,9 @@ def notices(events: list[gateway_pb2.JobEvent]) -> list[str]:
     return [e.notice.message for e in events if e.WhichOneof("kind") == "notice"]
 
 
-def test_kill_9_with_jobs_queued_and_running_then_restart_runs_each_once(services: Services, tmp_path: Path) -> None:
+def test_kill_9_with_jobs_queued_and_running_then_restart_runs_each_once(services: Services, gateways: Callable[..., Gateway], tmp_path: Path) -> None:
     store = job_store_url(tmp_path)
-    gateway = Gateway(services, "gw-kill", store, TILECHAIN_GATEWAY_MAX_JOBS="2").start()
+    gateway = gateways("gw-kill", store, TILECHAIN_GATEWAY_MAX_JOBS="2").start()
     slow = [submit(gateway, slow_chain("kill", early_file=True)) for _ in range(2)]
     small = [submit(gateway, small_chain("kill")) for _ in range(20)]
     for job_id in slow:
@@ -186,12 +203,12 @@ def test_kill_9_with_jobs_queued_and_running_then_restart_runs_each_once(service
         assert metadata["job"] == job_id
 
 
-def test_fifty_jobs_with_a_limit_of_two_streams(services: Services, valkey: ValkeyServer) -> None:
+def test_fifty_jobs_with_a_limit_of_two_streams(services: Services, gateways: Callable[..., Gateway], valkey: ValkeyServer) -> None:
     valkey.client().flushall()
     before = services.stats("upscale", wait_idle=True)
     limits = {"TILECHAIN_UPSCALE_MAX_STREAMS": "2"}
     # an API-only gateway takes the requests (it runs none), so the queue stands still while we look
-    front = Gateway(services, "gw-front", valkey.url, TILECHAIN_GATEWAY_MAX_JOBS="0", **limits).start()
+    front = gateways("gw-front", valkey.url, TILECHAIN_GATEWAY_MAX_JOBS="0", **limits).start()
     chain = {"stages": [
         {"name": "noise", "type": "source-noise", "params": {"width": 128, "height": 128, "seed": 3}},
         {"name": "up", "type": "upscale-simple", "params": {"scale": 2}},
@@ -203,63 +220,50 @@ def test_fifty_jobs_with_a_limit_of_two_streams(services: Services, valkey: Valk
     assert valkey.client().llen("tilechain:demand:upscale") == 50
 
     last = front.stub.WatchJob(gateway_pb2.JobRef(job_id=jobs[-1]), timeout=300)
-    worker = Gateway(services, "gw-worker", valkey.url, TILECHAIN_GATEWAY_MAX_JOBS="50", **limits).start()
-    try:
-        events = list(last)
-        positions = [e.queue.position for e in events if e.WhichOneof("kind") == "queue"]
-        assert positions[0] == 50 and positions == sorted(positions, reverse=True) and len(set(positions)) == len(positions)
-        assert events[-1].status.state == SUCCEEDED
-        assert [final(front, j)[0].state for j in jobs] == [SUCCEEDED] * 50
-        after = services.stats("upscale", wait_idle=True)
-        assert after.streams_finished - before.streams_finished == 50
-        assert after.peak_active_streams <= 2  # admission held the limit, over both gateways
-        assert valkey.client().llen("tilechain:demand:upscale") == 0
-    finally:
-        worker.stop()
-        front.stop()
-
-
-def test_two_gateways_share_jobs_watch_cancel_and_take_over(services: Services, valkey: ValkeyServer) -> None:
+    worker = gateways("gw-worker", valkey.url, TILECHAIN_GATEWAY_MAX_JOBS="50", **limits).start()
+    events = list(last)
+    positions = [e.queue.position for e in events if e.WhichOneof("kind") == "queue"]
+    assert positions[0] == 50 and positions == sorted(positions, reverse=True) and len(set(positions)) == len(positions)
+    assert events[-1].status.state == SUCCEEDED
+    assert [final(front, j)[0].state for j in jobs] == [SUCCEEDED] * 50
+    after = services.stats("upscale", wait_idle=True)
+    assert after.streams_finished - before.streams_finished == 50
+    assert after.peak_active_streams <= 2  # admission held the limit, over both gateways
+    assert valkey.client().llen("tilechain:demand:upscale") == 0
+def test_two_gateways_share_jobs_watch_cancel_and_take_over(services: Services, gateways: Callable[..., Gateway], valkey: ValkeyServer) -> None:
     valkey.client().flushall()
     lease = {"TILECHAIN_JOB_LEASE_S": "3", "TILECHAIN_GATEWAY_MAX_JOBS": "4"}
-    one = Gateway(services, "gw-one", valkey.url, **lease).start()
-    two = Gateway(services, "gw-two", valkey.url, **lease).start()
-    try:
-        # submitted to one, watched and cancelled through the other
-        job = submit(one, slow_chain("two"))
-        wait_for(two, job)
-        status = two.stub.CancelJob(gateway_pb2.JobRef(job_id=job), timeout=30)
-        assert (status.state, status.code) == (CANCELLED, grpc.StatusCode.CANCELLED.value[0])
-        assert final(one, job)[0].state == CANCELLED
-        stopped = services.stats("upscale", wait_idle=True)  # its streams ended
-        assert stopped.active_streams == 0
+    one = gateways("gw-one", valkey.url, **lease).start()
+    two = gateways("gw-two", valkey.url, **lease).start()
+    # submitted to one, watched and cancelled through the other
+    job = submit(one, slow_chain("two"))
+    wait_for(two, job)
+    status = two.stub.CancelJob(gateway_pb2.JobRef(job_id=job), timeout=30)
+    assert (status.state, status.code) == (CANCELLED, grpc.StatusCode.CANCELLED.value[0])
+    assert final(one, job)[0].state == CANCELLED
+    stopped = services.stats("upscale", wait_idle=True)  # its streams ended
+    assert stopped.active_streams == 0
 
-        # kill one of them mid-job: the other takes its jobs over when their leases run out
-        jobs = [submit(one, slow_chain("two")) for _ in range(4)]
-        for job_id in jobs:
-            wait_for(two, job_id)
-        owners = {j: two.stub.GetJob(gateway_pb2.JobRef(job_id=j)).gateway.partition("/")[0] for j in jobs}
-        victim = one if "gw-one" in owners.values() else two
-        survivor = two if victim is one else one
-        orphans = [j for j, owner in owners.items() if owner == victim.env["TILECHAIN_GATEWAY_ID"]]
-        victim.kill()
-        results = {j: final(survivor, j) for j in jobs}
-        assert {j: s.state for j, (s, _) in results.items()} == {j: SUCCEEDED for j in jobs}
-        for job_id in orphans:
-            status, events = results[job_id]
-            assert status.attempt == 2
-            assert any("stopped; attempt 2 of 3 starts over" in n for n in notices(events))
-        written = sorted(p.name for p in (services.output_root / "two").iterdir())
-        assert written == sorted(f"{j}.png" for j in jobs)
-    finally:
-        for gateway in (one, two):
-            if gateway.stack.processes["gateway"].poll() is None:
-                gateway.stop()
-
-
-def test_sigterm_hands_running_jobs_back_and_tells_runchain_callers_where_to_look(services: Services, tmp_path: Path) -> None:
+    # kill one of them mid-job: the other takes its jobs over when their leases run out
+    jobs = [submit(one, slow_chain("two")) for _ in range(4)]
+    for job_id in jobs:
+        wait_for(two, job_id)
+    owners = {j: two.stub.GetJob(gateway_pb2.JobRef(job_id=j)).gateway.partition("/")[0] for j in jobs}
+    victim = one if "gw-one" in owners.values() else two
+    survivor = two if victim is one else one
+    orphans = [j for j, owner in owners.items() if owner == victim.env["TILECHAIN_GATEWAY_ID"]]
+    victim.kill()
+    results = {j: final(survivor, j) for j in jobs}
+    assert {j: s.state for j, (s, _) in results.items()} == {j: SUCCEEDED for j in jobs}
+    for job_id in orphans:
+        status, events = results[job_id]
+        assert status.attempt == 2
+        assert any("stopped; attempt 2 of 3 starts over" in n for n in notices(events))
+    written = sorted(p.name for p in (services.output_root / "two").iterdir())
+    assert written == sorted(f"{j}.png" for j in jobs)
+def test_sigterm_hands_running_jobs_back_and_tells_runchain_callers_where_to_look(services: Services, gateways: Callable[..., Gateway], tmp_path: Path) -> None:
     store = job_store_url(tmp_path)
-    gateway = Gateway(services, "gw-term", store).start()
+    gateway = gateways("gw-term", store).start()
     call = gateway.stub.RunChain(chain_request(slow_chain("term", early_file=True), transport_tile=64), timeout=300)
     job_id = ""
     for event in call:
@@ -280,100 +284,80 @@ def test_sigterm_hands_running_jobs_back_and_tells_runchain_callers_where_to_loo
     assert len([e for e in events if e.WhichOneof("kind") == "artifact"]) == 2
 
 
-def test_a_job_whose_service_dies_runs_again_when_it_is_back(services: Services, tmp_path: Path) -> None:
-    gateway = Gateway(services, "gw-retry", job_store_url(tmp_path), TILECHAIN_JOB_RETRY_WAIT_S="120").start()
-    try:
-        job_id = submit(gateway, slow_chain("retry"))
-        wait_for(gateway, job_id)
-        upscale = services.stack.processes["upscale"]
-        upscale.kill()  # kill -9 mid-stream
-        upscale.wait()
-        services.start("upscale")  # back on the same address
-        status, events = final(gateway, job_id)
-        assert (status.state, status.attempt) == (SUCCEEDED, 2)
-        [retry] = [n for n in notices(events) if "attempt 1 of 3 failed" in n]
-        assert "stage 'up' (upscale-simple): the upscale service at" in retry and "the job runs again" in retry
-        assert [p.name for p in (services.output_root / "retry").iterdir()] == [f"{job_id}.png"]
-    finally:
-        gateway.stop()
+def test_a_job_whose_service_dies_runs_again_when_it_is_back(services: Services, gateways: Callable[..., Gateway], tmp_path: Path) -> None:
+    gateway = gateways("gw-retry", job_store_url(tmp_path), TILECHAIN_JOB_RETRY_WAIT_S="120").start()
+    job_id = submit(gateway, slow_chain("retry"))
+    wait_for(gateway, job_id)
+    upscale = services.stack.processes["upscale"]
+    upscale.kill()  # kill -9 mid-stream
+    upscale.wait()
+    services.start("upscale")  # back on the same address
+    status, events = final(gateway, job_id)
+    assert (status.state, status.attempt) == (SUCCEEDED, 2)
+    [retry] = [n for n in notices(events) if "attempt 1 of 3 failed" in n]
+    assert "stage 'up' (upscale-simple): the upscale service at" in retry and "the job runs again" in retry
+    assert [p.name for p in (services.output_root / "retry").iterdir()] == [f"{job_id}.png"]
+def test_a_watcher_that_never_reads_holds_nothing_up(services: Services, gateways: Callable[..., Gateway], tmp_path: Path) -> None:
+    gateway = gateways("gw-watch", job_store_url(tmp_path), TILECHAIN_WATCH_BUFFER_BYTES=str(1 << 20)).start()
+    # every tile returned (far more than the watcher's 1 MiB), never read while the job runs
+    chain = {"stages": slow_chain("watch", edge=2048)["stages"][:2]}  # 63 MB of tiles
+    request = chain_request(chain, return_tiles=gateway_pb2.TILE_RETURN_ALL, transport_tile=64)
+    stalled = gateway.stub.RunChain(request, timeout=300)
+    job_id = next(stalled).job_id
+    status, _ = final(gateway, job_id)  # a second watcher, who reads, sees it end
+    assert status.state == SUCCEEDED
+    events = list(stalled)  # the stalled watcher missed tiles, and is told so, and nothing else
+    kinds = [e.WhichOneof("kind") for e in events]
+    assert kinds[-1] == "status" and events[-1].status.state == SUCCEEDED
+    dropped = [n for n in notices(events) if "tile event(s) dropped" in n]
+    assert dropped and kinds.count("tile") < (4096 // 64) ** 2 + (2048 // 64) ** 2
+    stage_events = sorted((e.stage.name, e.stage.kind) for e in events if e.WhichOneof("kind") == "stage")
+    assert stage_events == sorted((name, kind) for name in ("noise", "up") for kind in (1, 2))  # none lost
 
-
-def test_a_watcher_that_never_reads_holds_nothing_up(services: Services, tmp_path: Path) -> None:
-    gateway = Gateway(services, "gw-watch", job_store_url(tmp_path), TILECHAIN_WATCH_BUFFER_BYTES=str(1 << 20)).start()
-    try:
-        # every tile returned (far more than the watcher's 1 MiB), never read while the job runs
-        chain = {"stages": slow_chain("watch", edge=2048)["stages"][:2]}  # 63 MB of tiles
-        request = chain_request(chain, return_tiles=gateway_pb2.TILE_RETURN_ALL, transport_tile=64)
-        stalled = gateway.stub.RunChain(request, timeout=300)
-        job_id = next(stalled).job_id
-        status, _ = final(gateway, job_id)  # a second watcher, who reads, sees it end
-        assert status.state == SUCCEEDED
-        events = list(stalled)  # the stalled watcher missed tiles, and is told so, and nothing else
-        kinds = [e.WhichOneof("kind") for e in events]
-        assert kinds[-1] == "status" and events[-1].status.state == SUCCEEDED
-        dropped = [n for n in notices(events) if "tile event(s) dropped" in n]
-        assert dropped and kinds.count("tile") < (4096 // 64) ** 2 + (2048 // 64) ** 2
-        stage_events = sorted((e.stage.name, e.stage.kind) for e in events if e.WhichOneof("kind") == "stage")
-        assert stage_events == sorted((name, kind) for name in ("noise", "up") for kind in (1, 2))  # none lost
-
-        # a running job whose watcher never reads is cancelled at once
-        stalled = gateway.stub.RunChain(chain_request(slow_chain("watch"), return_tiles=gateway_pb2.TILE_RETURN_ALL, transport_tile=64), timeout=300)
-        job_id = next(stalled).job_id
-        wait_for(gateway, job_id)
-        status = gateway.stub.CancelJob(gateway_pb2.JobRef(job_id=job_id), timeout=10)  # no DEADLINE_EXCEEDED
-        assert status.state == CANCELLED
-        assert list(stalled)[-1].status.state == CANCELLED
-    finally:
-        gateway.stop()
-
-
-def test_bad_requests_are_refused_before_queuing_and_unknown_jobs_are_not_found(services: Services, tmp_path: Path) -> None:
-    gateway = Gateway(services, "gw-bad", job_store_url(tmp_path), TILECHAIN_GATEWAY_MAX_JOBS="0").start()
-    try:
-        bad = {"stages": [{"name": "up", "type": "upscale-simple", "params": {"scale": 12}}]}
-        too_many = {"stages": [
-            {"name": "noise", "type": "source-noise", "params": {"width": 8, "height": 8}},
-            *({"name": f"x{n}", "type": "upscale-simple", "params": {"scale": 2}} for n in range(3)),
-        ]}
-        for chain, wanted in ((bad, "stage 'up' (upscale-simple): param 'scale'"),
-                              (too_many, "stage 'x2' (upscale-simple): the chain needs 3 upscale streams at once, over the limit of 2")):
-            for call in (gateway.stub.SubmitChain, lambda r, timeout: list(gateway.stub.RunChain(r, timeout=timeout))):
-                with pytest.raises(grpc.RpcError) as info:
-                    call(chain_request(chain), timeout=30)
-                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-                assert wanted in info.value.details()
-        assert "TILECHAIN_UPSCALE_MAX_STREAMS=2" in info.value.details()
-        job_id = submit(gateway, small_chain("bad"))
-        assert gateway.stub.GetJob(gateway_pb2.JobRef(job_id=job_id)).queue_length == 1  # none of the bad ones
-        for method in (gateway.stub.GetJob, gateway.stub.CancelJob, lambda r, timeout: list(gateway.stub.WatchJob(r, timeout=timeout))):
+    # a running job whose watcher never reads is cancelled at once
+    stalled = gateway.stub.RunChain(chain_request(slow_chain("watch"), return_tiles=gateway_pb2.TILE_RETURN_ALL, transport_tile=64), timeout=300)
+    job_id = next(stalled).job_id
+    wait_for(gateway, job_id)
+    status = gateway.stub.CancelJob(gateway_pb2.JobRef(job_id=job_id), timeout=10)  # no DEADLINE_EXCEEDED
+    assert status.state == CANCELLED
+    assert list(stalled)[-1].status.state == CANCELLED
+def test_bad_requests_are_refused_before_queuing_and_unknown_jobs_are_not_found(services: Services, gateways: Callable[..., Gateway], tmp_path: Path) -> None:
+    gateway = gateways("gw-bad", job_store_url(tmp_path), TILECHAIN_GATEWAY_MAX_JOBS="0").start()
+    bad = {"stages": [{"name": "up", "type": "upscale-simple", "params": {"scale": 12}}]}
+    too_many = {"stages": [
+        {"name": "noise", "type": "source-noise", "params": {"width": 8, "height": 8}},
+        *({"name": f"x{n}", "type": "upscale-simple", "params": {"scale": 2}} for n in range(3)),
+    ]}
+    for chain, wanted in ((bad, "stage 'up' (upscale-simple): param 'scale'"),
+                          (too_many, "stage 'x2' (upscale-simple): the chain needs 3 upscale streams at once, over the limit of 2")):
+        for call in (gateway.stub.SubmitChain, lambda r, timeout: list(gateway.stub.RunChain(r, timeout=timeout))):
             with pytest.raises(grpc.RpcError) as info:
-                method(gateway_pb2.JobRef(job_id="nope"), timeout=30)
-            assert info.value.code() == grpc.StatusCode.NOT_FOUND
-            assert "job_id: no job 'nope'" in info.value.details()
-    finally:
-        gateway.stop()
-
-
-def test_an_error_of_the_request_at_run_time_is_not_retried(services: Services, tmp_path: Path) -> None:
+                call(chain_request(chain), timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert wanted in info.value.details()
+    assert "TILECHAIN_UPSCALE_MAX_STREAMS=2" in info.value.details()
+    job_id = submit(gateway, small_chain("bad"))
+    assert gateway.stub.GetJob(gateway_pb2.JobRef(job_id=job_id)).queue_length == 1  # none of the bad ones
+    for method in (gateway.stub.GetJob, gateway.stub.CancelJob, lambda r, timeout: list(gateway.stub.WatchJob(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as info:
+            method(gateway_pb2.JobRef(job_id="nope"), timeout=30)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "job_id: no job 'nope'" in info.value.details()
+def test_an_error_of_the_request_at_run_time_is_not_retried(services: Services, gateways: Callable[..., Gateway], tmp_path: Path) -> None:
     """Queued by an API-only gateway; before a worker runs it, its output file appears: the run
     fails ALREADY_EXISTS on its first attempt and is not run again (only UNAVAILABLE is)."""
     store = job_store_url(tmp_path)
-    front = Gateway(services, "gw-api", store, TILECHAIN_GATEWAY_MAX_JOBS="0").start()
+    front = gateways("gw-api", store, TILECHAIN_GATEWAY_MAX_JOBS="0").start()
     job_id = submit(front, small_chain("taken"))
     front.stop()
     (services.output_root / "taken").mkdir(exist_ok=True)
     (services.output_root / "taken" / f"{job_id}.png").write_bytes(b"someone else's")
-    worker = Gateway(services, "gw-run", store).start()
-    try:
-        status, events = final(worker, job_id)
-        assert (status.state, status.code, status.attempt) == (gateway_pb2.JOB_STATE_FAILED, grpc.StatusCode.ALREADY_EXISTS.value[0], 1)
-        assert f"stage 'save' (persist-disk): param 'filename': {job_id}.png exists" in status.message
-        assert not [n for n in notices(events) if "runs again" in n]
-        assert (services.output_root / "taken" / f"{job_id}.png").read_bytes() == b"someone else's"
-    finally:
-        worker.stop()
-
-
+    worker = gateways("gw-run", store).start()
+    status, events = final(worker, job_id)
+    assert (status.state, status.code, status.attempt) == (gateway_pb2.JOB_STATE_FAILED, grpc.StatusCode.ALREADY_EXISTS.value[0], 1)
+    assert f"stage 'save' (persist-disk): param 'filename': {job_id}.png exists" in status.message
+    assert not [n for n in notices(events) if "runs again" in n]
+    assert (services.output_root / "taken" / f"{job_id}.png").read_bytes() == b"someone else's"
 def persist_once(services: Services, job_id: str, attempt: int, value: int) -> list[stage_pb2.StageOutput]:
     """One persist-disk stream straight to the service: an 8x8 image of one grey value."""
     pixels = np.full((8, 8, 3), value, dtype=np.uint8)
@@ -401,10 +385,10 @@ def test_a_retried_attempt_replaces_its_own_file_and_no_other(services: Services
     assert [p.name for p in path.parent.iterdir()] == ["out.png"]  # no temporary left behind
 
 
-def test_a_job_store_that_went_away_is_unavailable_not_unknown(services: Services, tmp_path: Path) -> None:
+def test_a_job_store_that_went_away_is_unavailable_not_unknown(services: Services, gateways: Callable[..., Gateway], tmp_path: Path) -> None:
     store = ValkeyServer(tmp_path / "valkey").start()
-    gateway = Gateway(services, "gw-lost", store.url, TILECHAIN_GATEWAY_MAX_JOBS="0").start()
     try:
+        gateway = gateways("gw-lost", store.url, TILECHAIN_GATEWAY_MAX_JOBS="0").start()
         job_id = submit(gateway, small_chain("lost"))
         store.stop()
         for call in (gateway.stub.GetJob, gateway.stub.CancelJob, lambda r, timeout: list(gateway.stub.WatchJob(r, timeout=timeout))):
@@ -416,5 +400,4 @@ def test_a_job_store_that_went_away_is_unavailable_not_unknown(services: Service
             gateway.stub.SubmitChain(chain_request(small_chain("lost")), timeout=30)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        gateway.stop()
         store.stop()

@@ -108,6 +108,7 @@ bench: setup
 	$(PY) bench/bench_web.py
 	$(PY) bench/bench_hostile.py
 	$(PY) bench/bench_real_weights.py
+	$(PY) bench/bench_jobs.py
 
 clean: down
 	rm -rf $(VENV) var

@@ -142,7 +142,10 @@ def main() -> int:
         addresses = {c: f"127.0.0.1:{free_port()}" for c in LOCAL_COMPONENTS}
         stack = Stack(addresses, tmp_path / "logs")
         env = {"TILECHAIN_OUTPUT_ROOT": str(outputs), "TILECHAIN_ENVOY_ADMIN_ADDR": f"127.0.0.1:{free_port()}",
-               "TILECHAIN_MODELS_ROOT": str(ROOT / "var" / "models"), "TILECHAIN_MODELS_CONFIG": str(ROOT / "models.yaml")}
+               "TILECHAIN_MODELS_ROOT": str(ROOT / "var" / "models"), "TILECHAIN_MODELS_CONFIG": str(ROOT / "models.yaml"),
+               # the 16-stage chain holds 7 upscale-simple streams at once (the default allows 2 per
+               # replica, sized for GPU models; a chain needing more is refused)
+               "TILECHAIN_UPSCALE_MAX_STREAMS": "8"}
         try:
             stack.start(LOCAL_COMPONENTS, extra_env=env)
             with sync_playwright() as playwright:

@@ -109,12 +109,13 @@ class PlannedStage:
     emits_latent: str = ""      # from the stage's plan: see stage.proto PlanResult
     accepts_latent: str = ""
     latent_output: bool = False  # hand the next stage latents
+    attempt: int = 1             # the job's run (a job is run again after its gateway or a service died)
 
     @property
     def label(self) -> str:
         return stage_label(self.name, self.type)
 
-    def start(self, job_id: str, transport_tile: int, attempt: int = 0) -> stage_pb2.StageStart:
+    def start(self, job_id: str, transport_tile: int) -> stage_pb2.StageStart:
         return stage_pb2.StageStart(
             job_id=job_id,
             name=self.name,
@@ -123,7 +124,7 @@ class PlannedStage:
             inputs=self.inputs,
             transport_tile=transport_tile,
             latent_output=self.latent_output,
-            attempt=attempt,
+            attempt=self.attempt,
         )
 
     def release(self) -> None:
@@ -263,6 +264,17 @@ def check_attachments(
         stage.attachments.append(AttachedImage(stage.label, role, data, header))
 
 
+def chain_families(raw: list[dict[str, Any]]) -> set[str]:
+    """The families a parsed chain needs; INVALID_ARGUMENT for a type no family serves."""
+    needed = set()
+    for stage in raw:
+        family = family_of(stage["type"])
+        if family is None:
+            raise invalid(f"{stage_label(stage['name'], stage['type'])}: unknown stage type")
+        needed.add(family)
+    return needed
+
+
 def attachment_target(
     number: int, stage_name: str, role: str, stages: dict[str, PlannedStage], specs: dict[str, stage_pb2.StageSpec]
 ) -> tuple[PlannedStage, str]:
@@ -297,7 +309,7 @@ def checked_header(
 
 
 async def check_stages(
-    request: gateway_pb2.ChainRequest, families: dict[str, Family]
+    request: gateway_pb2.ChainRequest, families: dict[str, Family], attempt: int = 1
 ) -> tuple[list[PlannedStage], dict[str, stage_pb2.StageSpec]]:
     """The first checks, which need no attachment: the chain's form, its stage types and params
     against the catalogs, the transport tile. SubmitChainStream runs them before the upload."""
@@ -305,13 +317,7 @@ async def check_stages(
     problem = transport_tile_problem(request.transport_tile)
     if problem:
         raise invalid(f"transport_tile: {problem}")
-    needed = set()
-    for stage in raw:
-        family = family_of(stage["type"])
-        if family is None:
-            raise invalid(f"{stage_label(stage['name'], stage['type'])}: unknown stage type")
-        needed.add(family)
-    specs = await fetch_catalogs(families, needed)
+    specs = await fetch_catalogs(families, chain_families(raw))
 
     planned: list[PlannedStage] = []
     for number, stage in enumerate(raw):
@@ -330,7 +336,7 @@ async def check_stages(
             validate_params([Param.from_proto(p) for p in spec.params], params)
         except ParamError as exc:
             raise invalid(param_message(stage["name"], stage["type"], exc)) from None
-        planned.append(PlannedStage(number, stage["name"], stage["type"], params, families[spec.family]))
+        planned.append(PlannedStage(number, stage["name"], stage["type"], params, families[spec.family], attempt=attempt))
     return planned, specs
 
 
@@ -339,9 +345,10 @@ async def plan_chain(
     families: dict[str, Family],
     settings: Settings,
     job_id: str,
+    attempt: int = 1,
     attachment_data: list[Buffer] | None = None,
 ) -> list[PlannedStage]:
-    planned, specs = await check_stages(request, families)
+    planned, specs = await check_stages(request, families, attempt)
     by_name = {s.name: s for s in planned}
     check_attachments(request, by_name, specs, settings, attachment_data)
     for stage in planned:
@@ -415,6 +422,13 @@ async def plan_latent_handoffs(planned: list[PlannedStage], job_id: str) -> None
         log.info("job %s: %s hands latents (%s) to %s", job_id, before.label, before.emits_latent, after.label)
 
 
+def connection_broke(exc: grpc.aio.AioRpcError) -> bool:
+    """gRPC's asyncio client reports a stream whose connection broke while it was sending as
+    INTERNAL "Internal error from Core" (the failed send hides the UNAVAILABLE underneath): the
+    service died or went away mid-stream, which is not an error of the service's own."""
+    return exc.code() == grpc.StatusCode.INTERNAL and "execute_batch" in (exc.debug_error_string() or "")
+
+
 def rpc_error(stage: PlannedStage, exc: grpc.aio.AioRpcError) -> ChainError:
     """A service's error as the gateway reports it: the service's own message where it gave one
     (it names the stage and param), else which service could not be reached. An attachment
@@ -424,6 +438,8 @@ def rpc_error(stage: PlannedStage, exc: grpc.aio.AioRpcError) -> ChainError:
         return failure
     code = exc.code()
     details = public_text(exc.details() or "")
+    if connection_broke(exc):
+        code, details = grpc.StatusCode.UNAVAILABLE, "the connection broke mid-stream"
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         what = "unavailable" if code == grpc.StatusCode.UNAVAILABLE else code.name.lower().replace("_", " ")
         return ChainError(code, f"{stage.label}: the {stage.family.name} service at {stage.family.address} is {what}: {details}")

@@ -30,6 +30,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def job_store_url(directory: Path) -> str:
+    """A fresh SQLite job store for one gateway (or several, one after the other)."""
+    return f"sqlite:///{directory.resolve() / 'jobs.db'}"
+
+
 @pytest.fixture(scope="session")
 def output_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("outputs").resolve()
@@ -45,6 +50,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, output_root: Path) -> Iterat
         "TILECHAIN_MODELS_ROOT": str(ROOT / "var" / "models"),  # built by `make models`
         "TILECHAIN_MODELS_CONFIG": str(ROOT / "models.yaml"),
         "TILECHAIN_ENVOY_ADMIN_ADDR": f"127.0.0.1:{free_port()}",  # not 9901: a `make up` stack may hold it
+        # its own job store: never var/jobs.db, where queued jobs of another run would wait
+        "TILECHAIN_JOB_STORE": job_store_url(tmp_path_factory.mktemp("jobs")),
     }
     stack.start(extra_env=env)
     yield stack

@@ -14,7 +14,7 @@ from tilechain.services.core.codecs import encode_image
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2, stage_pb2, stage_pb2_grpc, tiles_pb2
 
-from .conftest import free_port, rpc_error, run_events
+from .conftest import free_port, job_store_url, rpc_error, run_events
 
 NOISE = {"name": "noise", "type": "source-noise", "params": {"width": 64, "height": 64, "seed": 1}}
 
@@ -192,7 +192,7 @@ def test_family_that_is_down_is_unavailable_by_name(stack: Stack, tmp_path: Path
     """A second gateway whose upscale service address has nothing listening."""
     addresses = dict(stack.addresses, gateway=f"127.0.0.1:{free_port()}", upscale=f"127.0.0.1:{free_port()}")
     lonely = Stack(addresses, tmp_path)
-    lonely.start(components=("gateway",))
+    lonely.start(components=("gateway",), extra_env={"TILECHAIN_JOB_STORE": job_store_url(tmp_path)})
     try:
         error = rpc_error(connect(addresses["gateway"]), chain_request(chain({"name": "up", "type": "upscale-simple"})))
         assert error.code() == grpc.StatusCode.UNAVAILABLE

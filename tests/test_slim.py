@@ -20,7 +20,7 @@ from tilechain.client import chain_request, connect
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2
 
-from .conftest import ROOT, SLIM_PYTHON, free_port
+from .conftest import ROOT, SLIM_PYTHON, free_port, job_store_url
 MODEL_MODULES = ("torch", "torchvision", "diffusers", "transformers", "spandrel", "cv2")
 # the families a model-free chain needs, and the edit and text families; blend and correct stay down
 COMPONENTS = ("source", "upscale", "reduce", "persist", "edit", "text", "gateway")
@@ -52,7 +52,8 @@ def slim_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack
     output_root = tmp_path_factory.mktemp("slim-outputs").resolve()
     addresses = {c: f"127.0.0.1:{free_port()}" for c in (*COMPONENTS, "blend", "correct")}
     stack = Stack(addresses, tmp_path_factory.mktemp("slim-logs"), python=str(SLIM_PYTHON))
-    stack.start(COMPONENTS, extra_env={"TILECHAIN_OUTPUT_ROOT": str(output_root)})
+    env = {"TILECHAIN_OUTPUT_ROOT": str(output_root), "TILECHAIN_JOB_STORE": job_store_url(tmp_path_factory.mktemp("slim-jobs"))}
+    stack.start(COMPONENTS, extra_env=env)
     yield stack, output_root
     stack.stop()
 

@@ -234,17 +234,20 @@ def test_dropped_image_runs_and_the_job_reopens(page: Page, output_root: Path) -
 
 
 def test_cancel_stops_a_long_job(page: Page, gateway, screenshots: Path) -> None:
-    # 16 stages at up to 2048², every stage's tiles returned in 64-px tiles: minutes of events for
-    # the page to take in, so the job is still running when the cancel lands
-    stages = [{"name": "noise", "type": "source-noise", "params": {"width": 1024, "height": 1024, "method": "gaussian", "seed": 1}}]
-    for n in range(7):
-        stages.append({"name": f"up{n}", "type": "upscale-simple", "params": {"scale": 2, "method": "lanczos"}})
-        stages.append({"name": f"down{n}", "type": "reduce-thumbnail", "params": {"width": 1024, "height": 1024}})
+    # 16 stages: resizes whose tiles are painted, then a 400-step img2img (the job's long part,
+    # a progress event per step), then the save; every stage's tiles returned. Within the default
+    # stream limits (a chain needing more streams of one family than its limit is refused)
+    stages = [{"name": "noise", "type": "source-noise", "params": {"width": 256, "height": 256, "method": "gaussian", "seed": 1}}]
+    stages += [{"name": f"up{n}", "type": "upscale-simple", "params": {"scale": 2, "method": "lanczos"}} for n in range(2)]
+    stages += [{"name": f"down{n}", "type": "reduce-thumbnail", "params": {"width": 960 - 80 * n, "height": 960 - 80 * n}} for n in range(11)]
+    stages.append({"name": "refine", "type": "blend-img2img", "params": {"prompt": "a long job", "steps": 400, "strength": 1.0, "seed": 1}})
     stages.append({"name": "save", "type": "persist-disk", "params": {"filename": "web/{job}-cancelled.{ext}"}})
     assert len(stages) == 16
     set_chain(page, {"stages": stages}, return_tiles=gateway_pb2.TILE_RETURN_ALL, transport_tile=64)
     page.click("#run")
-    page.wait_for_function("window.tilechain.trace.events.some(e => e.kind === 'progress') && window.tilechain.trace.paints.length > 0")
+    # the img2img is stepping (its steps bar is up) and earlier stages' tiles are painted
+    page.wait_for_selector("#progress li[data-stage='14'] .unit[data-unit='steps']")
+    page.wait_for_function("window.tilechain.trace.paints.length > 0")
     assert page.inner_text("#job-state") == "RUNNING"
     expect(page.locator("#progress li")).to_have_count(16)
     page.screenshot(path=str(screenshots / "web-mid-job.png"))

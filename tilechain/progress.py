@@ -28,6 +28,15 @@ def stage_line(event: gateway_pb2.StageEvent) -> str:
     return f"[stage {event.stage_index + 1}] {event.name} ({event.type}) {verb}"
 
 
+def queue_line(event: gateway_pb2.QueueEvent) -> str:
+    retry = f" (attempt {event.attempt})" if event.attempt > 1 else ""
+    return f"queued{retry}: {event.position} of {event.length}"
+
+
+def notice_line(event: gateway_pb2.NoticeEvent) -> str:
+    return f"  {event.name or 'job'}: {event.message}"
+
+
 class Display(Protocol):
     def event(self, event: gateway_pb2.JobEvent) -> None: ...
     def close(self) -> None: ...
@@ -62,7 +71,9 @@ class PlainLines:
                     line += f", {(p.done - first_done) / elapsed:.1f} {p.unit}/s"
                 self.write(line)
         elif kind == "notice":
-            self.write(f"  {event.notice.name}: {event.notice.message}")
+            self.write(notice_line(event.notice))
+        elif kind == "queue":
+            self.write(queue_line(event.queue))
 
     def close(self) -> None:
         pass
@@ -114,7 +125,9 @@ class Bars:
                 self.tasks[key] = self.progress.add_task(label, total=p.total, unit=p.unit)
             self.progress.update(self.tasks[key], completed=p.done, total=p.total)
         elif kind == "notice":
-            self.console.print(f"  {event.notice.name}: {event.notice.message}", markup=False, highlight=False)
+            self.console.print(notice_line(event.notice), markup=False, highlight=False)
+        elif kind == "queue":
+            self.console.print(queue_line(event.queue), markup=False, highlight=False)
 
     def close(self) -> None:
         self.progress.stop()

@@ -137,13 +137,20 @@ class Stack:
         """Start one process (a component, or one replica of a family) listening on address."""
         component = self.component_of(name)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        valkey_dir = (self.data_dir or self.log_dir.parent) / "valkey"
+        data_dir = (self.data_dir or self.log_dir.parent).resolve()
+        valkey_dir = data_dir / "valkey"
         if component == "valkey":
             valkey_dir.mkdir(parents=True, exist_ok=True)
+        env = self.env(self.extra_env)
+        if component == "gateway" and not env.get(JOB_STORE_ENV):
+            # the stack's own SQLite file, per gateway port, beside its other data: a stack
+            # never shares (or leaves) a queue in another's place
+            data_dir.mkdir(parents=True, exist_ok=True)
+            env[JOB_STORE_ENV] = f"sqlite:///{data_dir / f'jobs-{split_host_port(address)[1]}.db'}"
         with open(self.log_path(name), "ab") as log:
             self.processes[name] = subprocess.Popen(
                 command(component, address, self.python, valkey_dir), stdout=log, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=self.env(self.extra_env), start_new_session=self.detach,
+                stdin=subprocess.DEVNULL, env=env, start_new_session=self.detach,
             )
         self.process_addresses[name] = address
         if self.pid_dir is not None:

@@ -9,7 +9,7 @@ import ctypes
 import logging
 import os
 import signal
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -63,10 +63,13 @@ async def serve(
     add_services: Callable[[grpc.aio.Server], list[str]],
     max_receive_bytes: int | None = None,
     component: str = "",
+    on_stop: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and drain for up to DRAIN_SECONDS.
     add_services registers the servicers and returns their full service names. component
-    names the process in INTERNAL errors ("persist service"; default: from the service name)."""
+    names the process in INTERNAL errors ("persist service"; default: from the service name);
+    on_stop runs once health says NOT_SERVING, before the drain (the gateway hands its jobs
+    back there)."""
     settings = Settings.from_env()
     internal_errors = InternalErrors(component, [settings.output_root, settings.models_root])
     server = grpc.aio.server(options=server_options(max_receive_bytes), interceptors=[internal_errors])
@@ -93,5 +96,7 @@ async def serve(
     await stopping.wait()
     log.info("draining in-flight streams (up to %.0fs)", DRAIN_SECONDS)
     await health_servicer.enter_graceful_shutdown()
+    if on_stop is not None:
+        await on_stop()
     await server.stop(DRAIN_SECONDS)
     log.info("stopped")

@@ -77,7 +77,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
 
     async def Plan(self, request: stage_pb2.StageStart, context: grpc.aio.ServicerContext) -> stage_pb2.PlanResult:
         try:
-            stage = self._create(request, Context(request.job_id, self.settings, self.models, attempt=request.attempt))
+            stage = self._create(request, Context(request.job_id, self.settings, self.models, attempt=request.attempt or 1))
             outputs = plan_outputs(stage, list(request.inputs), self.settings)
         except ParamError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.public(param_message(request.name, request.type, exc)))
@@ -114,6 +114,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def _set_active(self, delta: int) -> None:
         async with self._idle:
             self.stats.active_streams += delta
+            self.stats.peak_active_streams = max(self.stats.peak_active_streams, self.stats.active_streams)
             self._idle.notify_all()
 
     async def _count_job_stream(self, job_id: str, delta: int) -> None:
@@ -138,7 +139,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             if first is None or first.WhichOneof("kind") != "start":
                 raise StageError(grpc.StatusCode.INVALID_ARGUMENT, "a Process stream must begin with a start message")
             start = first.start
-            run_context.job_id, run_context.attempt = start.job_id, start.attempt
+            run_context.job_id, run_context.attempt = start.job_id, start.attempt or 1
             counted_job = start.job_id
             await self._count_job_stream(counted_job, +1)  # Finish for this job waits for this stream
             problem = transport_tile_problem(start.transport_tile)

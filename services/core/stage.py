@@ -87,7 +87,7 @@ class Context:
     job_id: str
     settings: Settings
     models: ModelRegistry | None = None
-    attempt: int = 0  # which run of the job (StageStart.attempt)
+    attempt: int = 1  # the job's run (StageStart.attempt): 2 or more when the gateway runs it again
     cancel_event: threading.Event = field(default_factory=threading.Event)
     notices: list[str] = field(default_factory=list)
     # set by the engine while a processing tile runs: stage code reports (done, total) of its

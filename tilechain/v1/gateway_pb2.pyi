@@ -1,4 +1,7 @@
+import datetime
+
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from tilechain.v1 import stage_pb2 as _stage_pb2
 from tilechain.v1 import tiles_pb2 as _tiles_pb2
 from google.protobuf.internal import containers as _containers
@@ -111,7 +114,7 @@ class JobRef(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "state", "code", "message", "artifacts", "stages_total", "stages_done")
+    __slots__ = ("job_id", "state", "code", "message", "artifacts", "stages_total", "stages_done", "attempt", "max_attempts", "queue_position", "queue_length", "gateway", "created_at", "started_at", "ended_at")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -119,6 +122,14 @@ class JobStatus(_message.Message):
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     STAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     STAGES_DONE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    ENDED_AT_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     code: int
@@ -126,7 +137,25 @@ class JobStatus(_message.Message):
     artifacts: _containers.RepeatedCompositeFieldContainer[_stage_pb2.Artifact]
     stages_total: int
     stages_done: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_stage_pb2.Artifact, _Mapping]]] = ..., stages_total: _Optional[int] = ..., stages_done: _Optional[int] = ...) -> None: ...
+    attempt: int
+    max_attempts: int
+    queue_position: int
+    queue_length: int
+    gateway: str
+    created_at: _timestamp_pb2.Timestamp
+    started_at: _timestamp_pb2.Timestamp
+    ended_at: _timestamp_pb2.Timestamp
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_stage_pb2.Artifact, _Mapping]]] = ..., stages_total: _Optional[int] = ..., stages_done: _Optional[int] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., queue_position: _Optional[int] = ..., queue_length: _Optional[int] = ..., gateway: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class QueueEvent(_message.Message):
+    __slots__ = ("position", "length", "attempt")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    length: int
+    attempt: int
+    def __init__(self, position: _Optional[int] = ..., length: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class StageEvent(_message.Message):
     __slots__ = ("kind", "stage_index", "name", "type", "outputs")
@@ -183,7 +212,7 @@ class NoticeEvent(_message.Message):
     def __init__(self, stage_index: _Optional[int] = ..., name: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "stage", "progress", "tile", "artifact", "notice", "status")
+    __slots__ = ("job_id", "stage", "progress", "tile", "artifact", "notice", "status", "queue")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +220,7 @@ class JobEvent(_message.Message):
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     stage: StageEvent
     progress: StageProgress
@@ -198,7 +228,8 @@ class JobEvent(_message.Message):
     artifact: _stage_pb2.Artifact
     notice: NoticeEvent
     status: JobStatus
-    def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[_Union[StageEvent, _Mapping]] = ..., progress: _Optional[_Union[StageProgress, _Mapping]] = ..., tile: _Optional[_Union[TileEvent, _Mapping]] = ..., artifact: _Optional[_Union[_stage_pb2.Artifact, _Mapping]] = ..., notice: _Optional[_Union[NoticeEvent, _Mapping]] = ..., status: _Optional[_Union[JobStatus, _Mapping]] = ...) -> None: ...
+    queue: QueueEvent
+    def __init__(self, job_id: _Optional[str] = ..., stage: _Optional[_Union[StageEvent, _Mapping]] = ..., progress: _Optional[_Union[StageProgress, _Mapping]] = ..., tile: _Optional[_Union[TileEvent, _Mapping]] = ..., artifact: _Optional[_Union[_stage_pb2.Artifact, _Mapping]] = ..., notice: _Optional[_Union[NoticeEvent, _Mapping]] = ..., status: _Optional[_Union[JobStatus, _Mapping]] = ..., queue: _Optional[_Union[QueueEvent, _Mapping]] = ...) -> None: ...
 
 class ListStagesRequest(_message.Message):
     __slots__ = ()

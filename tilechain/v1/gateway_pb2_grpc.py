@@ -83,7 +83,8 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitChain(self, request, context):
-        """Validates and starts a chain in the background; returns its job id.
+        """Validates and queues a chain to run in the background; returns its job id. Queued jobs
+        survive gateway restarts; any gateway on the same job store runs and answers for them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -230,7 +230,7 @@ class StatsRequest(_message.Message):
     def __init__(self, wait_idle: _Optional[bool] = ...) -> None: ...
 
 class ServiceStats(_message.Message):
-    __slots__ = ("active_streams", "streams_started", "streams_finished", "streams_cancelled", "streams_failed", "tiles_processed", "steps_run", "vae_decodes", "vae_encodes")
+    __slots__ = ("active_streams", "streams_started", "streams_finished", "streams_cancelled", "streams_failed", "tiles_processed", "steps_run", "vae_decodes", "vae_encodes", "peak_active_streams")
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     STREAMS_STARTED_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +240,7 @@ class ServiceStats(_message.Message):
     STEPS_RUN_FIELD_NUMBER: _ClassVar[int]
     VAE_DECODES_FIELD_NUMBER: _ClassVar[int]
     VAE_ENCODES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     active_streams: int
     streams_started: int
     streams_finished: int
@@ -249,4 +250,5 @@ class ServiceStats(_message.Message):
     steps_run: int
     vae_decodes: int
     vae_encodes: int
-    def __init__(self, active_streams: _Optional[int] = ..., streams_started: _Optional[int] = ..., streams_finished: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_failed: _Optional[int] = ..., tiles_processed: _Optional[int] = ..., steps_run: _Optional[int] = ..., vae_decodes: _Optional[int] = ..., vae_encodes: _Optional[int] = ...) -> None: ...
+    peak_active_streams: int
+    def __init__(self, active_streams: _Optional[int] = ..., streams_started: _Optional[int] = ..., streams_finished: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_failed: _Optional[int] = ..., tiles_processed: _Optional[int] = ..., steps_run: _Optional[int] = ..., vae_decodes: _Optional[int] = ..., vae_encodes: _Optional[int] = ..., peak_active_streams: _Optional[int] = ...) -> None: ...

@@ -4,7 +4,8 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import { file_google_protobuf_struct } from "@bufbuild/protobuf/wkt";
+import type { Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Artifact, Progress, StageCatalog } from "./stage_pb";
 import { file_tilechain_v1_stage } from "./stage_pb";
 import type { Canvas, Tile } from "./tiles_pb";
@@ -15,7 +16,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file tilechain/v1/gateway.proto.
  */
 export const file_tilechain_v1_gateway: GenFile = /*@__PURE__*/
-  fileDesc("Chp0aWxlY2hhaW4vdjEvZ2F0ZXdheS5wcm90bxIMdGlsZWNoYWluLnYxIlEKCkNoYWluU3RhZ2USDAoEbmFtZRgBIAEoCRIMCgR0eXBlGAIgASgJEicKBnBhcmFtcxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiMQoFQ2hhaW4SKAoGc3RhZ2VzGAEgAygLMhgudGlsZWNoYWluLnYxLkNoYWluU3RhZ2UiRQoKQXR0YWNobWVudBINCgVzdGFnZRgBIAEoCRIMCgRyb2xlGAIgASgJEgwKBGRhdGEYAyABKAwSDAoEc2l6ZRgEIAEoBCJMCg9BdHRhY2htZW50Q2h1bmsSDQoFc3RhZ2UYASABKAkSDAoEcm9sZRgCIAEoCRIOCgZvZmZzZXQYAyABKAQSDAoEZGF0YRgEIAEoDCILCglVcGxvYWRFbmQinAEKC0NoYWluVXBsb2FkEi0KB3JlcXVlc3QYASABKAsyGi50aWxlY2hhaW4udjEuQ2hhaW5SZXF1ZXN0SAASLgoFY2h1bmsYAiABKAsyHS50aWxlY2hhaW4udjEuQXR0YWNobWVudENodW5rSAASJgoDZW5kGAMgASgLMhcudGlsZWNoYWluLnYxLlVwbG9hZEVuZEgAQgYKBGtpbmQi3AEKDENoYWluUmVxdWVzdBIiCgVjaGFpbhgBIAEoCzITLnRpbGVjaGFpbi52MS5DaGFpbhISCgpjaGFpbl9qc29uGAIgASgJEi0KC2F0dGFjaG1lbnRzGAMgAygLMhgudGlsZWNoYWluLnYxLkF0dGFjaG1lbnQSLgoMcmV0dXJuX3RpbGVzGAQgASgOMhgudGlsZWNoYWluLnYxLlRpbGVSZXR1cm4SFgoOdHJhbnNwb3J0X3RpbGUYBSABKA0SHQoVZGVjb2RlX2JldHdlZW5fc3RhZ2VzGAYgASgIIhgKBkpvYlJlZhIOCgZqb2JfaWQYASABKAkitwEKCUpvYlN0YXR1cxIOCgZqb2JfaWQYASABKAkSJQoFc3RhdGUYAiABKA4yFi50aWxlY2hhaW4udjEuSm9iU3RhdGUSDAoEY29kZRgDIAEoBRIPCgdtZXNzYWdlGAQgASgJEikKCWFydGlmYWN0cxgFIAMoCzIWLnRpbGVjaGFpbi52MS5BcnRpZmFjdBIUCgxzdGFnZXNfdG90YWwYBiABKA0SEwoLc3RhZ2VzX2RvbmUYByABKA0i1AEKClN0YWdlRXZlbnQSKwoEa2luZBgBIAEoDjIdLnRpbGVjaGFpbi52MS5TdGFnZUV2ZW50LktpbmQSEwoLc3RhZ2VfaW5kZXgYAiABKA0SDAoEbmFtZRgDIAEoCRIMCgR0eXBlGAQgASgJEiUKB291dHB1dHMYBSADKAsyFC50aWxlY2hhaW4udjEuQ2FudmFzIkEKBEtpbmQSFAoQS0lORF9VTlNQRUNJRklFRBAAEhAKDEtJTkRfU1RBUlRFRBABEhEKDUtJTkRfRklOSVNIRUQQAiJcCg1TdGFnZVByb2dyZXNzEhMKC3N0YWdlX2luZGV4GAEgASgNEgwKBG5hbWUYAiABKAkSKAoIcHJvZ3Jlc3MYAyABKAsyFi50aWxlY2hhaW4udjEuUHJvZ3Jlc3MidgoJVGlsZUV2ZW50EhMKC3N0YWdlX2luZGV4GAEgASgNEgwKBG5hbWUYAiABKAkSJAoGY2FudmFzGAMgASgLMhQudGlsZWNoYWluLnYxLkNhbnZhcxIgCgR0aWxlGAQgASgLMhIudGlsZWNoYWluLnYxLlRpbGUiQQoLTm90aWNlRXZlbnQSEwoLc3RhZ2VfaW5kZXgYASABKA0SDAoEbmFtZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJIqsCCghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSKQoFc3RhZ2UYAiABKAsyGC50aWxlY2hhaW4udjEuU3RhZ2VFdmVudEgAEi8KCHByb2dyZXNzGAMgASgLMhsudGlsZWNoYWluLnYxLlN0YWdlUHJvZ3Jlc3NIABInCgR0aWxlGAQgASgLMhcudGlsZWNoYWluLnYxLlRpbGVFdmVudEgAEioKCGFydGlmYWN0GAUgASgLMhYudGlsZWNoYWluLnYxLkFydGlmYWN0SAASKwoGbm90aWNlGAYgASgLMhkudGlsZWNoYWluLnYxLk5vdGljZUV2ZW50SAASKQoGc3RhdHVzGAcgASgLMhcudGlsZWNoYWluLnYxLkpvYlN0YXR1c0gAQgYKBGtpbmQiEwoRTGlzdFN0YWdlc1JlcXVlc3QicwoSTGlzdFN0YWdlc1Jlc3BvbnNlEiwKCGNhdGFsb2dzGAEgAygLMhoudGlsZWNoYWluLnYxLlN0YWdlQ2F0YWxvZxIvCg1mYW1pbGllc19kb3duGAIgAygLMhgudGlsZWNoYWluLnYxLkZhbWlseURvd24iPAoKRmFtaWx5RG93bhIOCgZmYW1pbHkYASABKAkSDwoHYWRkcmVzcxgCIAEoCRINCgVlcnJvchgDIAEoCSpOCgpUaWxlUmV0dXJuEhQKEFRJTEVfUkVUVVJOX05PTkUQABIVChFUSUxFX1JFVFVSTl9GSU5BTBABEhMKD1RJTEVfUkVUVVJOX0FMTBACKpoBCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESFQoRSk9CX1NUQVRFX1JVTk5JTkcQAhIXChNKT0JfU1RBVEVfU1VDQ0VFREVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBTLWAwoHR2F0ZXdheRJACghSdW5DaGFpbhIaLnRpbGVjaGFpbi52MS5DaGFpblJlcXVlc3QaFi50aWxlY2hhaW4udjEuSm9iRXZlbnQwARI/CgtTdWJtaXRDaGFpbhIaLnRpbGVjaGFpbi52MS5DaGFpblJlcXVlc3QaFC50aWxlY2hhaW4udjEuSm9iUmVmEkYKEVN1Ym1pdENoYWluU3RyZWFtEhkudGlsZWNoYWluLnYxLkNoYWluVXBsb2FkGhQudGlsZWNoYWluLnYxLkpvYlJlZigBEjcKBkdldEpvYhIULnRpbGVjaGFpbi52MS5Kb2JSZWYaFy50aWxlY2hhaW4udjEuSm9iU3RhdHVzEjoKCFdhdGNoSm9iEhQudGlsZWNoYWluLnYxLkpvYlJlZhoWLnRpbGVjaGFpbi52MS5Kb2JFdmVudDABEjoKCUNhbmNlbEpvYhIULnRpbGVjaGFpbi52MS5Kb2JSZWYaFy50aWxlY2hhaW4udjEuSm9iU3RhdHVzEk8KCkxpc3RTdGFnZXMSHy50aWxlY2hhaW4udjEuTGlzdFN0YWdlc1JlcXVlc3QaIC50aWxlY2hhaW4udjEuTGlzdFN0YWdlc1Jlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_struct, file_tilechain_v1_stage, file_tilechain_v1_tiles]);
+  fileDesc("Chp0aWxlY2hhaW4vdjEvZ2F0ZXdheS5wcm90bxIMdGlsZWNoYWluLnYxIlEKCkNoYWluU3RhZ2USDAoEbmFtZRgBIAEoCRIMCgR0eXBlGAIgASgJEicKBnBhcmFtcxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiMQoFQ2hhaW4SKAoGc3RhZ2VzGAEgAygLMhgudGlsZWNoYWluLnYxLkNoYWluU3RhZ2UiRQoKQXR0YWNobWVudBINCgVzdGFnZRgBIAEoCRIMCgRyb2xlGAIgASgJEgwKBGRhdGEYAyABKAwSDAoEc2l6ZRgEIAEoBCJMCg9BdHRhY2htZW50Q2h1bmsSDQoFc3RhZ2UYASABKAkSDAoEcm9sZRgCIAEoCRIOCgZvZmZzZXQYAyABKAQSDAoEZGF0YRgEIAEoDCILCglVcGxvYWRFbmQinAEKC0NoYWluVXBsb2FkEi0KB3JlcXVlc3QYASABKAsyGi50aWxlY2hhaW4udjEuQ2hhaW5SZXF1ZXN0SAASLgoFY2h1bmsYAiABKAsyHS50aWxlY2hhaW4udjEuQXR0YWNobWVudENodW5rSAASJgoDZW5kGAMgASgLMhcudGlsZWNoYWluLnYxLlVwbG9hZEVuZEgAQgYKBGtpbmQi3AEKDENoYWluUmVxdWVzdBIiCgVjaGFpbhgBIAEoCzITLnRpbGVjaGFpbi52MS5DaGFpbhISCgpjaGFpbl9qc29uGAIgASgJEi0KC2F0dGFjaG1lbnRzGAMgAygLMhgudGlsZWNoYWluLnYxLkF0dGFjaG1lbnQSLgoMcmV0dXJuX3RpbGVzGAQgASgOMhgudGlsZWNoYWluLnYxLlRpbGVSZXR1cm4SFgoOdHJhbnNwb3J0X3RpbGUYBSABKA0SHQoVZGVjb2RlX2JldHdlZW5fc3RhZ2VzGAYgASgIIhgKBkpvYlJlZhIOCgZqb2JfaWQYASABKAkiqwMKCUpvYlN0YXR1cxIOCgZqb2JfaWQYASABKAkSJQoFc3RhdGUYAiABKA4yFi50aWxlY2hhaW4udjEuSm9iU3RhdGUSDAoEY29kZRgDIAEoBRIPCgdtZXNzYWdlGAQgASgJEikKCWFydGlmYWN0cxgFIAMoCzIWLnRpbGVjaGFpbi52MS5BcnRpZmFjdBIUCgxzdGFnZXNfdG90YWwYBiABKA0SEwoLc3RhZ2VzX2RvbmUYByABKA0SDwoHYXR0ZW1wdBgIIAEoDRIUCgxtYXhfYXR0ZW1wdHMYCSABKA0SFgoOcXVldWVfcG9zaXRpb24YCiABKA0SFAoMcXVldWVfbGVuZ3RoGAsgASgNEg8KB2dhdGV3YXkYDCABKAkSLgoKY3JlYXRlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRlZF9hdBgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kZWRfYXQYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIj8KClF1ZXVlRXZlbnQSEAoIcG9zaXRpb24YASABKA0SDgoGbGVuZ3RoGAIgASgNEg8KB2F0dGVtcHQYAyABKA0i1AEKClN0YWdlRXZlbnQSKwoEa2luZBgBIAEoDjIdLnRpbGVjaGFpbi52MS5TdGFnZUV2ZW50LktpbmQSEwoLc3RhZ2VfaW5kZXgYAiABKA0SDAoEbmFtZRgDIAEoCRIMCgR0eXBlGAQgASgJEiUKB291dHB1dHMYBSADKAsyFC50aWxlY2hhaW4udjEuQ2FudmFzIkEKBEtpbmQSFAoQS0lORF9VTlNQRUNJRklFRBAAEhAKDEtJTkRfU1RBUlRFRBABEhEKDUtJTkRfRklOSVNIRUQQAiJcCg1TdGFnZVByb2dyZXNzEhMKC3N0YWdlX2luZGV4GAEgASgNEgwKBG5hbWUYAiABKAkSKAoIcHJvZ3Jlc3MYAyABKAsyFi50aWxlY2hhaW4udjEuUHJvZ3Jlc3MidgoJVGlsZUV2ZW50EhMKC3N0YWdlX2luZGV4GAEgASgNEgwKBG5hbWUYAiABKAkSJAoGY2FudmFzGAMgASgLMhQudGlsZWNoYWluLnYxLkNhbnZhcxIgCgR0aWxlGAQgASgLMhIudGlsZWNoYWluLnYxLlRpbGUiQQoLTm90aWNlRXZlbnQSEwoLc3RhZ2VfaW5kZXgYASABKA0SDAoEbmFtZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJItYCCghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSKQoFc3RhZ2UYAiABKAsyGC50aWxlY2hhaW4udjEuU3RhZ2VFdmVudEgAEi8KCHByb2dyZXNzGAMgASgLMhsudGlsZWNoYWluLnYxLlN0YWdlUHJvZ3Jlc3NIABInCgR0aWxlGAQgASgLMhcudGlsZWNoYWluLnYxLlRpbGVFdmVudEgAEioKCGFydGlmYWN0GAUgASgLMhYudGlsZWNoYWluLnYxLkFydGlmYWN0SAASKwoGbm90aWNlGAYgASgLMhkudGlsZWNoYWluLnYxLk5vdGljZUV2ZW50SAASKQoGc3RhdHVzGAcgASgLMhcudGlsZWNoYWluLnYxLkpvYlN0YXR1c0gAEikKBXF1ZXVlGAggASgLMhgudGlsZWNoYWluLnYxLlF1ZXVlRXZlbnRIAEIGCgRraW5kIhMKEUxpc3RTdGFnZXNSZXF1ZXN0InMKEkxpc3RTdGFnZXNSZXNwb25zZRIsCghjYXRhbG9ncxgBIAMoCzIaLnRpbGVjaGFpbi52MS5TdGFnZUNhdGFsb2cSLwoNZmFtaWxpZXNfZG93bhgCIAMoCzIYLnRpbGVjaGFpbi52MS5GYW1pbHlEb3duIjwKCkZhbWlseURvd24SDgoGZmFtaWx5GAEgASgJEg8KB2FkZHJlc3MYAiABKAkSDQoFZXJyb3IYAyABKAkqTgoKVGlsZVJldHVybhIUChBUSUxFX1JFVFVSTl9OT05FEAASFQoRVElMRV9SRVRVUk5fRklOQUwQARITCg9USUxFX1JFVFVSTl9BTEwQAiqaAQoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhUKEUpPQl9TVEFURV9SVU5OSU5HEAISFwoTSk9CX1NUQVRFX1NVQ0NFRURFRBADEhQKEEpPQl9TVEFURV9GQUlMRUQQBBIXChNKT0JfU1RBVEVfQ0FOQ0VMTEVEEAUy1gMKB0dhdGV3YXkSQAoIUnVuQ2hhaW4SGi50aWxlY2hhaW4udjEuQ2hhaW5SZXF1ZXN0GhYudGlsZWNoYWluLnYxLkpvYkV2ZW50MAESPwoLU3VibWl0Q2hhaW4SGi50aWxlY2hhaW4udjEuQ2hhaW5SZXF1ZXN0GhQudGlsZWNoYWluLnYxLkpvYlJlZhJGChFTdWJtaXRDaGFpblN0cmVhbRIZLnRpbGVjaGFpbi52MS5DaGFpblVwbG9hZBoULnRpbGVjaGFpbi52MS5Kb2JSZWYoARI3CgZHZXRKb2ISFC50aWxlY2hhaW4udjEuSm9iUmVmGhcudGlsZWNoYWluLnYxLkpvYlN0YXR1cxI6CghXYXRjaEpvYhIULnRpbGVjaGFpbi52MS5Kb2JSZWYaFi50aWxlY2hhaW4udjEuSm9iRXZlbnQwARI6CglDYW5jZWxKb2ISFC50aWxlY2hhaW4udjEuSm9iUmVmGhcudGlsZWNoYWluLnYxLkpvYlN0YXR1cxJPCgpMaXN0U3RhZ2VzEh8udGlsZWNoYWluLnYxLkxpc3RTdGFnZXNSZXF1ZXN0GiAudGlsZWNoYWluLnYxLkxpc3RTdGFnZXNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_tilechain_v1_stage, file_tilechain_v1_tiles]);
 
 /**
  * @generated from message tilechain.v1.ChainStage
@@ -270,6 +271,46 @@ export type JobStatus = Message<"tilechain.v1.JobStatus"> & {
    * @generated from field: uint32 stages_done = 7;
    */
   stagesDone: number;
+
+  /**
+   * @generated from field: uint32 attempt = 8;
+   */
+  attempt: number;
+
+  /**
+   * @generated from field: uint32 max_attempts = 9;
+   */
+  maxAttempts: number;
+
+  /**
+   * @generated from field: uint32 queue_position = 10;
+   */
+  queuePosition: number;
+
+  /**
+   * @generated from field: uint32 queue_length = 11;
+   */
+  queueLength: number;
+
+  /**
+   * @generated from field: string gateway = 12;
+   */
+  gateway: string;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp created_at = 13;
+   */
+  createdAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp started_at = 14;
+   */
+  startedAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: google.protobuf.Timestamp ended_at = 15;
+   */
+  endedAt?: Timestamp | undefined;
 };
 
 /**
@@ -278,6 +319,33 @@ export type JobStatus = Message<"tilechain.v1.JobStatus"> & {
  */
 export const JobStatusSchema: GenMessage<JobStatus> = /*@__PURE__*/
   messageDesc(file_tilechain_v1_gateway, 8);
+
+/**
+ * @generated from message tilechain.v1.QueueEvent
+ */
+export type QueueEvent = Message<"tilechain.v1.QueueEvent"> & {
+  /**
+   * @generated from field: uint32 position = 1;
+   */
+  position: number;
+
+  /**
+   * @generated from field: uint32 length = 2;
+   */
+  length: number;
+
+  /**
+   * @generated from field: uint32 attempt = 3;
+   */
+  attempt: number;
+};
+
+/**
+ * Describes the message tilechain.v1.QueueEvent.
+ * Use `create(QueueEventSchema)` to create a new message.
+ */
+export const QueueEventSchema: GenMessage<QueueEvent> = /*@__PURE__*/
+  messageDesc(file_tilechain_v1_gateway, 9);
 
 /**
  * @generated from message tilechain.v1.StageEvent
@@ -314,7 +382,7 @@ export type StageEvent = Message<"tilechain.v1.StageEvent"> & {
  * Use `create(StageEventSchema)` to create a new message.
  */
 export const StageEventSchema: GenMessage<StageEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 9);
+  messageDesc(file_tilechain_v1_gateway, 10);
 
 /**
  * @generated from enum tilechain.v1.StageEvent.Kind
@@ -340,7 +408,7 @@ export enum StageEvent_Kind {
  * Describes the enum tilechain.v1.StageEvent.Kind.
  */
 export const StageEvent_KindSchema: GenEnum<StageEvent_Kind> = /*@__PURE__*/
-  enumDesc(file_tilechain_v1_gateway, 9, 0);
+  enumDesc(file_tilechain_v1_gateway, 10, 0);
 
 /**
  * @generated from message tilechain.v1.StageProgress
@@ -367,7 +435,7 @@ export type StageProgress = Message<"tilechain.v1.StageProgress"> & {
  * Use `create(StageProgressSchema)` to create a new message.
  */
 export const StageProgressSchema: GenMessage<StageProgress> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 10);
+  messageDesc(file_tilechain_v1_gateway, 11);
 
 /**
  * @generated from message tilechain.v1.TileEvent
@@ -399,7 +467,7 @@ export type TileEvent = Message<"tilechain.v1.TileEvent"> & {
  * Use `create(TileEventSchema)` to create a new message.
  */
 export const TileEventSchema: GenMessage<TileEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 11);
+  messageDesc(file_tilechain_v1_gateway, 12);
 
 /**
  * @generated from message tilechain.v1.NoticeEvent
@@ -426,7 +494,7 @@ export type NoticeEvent = Message<"tilechain.v1.NoticeEvent"> & {
  * Use `create(NoticeEventSchema)` to create a new message.
  */
 export const NoticeEventSchema: GenMessage<NoticeEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 12);
+  messageDesc(file_tilechain_v1_gateway, 13);
 
 /**
  * @generated from message tilechain.v1.JobEvent
@@ -476,6 +544,12 @@ export type JobEvent = Message<"tilechain.v1.JobEvent"> & {
      */
     value: JobStatus;
     case: "status";
+  } | {
+    /**
+     * @generated from field: tilechain.v1.QueueEvent queue = 8;
+     */
+    value: QueueEvent;
+    case: "queue";
   } | { case: undefined; value?: undefined };
 };
 
@@ -484,7 +558,7 @@ export type JobEvent = Message<"tilechain.v1.JobEvent"> & {
  * Use `create(JobEventSchema)` to create a new message.
  */
 export const JobEventSchema: GenMessage<JobEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 13);
+  messageDesc(file_tilechain_v1_gateway, 14);
 
 /**
  * @generated from message tilechain.v1.ListStagesRequest
@@ -497,7 +571,7 @@ export type ListStagesRequest = Message<"tilechain.v1.ListStagesRequest"> & {
  * Use `create(ListStagesRequestSchema)` to create a new message.
  */
 export const ListStagesRequestSchema: GenMessage<ListStagesRequest> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 14);
+  messageDesc(file_tilechain_v1_gateway, 15);
 
 /**
  * @generated from message tilechain.v1.ListStagesResponse
@@ -519,7 +593,7 @@ export type ListStagesResponse = Message<"tilechain.v1.ListStagesResponse"> & {
  * Use `create(ListStagesResponseSchema)` to create a new message.
  */
 export const ListStagesResponseSchema: GenMessage<ListStagesResponse> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 15);
+  messageDesc(file_tilechain_v1_gateway, 16);
 
 /**
  * @generated from message tilechain.v1.FamilyDown
@@ -546,7 +620,7 @@ export type FamilyDown = Message<"tilechain.v1.FamilyDown"> & {
  * Use `create(FamilyDownSchema)` to create a new message.
  */
 export const FamilyDownSchema: GenMessage<FamilyDown> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 16);
+  messageDesc(file_tilechain_v1_gateway, 17);
 
 /**
  * @generated from enum tilechain.v1.TileReturn

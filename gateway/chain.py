@@ -14,7 +14,7 @@ import grpc
 import numpy as np
 
 from tilechain.services.core.codecs import FORMAT_FOR_CHANNELS, ImageDecodeError, decode_image, encoded_size
-from tilechain.services.core.config import Settings
+from tilechain.services.core.config import Settings, plan_timeout
 from tilechain.services.core.params import Param, ParamError, dict_to_struct, struct_to_dict, validate_params
 from tilechain.services.core.servicer import param_message
 from tilechain.services.core.stage import ROLE_NAMES, stage_label
@@ -213,7 +213,7 @@ async def plan_stage(stage: PlannedStage, previous: list[tiles_pb2.Canvas], job_
         )
         stage.inputs.append(attached.canvas)
     try:
-        result = await stage.family.stub.Plan(stage.start(job_id, 0), timeout=10.0)
+        result = await stage.family.stub.Plan(stage.start(job_id, 0), timeout=plan_timeout())
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(stage, exc) from None
     stage.outputs = list(result.outputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from tilechain.services.core.config import FAMILIES, channel_options
+from tilechain.services.core.wire import serialize
 from tilechain.v1 import stage_pb2, stage_pb2_grpc
 
 
@@ -20,6 +21,11 @@ class Family:
         self.address = address
         self.channel = grpc.aio.insecure_channel(address, options=channel_options())
         self.stub = stage_pb2_grpc.StageStub(self.channel)
+        # Process with its messages as bytes: tiles pass through the gateway unparsed
+        # (core/wire.py); requests may be messages or already serialised tiles
+        self.process = self.channel.stream_stream(
+            "/tilechain.v1.Stage/Process", request_serializer=serialize, response_deserializer=None
+        )
 
     async def describe(self, timeout: float | None = 10.0) -> stage_pb2.StageCatalog:
         try:

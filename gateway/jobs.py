@@ -15,6 +15,7 @@ from typing import AsyncIterator
 import grpc
 
 from tilechain.services.core.codecs import split_tiles
+from tilechain.services.core.wire import is_tile_message
 from tilechain.v1 import gateway_pb2, stage_pb2
 
 from .chain import ChainError, PlannedStage, rpc_error
@@ -105,9 +106,9 @@ class Job:
 
     async def _pipe(self) -> None:
         count = len(self.stages)
-        queues: list[asyncio.Queue[stage_pb2.Tile | None]] = [asyncio.Queue(QUEUE_TILES) for _ in range(count)]
+        queues: list[asyncio.Queue[bytes | None]] = [asyncio.Queue(QUEUE_TILES) for _ in range(count)]
         calls = [
-            stage.family.stub.Process(self._feed(stage, queues[stage.index]), timeout=self.timeout)
+            stage.family.process(self._feed(stage, queues[stage.index]), timeout=self.timeout)
             for stage in self.stages
         ]
         pumps = [
@@ -126,17 +127,19 @@ class Job:
             for task in pumps:
                 task.cancel()
 
-    async def _feed(self, stage: PlannedStage, upstream: asyncio.Queue[stage_pb2.Tile | None]) -> AsyncIterator[stage_pb2.StageInput]:
+    async def _feed(self, stage: PlannedStage, upstream: asyncio.Queue[bytes | None]) -> AsyncIterator[stage_pb2.StageInput | bytes]:
         yield stage_pb2.StageInput(start=stage.start(self.id, self.transport_tile))
         for attached in stage.attachments:
             for tile in split_tiles(attached.canvas.id, attached.pixels, self.transport_tile):
                 yield stage_pb2.StageInput(tile=tile)
         if stage.index > 0:
+            # the previous stage's tile messages, as received: a serialised StageOutput tile
+            # is a serialised StageInput tile (core/wire.py)
             while (tile := await upstream.get()) is not None:
-                yield stage_pb2.StageInput(tile=tile)
+                yield tile
         yield stage_pb2.StageInput(end=stage_pb2.InputEnd())
 
-    async def _pump(self, stage: PlannedStage, call, downstream: asyncio.Queue[stage_pb2.Tile | None] | None) -> None:
+    async def _pump(self, stage: PlannedStage, call, downstream: asyncio.Queue[bytes | None] | None) -> None:
         """Read one stage's output: tiles go on to the next stage (and to the caller if asked),
         everything else becomes a job event."""
         canvases = {}
@@ -151,14 +154,16 @@ class Job:
         )
         await self.emit(started)
         try:
-            async for out in call:
+            async for raw in call:
+                if is_tile_message(raw):  # passed on unparsed, parsed only for the caller
+                    if downstream is not None:
+                        await downstream.put(raw)
+                    if not send_tiles:
+                        continue
+                out = stage_pb2.StageOutput.FromString(raw)
                 kind = out.WhichOneof("kind")
                 event = gateway_pb2.JobEvent()
                 if kind == "tile":
-                    if downstream is not None:
-                        await downstream.put(out.tile)
-                    if not send_tiles:
-                        continue
                     event.tile.CopyFrom(
                         gateway_pb2.TileEvent(stage_index=stage.index, name=stage.name, canvas=canvases[out.tile.canvas_id], tile=out.tile)
                     )

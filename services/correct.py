@@ -13,6 +13,7 @@ import numpy as np
 from tilechain.v1 import tiles_pb2
 
 from .core.codecs import match_channels
+from .core.models import ModelRegistry
 from .core.params import Param, ParamError
 from .core.resample import resize
 from .core.stage import RGB8, OutputPlan, Stage, register
@@ -82,6 +83,17 @@ class FaceRestore(Stage):
             Param("min_face", int, 48, "Smallest face the detector reports, in pixels.", min=16, max=4096),
         )
 
+    @classmethod
+    def preload(cls, models: ModelRegistry, name: str) -> bool:
+        if name not in models.entries["faces"]:
+            return False
+        from .core.spandrel_models import load_descriptor
+
+        load_descriptor(models, "faces", name, False, ("FaceSR",), cls.type)
+        import cv2  # noqa: F401  (the face detector's, a second on a cold start)
+
+        return True
+
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
         from .core.spandrel_models import load_descriptor
 
@@ -128,12 +140,16 @@ class FaceRestore(Stage):
         return np.clip(np.rint(result), 0, 255).astype(np.uint8)
 
     def _restore(self, image: np.ndarray, result: np.ndarray, box: Rect) -> None:
+        from .core.spandrel_models import model_lock
         from .core.torch_runtime import to_pixels, to_tensor
 
         height, width = image.shape[:2]
         crop = face_crop(box, width, height)
         face = resize(cut_padded(image, crop), FACE_SIZE, FACE_SIZE, "lanczos")
-        restored = to_pixels(self.run_model(to_tensor(face, self.model.dtype, self.model.device)))
+        tensor = to_tensor(face, self.model.dtype, self.model.device)
+        with model_lock(self.model):
+            output = self.run_model(tensor)
+        restored = to_pixels(output)
         restored = resize(restored, crop.width, crop.height, "lanczos").astype(np.float32)
         weight = paste_mask(crop.width)[:, :, None] * self.p["strength"]
         inside = crop.intersection(Rect(0, 0, width, height))

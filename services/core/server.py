@@ -8,7 +8,7 @@ import ctypes
 import logging
 import os
 import signal
-from typing import Callable
+from typing import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -60,9 +60,12 @@ async def serve(
     address: str,
     add_services: Callable[[grpc.aio.Server], list[str]],
     max_receive_bytes: int | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and drain for up to DRAIN_SECONDS.
-    add_services registers the servicers and returns their full service names."""
+    add_services registers the servicers and returns their full service names. With ready
+    (preloading models), the health check answers NOT_SERVING until it has returned; if it
+    raises, the process exits with its message."""
     options = channel_options()
     if max_receive_bytes:
         # replace the default, not append: gRPC takes the first of two equal keys
@@ -75,15 +78,24 @@ async def serve(
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     if server.add_insecure_port(address) == 0:
         raise SystemExit(f"cannot listen on {address}")
-    await server.start()
-    for name in ["", *names]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("serving %s on %s", ", ".join(names), address)
-
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await server.start()
+    if ready is not None:
+        log.info("listening on %s; NOT_SERVING until start-up work is done", address)
+        try:
+            await ready()
+        except Exception as exc:
+            log.error("start-up failed: %s", exc)
+            await server.stop(0)
+            raise SystemExit(f"start-up failed: {exc}") from None
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving %s on %s", ", ".join(names), address)
     await stopping.wait()
     log.info("draining in-flight streams (up to %.0fs)", DRAIN_SECONDS)
     await health_servicer.enter_graceful_shutdown()

@@ -206,13 +206,15 @@ class PlanResult(_message.Message):
     def __init__(self, outputs: _Optional[_Iterable[_Union[_tiles_pb2.Canvas, _Mapping]]] = ..., emits_latent: _Optional[str] = ..., accepts_latent: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("wait_idle",)
+    __slots__ = ("wait_idle", "reset_peaks")
     WAIT_IDLE_FIELD_NUMBER: _ClassVar[int]
+    RESET_PEAKS_FIELD_NUMBER: _ClassVar[int]
     wait_idle: bool
-    def __init__(self, wait_idle: _Optional[bool] = ...) -> None: ...
+    reset_peaks: bool
+    def __init__(self, wait_idle: _Optional[bool] = ..., reset_peaks: _Optional[bool] = ...) -> None: ...
 
 class ServiceStats(_message.Message):
-    __slots__ = ("active_streams", "streams_started", "streams_finished", "streams_cancelled", "streams_failed", "tiles_processed", "steps_run", "vae_decodes", "vae_encodes")
+    __slots__ = ("active_streams", "streams_started", "streams_finished", "streams_cancelled", "streams_failed", "tiles_processed", "steps_run", "vae_decodes", "vae_encodes", "peak_input_bytes", "peak_output_bytes", "peak_ready_tiles")
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     STREAMS_STARTED_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +224,9 @@ class ServiceStats(_message.Message):
     STEPS_RUN_FIELD_NUMBER: _ClassVar[int]
     VAE_DECODES_FIELD_NUMBER: _ClassVar[int]
     VAE_ENCODES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_READY_TILES_FIELD_NUMBER: _ClassVar[int]
     active_streams: int
     streams_started: int
     streams_finished: int
@@ -231,4 +236,7 @@ class ServiceStats(_message.Message):
     steps_run: int
     vae_decodes: int
     vae_encodes: int
-    def __init__(self, active_streams: _Optional[int] = ..., streams_started: _Optional[int] = ..., streams_finished: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_failed: _Optional[int] = ..., tiles_processed: _Optional[int] = ..., steps_run: _Optional[int] = ..., vae_decodes: _Optional[int] = ..., vae_encodes: _Optional[int] = ...) -> None: ...
+    peak_input_bytes: int
+    peak_output_bytes: int
+    peak_ready_tiles: int
+    def __init__(self, active_streams: _Optional[int] = ..., streams_started: _Optional[int] = ..., streams_finished: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_failed: _Optional[int] = ..., tiles_processed: _Optional[int] = ..., steps_run: _Optional[int] = ..., vae_decodes: _Optional[int] = ..., vae_encodes: _Optional[int] = ..., peak_input_bytes: _Optional[int] = ..., peak_output_bytes: _Optional[int] = ..., peak_ready_tiles: _Optional[int] = ...) -> None: ...

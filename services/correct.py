@@ -6,7 +6,7 @@ and pasted with a feathered mask, blended with the original by `strength`."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -83,13 +83,17 @@ class FaceRestore(Stage):
             Param("min_face", int, 48, "Smallest face the detector reports, in pixels.", min=16, max=4096),
         )
 
+    architecture: ClassVar[str]  # the spandrel architecture id this stage runs
+
     @classmethod
     def preload(cls, models: ModelRegistry, name: str) -> bool:
         if name not in models.entries["faces"]:
             return False
         from .core.spandrel_models import load_descriptor
 
-        load_descriptor(models, "faces", name, False, ("FaceSR",), cls.type)
+        model = load_descriptor(models, "faces", name, False, ("FaceSR",), cls.type)
+        if model.architecture.id != cls.architecture:
+            return False  # another face stage's model
         import cv2  # noqa: F401  (the face detector's, a second on a cold start)
 
         return True
@@ -98,6 +102,8 @@ class FaceRestore(Stage):
         from .core.spandrel_models import load_descriptor
 
         self.model = load_descriptor(self.context.models, "faces", self.p["model"], False, ("FaceSR",), self.type)
+        if self.model.architecture.id != self.architecture:
+            raise ParamError("model", f"{self.p['model']!r} is a {self.model.architecture.name} model; {self.type} runs {self.architecture} models")
         self.detector = self.context.models.resolve("detectors", self.p["detector"], "detector")
         self.boxes = [self._box(i, face) for i, face in enumerate(self.p["faces"])]
         outputs = super().plan(inputs)
@@ -166,6 +172,7 @@ class FaceRestore(Stage):
 @register
 class CorrectGfpgan(FaceRestore):
     type = "correct-gfpgan"
+    architecture = "GFPGAN"
     doc = "Restore faces with a GFPGAN model (spandrel)."
     params = FaceRestore.face_params("gfpgan")
 
@@ -173,6 +180,7 @@ class CorrectGfpgan(FaceRestore):
 @register
 class CorrectCodeformer(FaceRestore):
     type = "correct-codeformer"
+    architecture = "CodeFormer"
     doc = (
         "Restore faces with a CodeFormer model (needs the optional spandrel-extra-arches package, "
         "`pip install tilechain[codeformer]`, for its non-commercial licence)."

@@ -53,9 +53,13 @@ class Stack:
         for component in components:
             self.wait_serving(component)
 
-    def wait_serving(self, component: str, timeout: float = 60.0) -> None:
+    def wait_serving(self, component: str, timeout: float | None = None) -> None:
         """Block until the component's health check says SERVING; fail early if it died.
-        Envoy passes gRPC through to the gateway: its check is the gateway's, answered via Envoy."""
+        Envoy passes gRPC through to the gateway: its check is the gateway's, answered via Envoy.
+        A service preloading models answers NOT_SERVING until they are loaded, which can take
+        minutes with real checkpoints: TILECHAIN_START_TIMEOUT (seconds, default 300)."""
+        if timeout is None:
+            timeout = float(os.environ.get("TILECHAIN_START_TIMEOUT") or 300)
         process = self.processes.get(component)
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.addresses[component]) as channel:

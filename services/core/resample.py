@@ -234,7 +234,8 @@ class StreamingResize:
         self._width = np.array([b.hi - b.lo for b in self.x_blocks], dtype=np.int32)
         self._tiles: dict[int, list] = {}   # id -> [rect, pixels, pixel-rows still to reduce]
         self._next_tile = 0
-        # reduced rows: chunk index -> (BAND, C, out_w) float32; rows done per input row
+        # reduced rows: chunk index -> (BAND, C, out_w) uint8 (exact: the 8-bit intermediate);
+        # how many horizontal blocks are done, per input row
         self._reduced: dict[int, np.ndarray] = {}
         self._blocks_done = np.zeros(in_h, dtype=np.int32)
         self._y_lo = np.array([b.lo for b in self.y_blocks])
@@ -297,7 +298,7 @@ class StreamingResize:
         for c0 in range(r0 // self.BAND * self.BAND, r1, self.BAND):
             chunk = self._reduced.get(c0 // self.BAND)
             if chunk is None:
-                chunk = self._reduced[c0 // self.BAND] = np.empty((self.BAND, self.chans, self.out_w), dtype=np.float32)
+                chunk = self._reduced[c0 // self.BAND] = np.empty((self.BAND, self.chans, self.out_w), dtype=np.uint8)
             a, e = max(r0, c0), min(r1, c0 + self.BAND)
             chunk[a - c0 : e - c0, :, block.start : block.start + block.count] = reduced[a - r0 : e - r0]
         done = self._blocks_done[r0:r1]

@@ -61,11 +61,13 @@ async def serve(
     add_services: Callable[[grpc.aio.Server], list[str]],
     max_receive_bytes: int | None = None,
     ready: Callable[[], Awaitable[None]] | None = None,
+    stopping: asyncio.Event | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and drain for up to DRAIN_SECONDS.
     add_services registers the servicers and returns their full service names. With ready
     (preloading models), the health check answers NOT_SERVING until it has returned; if it
-    raises, the process exits with its message."""
+    raises, the process exits with its message. stopping: an event that stops the server in
+    place of the signals (for running it inside another program)."""
     options = channel_options()
     if max_receive_bytes:
         # replace the default, not append: gRPC takes the first of two equal keys
@@ -78,21 +80,29 @@ async def serve(
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     if server.add_insecure_port(address) == 0:
         raise SystemExit(f"cannot listen on {address}")
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    if stopping is None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
     if ready is not None:
         log.info("listening on %s; NOT_SERVING until start-up work is done", address)
-        try:
-            await ready()
-        except Exception as exc:
-            log.error("start-up failed: %s", exc)
+        work = asyncio.ensure_future(ready())
+        stop = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not work.done():  # asked to stop while starting up
+            work.cancel()
             await server.stop(0)
-            raise SystemExit(f"start-up failed: {exc}") from None
+            log.info("stopped during start-up")
+            return
+        if work.exception() is not None:
+            log.error("start-up failed: %s", work.exception())
+            await server.stop(0)
+            raise SystemExit(f"start-up failed: {work.exception()}")
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s", ", ".join(names), address)

@@ -64,6 +64,15 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         stage = self._create(start, context)
         return stage, plan_outputs(stage, list(start.inputs), self.settings)
 
+    def _plan_result(self, start: stage_pb2.StageStart) -> stage_pb2.PlanResult:
+        stage, outputs = self._plan(start, Context(start.job_id, self.settings, self.models))
+        return stage_pb2.PlanResult(
+            outputs=[o.canvas for o in outputs],
+            # may read the model's VAE files (to name its latent space): in the thread too
+            emits_latent=stage.emits_latent(outputs),
+            accepts_latent=stage.accepts_latent(outputs),
+        )
+
     # --- preloading --------------------------------------------------------------------------
 
     def preload(self, names: list[str]) -> list[str]:
@@ -94,14 +103,12 @@ class StageServicer(stage_pb2_grpc.StageServicer):
 
     async def Plan(self, request: stage_pb2.StageStart, context: grpc.aio.ServicerContext) -> stage_pb2.PlanResult:
         try:
-            stage, outputs = await asyncio.to_thread(self._plan, request, Context(request.job_id, self.settings, self.models))
+            return await asyncio.to_thread(self._plan_result, request)
         except ParamError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, param_message(request.name, request.type, exc))
         except StageError as exc:
             await context.abort(exc.code, exc.message)
-        return stage_pb2.PlanResult(
-            outputs=[o.canvas for o in outputs], emits_latent=stage.emits_latent(outputs), accepts_latent=stage.accepts_latent(outputs)
-        )
+        raise AssertionError("unreachable: abort raises")
 
     async def Stats(self, request: stage_pb2.StatsRequest, context: grpc.aio.ServicerContext) -> stage_pb2.ServiceStats:
         if request.wait_idle:

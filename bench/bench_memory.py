@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +40,7 @@ from tilechain.v1 import gateway_pb2, stage_pb2, stage_pb2_grpc, tiles_pb2  # no
 BEGIN, END = "<!-- bench-memory:begin -->", "<!-- bench-memory:end -->"
 COMPONENTS = ("source", "upscale", "reduce", "persist", "gateway")
 SERVICES = ("source", "upscale", "reduce", "persist")
+ALL_FAMILIES = ("source", "blend", "correct", "upscale", "persist", "reduce")
 
 
 def chain(edge: int) -> dict:
@@ -77,6 +80,30 @@ def run_size(edge: int, tmp: Path) -> dict:
         stack.stop()
 
 
+def idle_rss(launcher: list[str], tmp: Path) -> dict[str, int]:
+    """RSS (KiB) of each service and the gateway, started alone, once its health check says
+    SERVING, before any request. launcher: the command that runs `tilechain ...`."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    out = {}
+    for component in (*ALL_FAMILIES, "gateway"):
+        address = f"127.0.0.1:{free_port()}"
+        args = ["gateway", "--address", address] if component == "gateway" else ["serve", component, "--address", address]
+        env = {**os.environ, "TILECHAIN_OUTPUT_ROOT": str(tmp / "outputs")}
+        env.pop("TILECHAIN_PRELOAD", None)
+        process = subprocess.Popen([*launcher, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with grpc.insecure_channel(address) as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                while stub.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=120).status != health_pb2.HealthCheckResponse.SERVING:
+                    time.sleep(0.1)  # a bench, not a test: polling the health check
+            out[component] = proc_status(process.pid)["VmRSS"]
+        finally:
+            process.terminate()
+            process.wait(30)
+    return out
+
+
 def thumbnail_alone(edge: int = 8192, repeats: int = 3) -> dict:
     """reduce-thumbnail edge² -> 1024² through the TileEngine in-process: input tiles (512²,
     row-major, made beforehand) fed from memory; the time from the first tile in to the last
@@ -109,7 +136,7 @@ def thumbnail_alone(edge: int = 8192, repeats: int = 3) -> dict:
     return {"walls": walls, "wall": med(walls), "held": engine.peak_input}
 
 
-def report(runs: list[dict], thumb: dict) -> list[str]:
+def report(runs: list[dict], thumb: dict, idle: dict[str, int], before: dict[str, int] | None) -> list[str]:
     small, big = runs[0], runs[-1]
     lines = [
         "Chain: `source-noise(uniform, N²) -> upscale-simple(x2, lanczos) -> reduce-thumbnail(1024², lanczos) -> "
@@ -138,6 +165,10 @@ def report(runs: list[dict], thumb: dict) -> list[str]:
         f"**reduce-thumbnail 8192² → 1024²** (lanczos), in-process through the TileEngine, 256 input tiles of 512² fed "
         f"from memory: **{thumb['wall']:.2f} s** (runs {', '.join(f'{w:.2f}' for w in thumb['walls'])}); "
         f"it held at most {thumb['held'] / 2**20:.1f} MiB of input and reduced rows.",
+        "",
+        "Idle RSS per process (started alone, once SERVING, before any request; no preload): "
+        + ", ".join(f"{c} {mib(v)}" + (f" (was {mib(before[c])})" if before else "") for c, v in idle.items())
+        + ("" if not before else "; \"was\": the same measurement on the code before issue 11 (--compare-launcher)") + ".",
     ]
     return lines
 
@@ -146,9 +177,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--edges", default="2048,8192")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--compare-launcher", default="", help="a script that runs another checkout's `tilechain` (for the idle RSS 'was' figures)")
     args = parser.parse_args()
     info = machine()
     began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tilechain-bench-idle-") as tmp:
+        idle = idle_rss([sys.executable, "-m", "tilechain.cli"], Path(tmp))
+        before = idle_rss([sys.executable, args.compare_launcher], Path(tmp)) if args.compare_launcher else None
+    print("idle", idle, "before", before)
     thumb = thumbnail_alone()
     print(f"thumbnail 8192->1024: {thumb['wall']:.2f} s")
     runs = []
@@ -156,7 +192,7 @@ def main() -> int:
         for edge in (int(e) for e in args.edges.split(",")):
             runs.append(run_size(edge, Path(tmp)))
             print(json.dumps({k: v for k, v in runs[-1].items()}, default=str))
-    lines = report(runs, thumb)
+    lines = report(runs, thumb, idle, before)
     lines.append(f"\nBench wall time {time.perf_counter() - began:.0f} s.")
     print("\n".join(lines))
     if not args.no_write:

@@ -40,6 +40,7 @@ from .wire import TileView, encode_tile
 
 MAX_READY = 2  # processing tiles with all their input, waiting to run, before the engine stops reading
 CELL = 256     # edge of the buckets of the spatial indexes
+STRIP = 64     # rows: a tile that some processing tiles read only in part is kept as strips this tall
 
 
 def plan_outputs(stage: Stage, inputs: list[tiles_pb2.Canvas], settings: Settings) -> list[OutputPlan]:
@@ -129,6 +130,7 @@ class _Input:
         self.count = 0
         self.blocks: dict[int, _Block] = {}
         self.block_cells = _Cells()
+        self.block_count = 0
         self.dense: np.ndarray | None = None
         self.readers = 0  # processing tiles that read this canvas and have not taken their pixels
 
@@ -305,11 +307,11 @@ class TileEngine:
             return
         source, pixels = checked
         rect = tile.rect
-        uses = 0
+        needs = []
         waiting = self.waiting[tile.canvas_id]
         for (rank, name), need in list(waiting.meeting(rect).items()):
             job = self.jobs[rank]
-            uses += 1
+            needs.append(need)
             job.missing -= need.intersection(rect).area  # type: ignore[union-attr]
             if job.missing == 0:
                 for other, (cid, other_rect) in job.needs.items():
@@ -320,10 +322,22 @@ class TileEngine:
                 source.dense = np.empty((source.canvas.height, source.canvas.width, source.chans), dtype=source.dtype)
                 self._count_input(source.dense.nbytes)
             source.dense[rect.slices] = pixels
-        elif uses:
-            source.blocks[source.count] = _Block(pixels, uses)
-            source.block_cells.add(source.count, rect)
-            self._count_input(pixels.nbytes)
+        elif rect.height > STRIP and any(need.y > rect.y or need.y1 < rect.y1 for need in needs):
+            # some readers take only some of its rows (a halo, a band): keep it as strips, each
+            # let go when its own readers are done (copies, so that the message can go)
+            for y in range(rect.y, rect.y1, STRIP):
+                strip = Rect(rect.x, y, rect.width, min(STRIP, rect.y1 - y))
+                uses = sum(1 for need in needs if need.intersects(strip))
+                if uses:
+                    self._keep(source, strip, pixels[y - rect.y : strip.y1 - rect.y].copy(), uses)
+        elif needs:
+            self._keep(source, rect, pixels, len(needs))
+
+    def _keep(self, source: _Input, rect: Rect, pixels: np.ndarray, uses: int) -> None:
+        source.blocks[source.block_count] = _Block(pixels, uses)
+        source.block_cells.add(source.block_count, rect)
+        source.block_count += 1
+        self._count_input(pixels.nbytes)
 
     def _take(self, job: _Job) -> dict[str, tuple[tiles_pb2.Canvas, Rect, np.ndarray]]:
         """The input pixels of a ready processing tile; blocks no other one reads are let go."""
@@ -591,7 +605,8 @@ class TileEngine:
                     if out.tiles_left == 0:
                         async for artifact in self._finish(out):
                             yield artifact
-                yield stage_pb2.StageOutput(progress=stage_pb2.Progress(unit="tiles", done=self.tiles_emitted, total=total))
+                if regions:  # progress in output transport tiles sent
+                    yield stage_pb2.StageOutput(progress=stage_pb2.Progress(unit="tiles", done=self.tiles_emitted, total=total))
         incomplete = sorted({cid for cid, pairs in readers.items() for number, _ in pairs if self.outputs[number].tiles_left})
         if incomplete:
             raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"input ended before input canvas(es) {incomplete} were complete")

@@ -239,10 +239,13 @@ class TileEngine:
                 self._mark_ready(job)
 
     def _plan_jobs(self, overlap: int) -> list[_Job]:
-        stage, jobs = self.stage, []
+        """The processing tiles, ranked window by window across the outputs (the variants of one
+        input image read the same input: run together, they let it go together, and a batched
+        call's images for the other variants are taken at once)."""
+        stage, planned = self.stage, []
         for number, out in enumerate(self.outputs):
             canvas = out.plan.canvas
-            for window in stage.windows(canvas, overlap):
+            for order, window in enumerate(stage.windows(canvas, overlap)):
                 needs = {}
                 for name, source in out.plan.sources.items():
                     if stage.needs_whole_canvas:
@@ -251,12 +254,12 @@ class TileEngine:
                         rect = stage.input_rect(window, name, source, canvas)
                         rect = rect.expand(0, source.width, source.height)  # clamp
                     needs[name] = (source.id, rect)
-                job = _Job(len(jobs), number, window, needs)
                 for i in out.touching(window):
                     out.pending[i] += 1
                 out.jobs_left += 1
-                jobs.append(job)
-        return jobs
+                planned.append((order, number, window, needs))
+        planned.sort(key=lambda p: (p[0], p[1]))
+        return [_Job(rank, number, window, needs) for rank, (_, number, window, needs) in enumerate(planned)]
 
     # --- memory accounting -----------------------------------------------------------------
 

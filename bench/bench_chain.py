@@ -543,7 +543,7 @@ def report(r: dict) -> list[str]:
         "| --- | --- | --- |",
     ]
     for name in head["compute"]:
-        lines.append(f"| stage code `{name}` (thread CPU in TileEngine._compute, in-process) | {head['compute'][name]:.2f} | {light['compute'][name]:.2f} |")
+        lines.append(f"| stage code `{name}` (thread CPU in its process_tile, process_canvas or stream_tile, in-process) | {head['compute'][name]:.2f} | {light['compute'][name]:.2f} |")
     lines.append(f"| stage code, all stages | {sum(head['compute'].values()):.2f} | {sum(light['compute'].values()):.2f} |")
     lines.append(f"| in-process run, whole process | {head['ip_cpu']:.2f} | {light['ip_cpu']:.2f} |")
     for comp in head["gw_cpu"]:

@@ -9,8 +9,8 @@ import numpy as np
 from tilechain.v1 import tiles_pb2
 
 from .core.codecs import image_size, match_channels
-from .core.models import ModelRegistry
 from .core.diffusion import DiffusionStage, mask_blur_param, prompt_params, sampling_params, strength_param, tile_params, tile_seed
+from .core.models import ModelRegistry
 from .core.params import Param, ParamError
 from .core.resample import FILTERS, halo_for, resize_tile, resize_window, scaled_input_rect, source_rect
 from .core.stage import RGB8, OutputPlan, Stage, StageError, TileWork, register

@@ -157,6 +157,16 @@ def test_preload_loads_what_the_family_takes_and_refuses_unknown_names() -> None
         upscale.preload(["esrgan-x5"])
 
 
+def test_a_face_stage_refuses_another_architecture_by_name() -> None:
+    from tilechain.services.core.params import ParamError
+
+    registry = ModelRegistry(SETTINGS.models_config, SETTINGS.models_root)
+    stage = load_all()["correct-codeformer"].create("faces", {"model": "gfpgan"}, Context("j", SETTINGS, registry))
+    with pytest.raises(ParamError) as caught:
+        stage.plan([tiles_pb2.Canvas(id=0, width=64, height=64, format=tiles_pb2.PIXEL_FORMAT_RGB8)])
+    assert caught.value.param == "model" and "is a GFPGAN model; correct-codeformer runs CodeFormer models" in caught.value.message
+
+
 def test_concurrent_streams_never_run_one_model_at_once() -> None:
     """Two stages on one loaded model, run from two threads: the model's forward never has two
     callers at a time (forward hooks on the real module count them)."""
@@ -212,3 +222,19 @@ def test_the_memory_probe_measures_its_own_call_without_resetting_shared_peaks(m
     used = peak_bytes_of(lambda: net(torch.zeros(2, 8)), net, torch.device("cuda"), allocated=lambda: level)
     assert used == (2 * 64 + 2 * 16 + 2 * 4) * 4
     assert peak_bytes_of(lambda: net(torch.zeros(2, 8)), net, torch.device("cpu")) == 0
+
+
+def test_plan_deadline_and_preload_list_come_from_the_settings(monkeypatch) -> None:
+    from tilechain.services.core.config import DEFAULT_PLAN_TIMEOUT, plan_timeout, preload_names
+
+    monkeypatch.delenv("TILECHAIN_PLAN_TIMEOUT", raising=False)
+    assert plan_timeout() == DEFAULT_PLAN_TIMEOUT == 120.0
+    monkeypatch.setenv("TILECHAIN_PLAN_TIMEOUT", "7.5")
+    assert plan_timeout() == 7.5
+    monkeypatch.delenv("TILECHAIN_PRELOAD", raising=False)
+    assert preload_names(None, ["sd15"]) == ["sd15"]  # models.yaml's list
+    monkeypatch.setenv("TILECHAIN_PRELOAD", "esrgan-x4, source-txt2img:sd15")
+    assert preload_names(None, ["sd15"]) == ["esrgan-x4", "source-txt2img:sd15"]  # the environment replaces it
+    assert preload_names("gfpgan", ["sd15"]) == ["gfpgan"]  # and the flag both
+    monkeypatch.setenv("TILECHAIN_PRELOAD", "")
+    assert preload_names(None, ["sd15"]) == []

@@ -229,8 +229,9 @@ class StreamingResize:
         self.y_blocks = tap_blocks(method, 0, out_h, in_h, out_h)
         self._x_lo = [b.lo for b in self.x_blocks]
         self._x_hi = [b.hi for b in self.x_blocks]
-        # input pixels seen per (horizontal block, input row): a block's row is ready when all its columns are in
-        self._seen = np.zeros((len(self.x_blocks), in_h), dtype=np.int32)
+        # input pixels seen per (horizontal block, input row), in chunks of BAND rows kept while
+        # some block has rows of the chunk to reduce: a block's row is ready when all its columns are in
+        self._seen: dict[int, np.ndarray] = {}
         self._width = np.array([b.hi - b.lo for b in self.x_blocks], dtype=np.int32)
         self._tiles: dict[int, list] = {}   # id -> [rect, pixels, pixel-rows still to reduce]
         self._next_tile = 0
@@ -249,7 +250,7 @@ class StreamingResize:
 
     @property
     def held_bytes(self) -> int:
-        return sum(t[1].nbytes for t in self._tiles.values()) + sum(a.nbytes for a in self._reduced.values())
+        return sum(t[1].nbytes for t in self._tiles.values()) + sum(a.nbytes for a in (*self._reduced.values(), *self._seen.values()))
 
     def add(self, rect: Rect, pixels: np.ndarray) -> list[tuple[Rect, np.ndarray]]:
         """Take one input tile; return the output bands it finished, as (rect, (h, out_w, C) uint8)."""
@@ -260,10 +261,15 @@ class StreamingResize:
         self._next_tile += 1
         ready: list[tuple[int, int, int]] = []  # (block, row0, row1): runs whose columns are all in
         for b, overlap in blocks:
-            seen = self._seen[b, rect.y : rect.y1]
-            seen += overlap
-            complete = np.flatnonzero(seen == self._width[b]) + rect.y
-            ready += [(b, r0, r1) for r0, r1 in _runs(complete)]
+            complete = []
+            for c0 in range(rect.y // self.BAND * self.BAND, rect.y1, self.BAND):
+                chunk = self._seen.get(c0)
+                if chunk is None:
+                    chunk = self._seen[c0] = np.zeros((len(self.x_blocks), self.BAND), dtype=np.int32)
+                seen = chunk[b, max(rect.y, c0) - c0 : min(rect.y1, c0 + self.BAND) - c0]
+                seen += overlap
+                complete.append(np.flatnonzero(seen == self._width[b]) + max(rect.y, c0))
+            ready += [(b, r0, r1) for r0, r1 in _runs(np.concatenate(complete))]
         bands: list[tuple[Rect, np.ndarray]] = []
         for b, r0, r1 in ready:
             bands += self._reduce(b, r0, r1)
@@ -304,6 +310,9 @@ class StreamingResize:
         done = self._blocks_done[r0:r1]
         done += 1
         complete = np.flatnonzero(done == len(self.x_blocks)) + r0
+        for c0 in range(r0 // self.BAND * self.BAND, r1, self.BAND):  # chunks whose rows are all reduced
+            if c0 in self._seen and (self._blocks_done[c0 : c0 + self.BAND] == len(self.x_blocks)).all():
+                del self._seen[c0]
         return self._rows_complete(complete)
 
     def _rows_complete(self, rows: np.ndarray) -> list[tuple[Rect, np.ndarray]]:

@@ -427,24 +427,37 @@ MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_"
 
 
 def micro() -> dict[str, float]:
-    """Per 512x512x3 tile: the copies a tile goes through between two stages, in this process:
-    the engine's tile_message (cut from the output canvas), the StageOutput that carries it,
-    the StageInput the next stage gets (what the gateway builds), and serialising one; in ms
-    of thread CPU, with the minor page faults they cause."""
+    """Per 512x512x3 tile, in this process, in ms of thread CPU with the minor page faults they
+    cause: the copies a tile went through between two stages with protobuf messages (tile_message
+    cut from the output canvas, the StageOutput carrying it, the StageInput the gateway built,
+    serialising it: "ms"), and what the services do now (core/wire.py: encode_tile writes the
+    serialised message from the array in one copy, the gateway forwards the bytes, and the next
+    stage reads the header and views the pixels: "wire_ms")."""
     from tilechain.services.core.codecs import tile_message
     from tilechain.services.core.tiles import Rect
+    from tilechain.services.core.wire import encode_tile, parse_stage_input
 
     canvas = np.random.default_rng(1).integers(0, 256, (4096, 4096, 3), dtype=np.uint8)
     rects = [Rect(x, y, 512, 512) for y in range(0, 4096, 512) for x in range(0, 4096, 512)]
-    best = (float("inf"), 0.0)
-    for _ in range(3):
-        faults, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time()
-        for rect in rects:
-            out = stage_pb2.StageOutput(tile=tile_message(0, rect, canvas))
-            stage_pb2.StageInput(tile=out.tile).SerializeToString()
-        ms = (time.thread_time() - t) / len(rects) * 1e3
-        best = min(best, (ms, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(rects)))
-    return {"ms": best[0], "faults": best[1]}
+
+    def protobuf(rect: Rect) -> None:
+        out = stage_pb2.StageOutput(tile=tile_message(0, rect, canvas))
+        stage_pb2.StageInput(tile=out.tile).SerializeToString()
+
+    def wire(rect: Rect) -> None:
+        np.frombuffer(parse_stage_input(encode_tile(0, rect, canvas[rect.slices])).pixels, np.uint8)
+
+    result = {}
+    for key, path in (("ms", protobuf), ("wire_ms", wire)):
+        best = (float("inf"), 0.0)
+        for _ in range(3):
+            faults, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time()
+            for rect in rects:
+                path(rect)
+            ms = (time.thread_time() - t) / len(rects) * 1e3
+            best = min(best, (ms, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(rects)))
+        result[key], result[key.replace("ms", "faults")] = best
+    return result
 
 
 def micro_both() -> dict[str, dict[str, float]]:
@@ -555,10 +568,14 @@ def report(r: dict) -> list[str]:
         f"Echo server CPU per {raw['messages']}-message run: raw {raw['server_cpu']:.2f} s, protobuf tile {pb['server_cpu']:.2f} s. "
         f"Wall time of the echo runs: raw {raw['wall']:.3f} s, protobuf {pb['wall']:.3f} s.",
         "",
-        "Copies per tile between two stages (tile_message → StageOutput → StageInput → serialised), thread CPU per 786,432 B tile: "
-        f"{r['micro']['default']['ms']:.2f} ms and {r['micro']['default']['faults']:.0f} minor page faults with glibc's malloc defaults; "
+        "Copies per tile between two stages, thread CPU per 786,432 B tile: with protobuf messages as before "
+        "(tile_message → StageOutput → StageInput → serialised) "
+        f"{r['micro']['default']['ms']:.2f} ms and {r['micro']['default']['faults']:.0f} minor page faults with glibc's malloc defaults, "
         f"{r['micro']['keep']['ms']:.2f} ms and {r['micro']['keep']['faults']:.0f} faults with "
-        + " ".join(f"{k}={v}" for k, v in MALLOC_KEEP.items()) + ".",
+        + " ".join(f"{k}={v}" for k, v in MALLOC_KEEP.items())
+        + f"; as the services and gateway do now (core/wire.py: encode_tile, bytes forwarded, parse_stage_input) "
+        f"{r['micro']['default']['wire_ms']:.2f} ms / {r['micro']['default']['wire_faults']:.0f} faults and "
+        f"{r['micro']['keep']['wire_ms']:.2f} ms / {r['micro']['keep']['wire_faults']:.0f} faults.",
         "",
         "Peak RSS (VmHWM since start) of the stage services: " + ", ".join(f"{k} {mib(v)}" for k, v in r["services_hwm"].items()) + ".",
         "",

@@ -104,7 +104,7 @@ def idle_rss(launcher: list[str], tmp: Path) -> dict[str, int]:
     return out
 
 
-def thumbnail_alone(edge: int = 8192, repeats: int = 3) -> dict:
+def thumbnail_alone(edge: int = 8192, repeats: int = 5) -> dict:
     """reduce-thumbnail edge² -> 1024² through the TileEngine in-process: input tiles (512²,
     row-major, made beforehand) fed from memory; the time from the first tile in to the last
     tile out."""
@@ -133,7 +133,7 @@ def thumbnail_alone(edge: int = 8192, repeats: int = 3) -> dict:
         tiles = asyncio.run(run())
         walls.append(time.perf_counter() - t0)
         assert tiles == 4, tiles
-    return {"walls": walls, "wall": med(walls), "held": engine.peak_input}
+    return {"walls": walls, "wall": med(walls), "held": engine.peak_input, "load": os.getloadavg()[0]}
 
 
 def report(runs: list[dict], thumb: dict, idle: dict[str, int], before: dict[str, int] | None) -> list[str]:
@@ -163,7 +163,8 @@ def report(runs: list[dict], thumb: dict, idle: dict[str, int], before: dict[str
         "Job wall time: " + ", ".join(f"N = {r['edge']}: {r['wall']:.1f} s" for r in runs) + ".",
         "",
         f"**reduce-thumbnail 8192² → 1024²** (lanczos), in-process through the TileEngine, 256 input tiles of 512² fed "
-        f"from memory: **{thumb['wall']:.2f} s** (runs {', '.join(f'{w:.2f}' for w in thumb['walls'])}); "
+        f"from memory: **{thumb['wall']:.2f} s** median, {min(thumb['walls']):.2f} s fastest (runs {', '.join(f'{w:.2f}' for w in thumb['walls'])}; "
+        f"1-minute load average {thumb['load']:.1f} after them, on {os.cpu_count()} cores); "
         f"it held at most {thumb['held'] / 2**20:.1f} MiB of input and reduced rows.",
         "",
         "Idle RSS per process (started alone, once SERVING, before any request; no preload): "

@@ -17,10 +17,14 @@ Run: python bench/bench_chain.py [--repeats N] [--no-write]      (MB = 10^6 byte
 
 from __future__ import annotations
 
+import os
+
+# numpy's BLAS single-threaded, as the services run it (tilechain/cli.py); before numpy loads
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import asyncio
 import datetime as dt
-import os
 import platform
 import re
 import resource

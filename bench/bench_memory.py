@@ -12,10 +12,14 @@ Run: python bench/bench_memory.py [--edges 2048,8192] [--no-write]
 
 from __future__ import annotations
 
+import os
+
+# numpy's BLAS single-threaded, as the services run it (tilechain/cli.py); before numpy loads
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import asyncio
 import json
-import os
 import subprocess
 import sys
 import tempfile

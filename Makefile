@@ -109,6 +109,7 @@ bench: setup
 	$(PY) bench/bench_hostile.py
 	$(PY) bench/bench_real_weights.py
 	$(PY) bench/bench_jobs.py
+	$(PY) bench/bench_memory.py
 
 clean: down
 	rm -rf $(VENV) var

@@ -17,10 +17,14 @@ Run: python bench/bench_chain.py [--repeats N] [--no-write]      (MB = 10^6 byte
 
 from __future__ import annotations
 
+import os
+
+# numpy's BLAS single-threaded, as the services run it (tilechain/cli.py); before numpy loads
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import asyncio
 import datetime as dt
-import os
 import platform
 import re
 import resource
@@ -54,6 +58,23 @@ TRANSPORT_TILE = 512   # 512x512x3 = 786,432 bytes per transport tile
 MB = 1e6
 ATTACH_STAGE = "load"
 COMPONENTS = ("source", "upscale", "reduce", "gateway")  # the services this chain uses, and the gateway
+
+
+PASS_EDGE = 4096  # the near-free chain's canvas
+
+
+def make_passthrough() -> dict:
+    """A near-free chain: noise made per tile, then three stages that pass every tile on
+    unchanged (a crop of the whole canvas): what is left is the transport."""
+    crop = {"left": 0, "top": 0, "width": PASS_EDGE, "height": PASS_EDGE}
+    return {"stages": [
+        {"name": "noise", "type": "source-noise", "params": {"width": PASS_EDGE, "height": PASS_EDGE, "seed": 5}},
+        *({"name": f"pass{i}", "type": "reduce-crop", "params": crop} for i in (1, 2, 3)),
+    ]}
+
+
+def attachments_of(chain: dict, png: bytes) -> list[tuple[str, str, bytes]]:
+    return [(ATTACH_STAGE, "image", png)] if any(s["name"] == ATTACH_STAGE for s in chain["stages"]) else []
 
 
 def make_chain(method: str) -> dict:
@@ -160,7 +181,7 @@ class InProcessChain:
 
     async def _run(self) -> None:
         settings = Settings()
-        pixels = decode_image(self.png)
+        pixels = decode_image(self.png) if attachments_of(self.chain, self.png) else np.zeros((1, 1, 3), np.uint8)
         height, width, chans = pixels.shape
         engines: list[TileEngine] = []
         attachments: list[list[tiles_pb2.Tile]] = []
@@ -197,24 +218,32 @@ class InProcessChain:
             yield stage_pb2.StageInput(end=stage_pb2.InputEnd())
 
         last = len(engines) - 1
+        final = engines[last].outputs[0]
+        self.final = np.zeros((final.height, final.width, final.chans), dtype=final.dtype)
         async for out in engines[last].run(feed(last)):
             if out.WhichOneof("kind") == "tile":
+                t = out.tile
                 self.tiles_out[last] += 1
-                self.bytes_out[last] += len(out.tile.pixels)
-        self.final = engines[last].outputs[0].pixels
+                self.bytes_out[last] += len(t.pixels)
+                if t.canvas_id == 0:
+                    self.final[t.y : t.y + t.height, t.x : t.x + t.width] = np.frombuffer(t.pixels, final.dtype).reshape(t.height, t.width, -1)
 
     def _time_compute(self, engine: TileEngine, name: str) -> None:
-        inner = engine._compute  # the stage code (process_tile / process_canvas), in a worker thread
+        """Thread CPU in the stage code: process_tile / process_canvas (in a worker thread), or
+        stream_tile for streaming stages."""
+        stage = engine.stage
         self.compute_cpu[name] = 0.0
+        for attr in ("process_tile", "process_canvas", "stream_tile"):
+            inner = getattr(stage, attr)
 
-        def timed(job):
-            t = time.thread_time()
-            try:
-                return inner(job)
-            finally:
-                self.compute_cpu[name] += time.thread_time() - t
+            def timed(*args, inner=inner):
+                t = time.thread_time()
+                try:
+                    return inner(*args)
+                finally:
+                    self.compute_cpu[name] += time.thread_time() - t
 
-        engine._compute = timed  # type: ignore[method-assign]
+            setattr(stage, attr, timed)
 
     def run(self) -> dict:
         cpu0, t0 = self_cpu(), time.perf_counter()
@@ -233,7 +262,7 @@ class GatewayChain:
 
     def run(self, return_tiles: int) -> dict:
         """One RunChain, timed from sending the request to receiving the final status event."""
-        request = chain_request(self.chain, [(ATTACH_STAGE, "image", self.png)], return_tiles=return_tiles)
+        request = chain_request(self.chain, attachments_of(self.chain, self.png), return_tiles=return_tiles)
         gateway = self.pids["gateway"]
         peak_reset = reset_peak(gateway)
         rss_before = proc_status(gateway)["VmRSS"]
@@ -274,6 +303,8 @@ def transport_counts(inprocess: InProcessChain) -> dict:
     edge = transport_edge(TRANSPORT_TILE, c)
     names = [s["name"] for s in inprocess.chain["stages"]]
     attach_tiles, attach_bytes = len(transport_grid(w, h, edge)), h * w * c
+    if not attachments_of(inprocess.chain, inprocess.png):
+        attach_tiles = attach_bytes = 0
     return {
         "per_stage_tiles": dict(zip(names, inprocess.tiles_out)),
         "per_stage_bytes": dict(zip(names, inprocess.bytes_out)),
@@ -400,24 +431,37 @@ MALLOC_KEEP = {"MALLOC_MMAP_THRESHOLD_": str(64 << 20), "MALLOC_TRIM_THRESHOLD_"
 
 
 def micro() -> dict[str, float]:
-    """Per 512x512x3 tile: the copies a tile goes through between two stages, in this process:
-    the engine's tile_message (cut from the output canvas), the StageOutput that carries it,
-    the StageInput the next stage gets (what the gateway builds), and serialising one; in ms
-    of thread CPU, with the minor page faults they cause."""
+    """Per 512x512x3 tile, in this process, in ms of thread CPU with the minor page faults they
+    cause: the copies a tile went through between two stages with protobuf messages (tile_message
+    cut from the output canvas, the StageOutput carrying it, the StageInput the gateway built,
+    serialising it: "ms"), and what the services do now (core/wire.py: encode_tile writes the
+    serialised message from the array in one copy, the gateway forwards the bytes, and the next
+    stage reads the header and views the pixels: "wire_ms")."""
     from tilechain.services.core.codecs import tile_message
     from tilechain.services.core.tiles import Rect
+    from tilechain.services.core.wire import encode_tile, parse_stage_input
 
     canvas = np.random.default_rng(1).integers(0, 256, (4096, 4096, 3), dtype=np.uint8)
     rects = [Rect(x, y, 512, 512) for y in range(0, 4096, 512) for x in range(0, 4096, 512)]
-    best = (float("inf"), 0.0)
-    for _ in range(3):
-        faults, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time()
-        for rect in rects:
-            out = stage_pb2.StageOutput(tile=tile_message(0, rect, canvas))
-            stage_pb2.StageInput(tile=out.tile).SerializeToString()
-        ms = (time.thread_time() - t) / len(rects) * 1e3
-        best = min(best, (ms, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(rects)))
-    return {"ms": best[0], "faults": best[1]}
+
+    def protobuf(rect: Rect) -> None:
+        out = stage_pb2.StageOutput(tile=tile_message(0, rect, canvas))
+        stage_pb2.StageInput(tile=out.tile).SerializeToString()
+
+    def wire(rect: Rect) -> None:
+        np.frombuffer(parse_stage_input(encode_tile(0, rect, canvas[rect.slices])).pixels, np.uint8)
+
+    result = {}
+    for key, path in (("ms", protobuf), ("wire_ms", wire)):
+        best = (float("inf"), 0.0)
+        for _ in range(3):
+            faults, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.thread_time()
+            for rect in rects:
+                path(rect)
+            ms = (time.thread_time() - t) / len(rects) * 1e3
+            best = min(best, (ms, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / len(rects)))
+        result[key], result[key.replace("ms", "faults")] = best
+    return result
 
 
 def micro_both() -> dict[str, dict[str, float]]:
@@ -475,7 +519,7 @@ def rss_rows(r: dict) -> list[str]:
 
 
 def report(r: dict) -> list[str]:
-    head, light, raw, pb = r["head"], r["light"], r["echo"]["raw"], r["echo"]["tile"]
+    head, light, raw, pb, near = r["head"], r["light"], r["echo"]["raw"], r["echo"]["tile"], r["pass"]
     c = head["counts"]
     lines = [
         f"Chain: `{describe(head['chain'])}`, from an attached {SOURCE_EDGE}x{SOURCE_EDGE} random RGB PNG "
@@ -504,13 +548,19 @@ def report(r: dict) -> list[str]:
         f"ratio **{light['ratio']:.2f}x**; through the gateway {light['in_tps']:.0f} tiles/s, {light['in_mbps']:.0f} MB/s in "
         f"({light['in_mbps'] / raw['mb_per_s'] * 100:.0f}% of the raw echo).",
         "",
+        f"**Near-free chain** `{describe(near['chain'])}` ({PASS_EDGE}² RGB, {near['counts']['in_tiles']} tiles of "
+        f"{near['counts']['tile_bytes']:,} B and {near['counts']['in_bytes'] / MB:.0f} MB into the gateway per run): gateway "
+        f"**{near['gw_wall']:.2f} s** (runs {secs(near['gw_walls'])}), in-process {near['ip_wall']:.2f} s (runs {secs(near['ip_walls'])}); "
+        f"through the gateway **{near['in_mbps']:.0f} MB/s in = {near['in_mbps'] / raw['mb_per_s'] * 100:.0f}% of the raw echo** "
+        f"({near['in_tps']:.0f} tiles/s; and {near['out_mbps']:.0f} MB/s out to the stages).",
+        "",
         "Where the CPU goes (seconds per chain run, medians):",
         "",
         "| | lanczos | nearest |",
         "| --- | --- | --- |",
     ]
     for name in head["compute"]:
-        lines.append(f"| stage code `{name}` (thread CPU in TileEngine._compute, in-process) | {head['compute'][name]:.2f} | {light['compute'][name]:.2f} |")
+        lines.append(f"| stage code `{name}` (thread CPU in its process_tile, process_canvas or stream_tile, in-process) | {head['compute'][name]:.2f} | {light['compute'][name]:.2f} |")
     lines.append(f"| stage code, all stages | {sum(head['compute'].values()):.2f} | {sum(light['compute'].values()):.2f} |")
     lines.append(f"| in-process run, whole process | {head['ip_cpu']:.2f} | {light['ip_cpu']:.2f} |")
     for comp in head["gw_cpu"]:
@@ -522,10 +572,14 @@ def report(r: dict) -> list[str]:
         f"Echo server CPU per {raw['messages']}-message run: raw {raw['server_cpu']:.2f} s, protobuf tile {pb['server_cpu']:.2f} s. "
         f"Wall time of the echo runs: raw {raw['wall']:.3f} s, protobuf {pb['wall']:.3f} s.",
         "",
-        "Copies per tile between two stages (tile_message → StageOutput → StageInput → serialised), thread CPU per 786,432 B tile: "
-        f"{r['micro']['default']['ms']:.2f} ms and {r['micro']['default']['faults']:.0f} minor page faults with glibc's malloc defaults; "
+        "Copies per tile between two stages, thread CPU per 786,432 B tile: with protobuf messages as before "
+        "(tile_message → StageOutput → StageInput → serialised) "
+        f"{r['micro']['default']['ms']:.2f} ms and {r['micro']['default']['faults']:.0f} minor page faults with glibc's malloc defaults, "
         f"{r['micro']['keep']['ms']:.2f} ms and {r['micro']['keep']['faults']:.0f} faults with "
-        + " ".join(f"{k}={v}" for k, v in MALLOC_KEEP.items()) + ".",
+        + " ".join(f"{k}={v}" for k, v in MALLOC_KEEP.items())
+        + f"; as the services and gateway do now (core/wire.py: encode_tile, bytes forwarded, parse_stage_input) "
+        f"{r['micro']['default']['wire_ms']:.2f} ms / {r['micro']['default']['wire_faults']:.0f} faults and "
+        f"{r['micro']['keep']['wire_ms']:.2f} ms / {r['micro']['keep']['wire_faults']:.0f} faults.",
         "",
         "Peak RSS (VmHWM since start) of the stage services: " + ", ".join(f"{k} {mib(v)}" for k, v in r["services_hwm"].items()) + ".",
         "",
@@ -604,6 +658,7 @@ def main() -> int:
             log(f"stack up ({', '.join(COMPONENTS)}); gateway pid {gateway_pid}, RSS {mib(rss_idle['VmRSS'])}")
             head = bench_chain("lanczos", make_chain("lanczos"), stack, png, args.repeats, log)
             light = bench_chain("nearest", make_chain("nearest"), stack, png, args.repeats, log)
+            passthrough = bench_chain("near-free", make_passthrough(), stack, png, args.repeats, log)
             rss_end = proc_status(gateway_pid)
             services_hwm = {c: proc_status(stack.processes[c].pid)["VmHWM"] for c in COMPONENTS if c != "gateway"}
         finally:
@@ -612,7 +667,7 @@ def main() -> int:
     log("echo baseline ...")
     echo = echo_bench(head["counts"]["in_tiles"], head["counts"]["tile_bytes"], args.repeats)
     results = {
-        "micro": micro_both(), "info": info, "png_bytes": len(png), "repeats": args.repeats, "head": head, "light": light, "echo": echo,
+        "micro": micro_both(), "info": info, "png_bytes": len(png), "repeats": args.repeats, "head": head, "light": light, "pass": passthrough, "echo": echo,
         "rss_idle": rss_idle, "rss_end": rss_end, "services_hwm": services_hwm, "elapsed": time.perf_counter() - began,
         "load": (load_start, os.getloadavg()[0]),
     }
@@ -624,7 +679,7 @@ def main() -> int:
         print(f"\nwrote {RESULTS.relative_to(ROOT)}")
     failed = [
         what
-        for run in (head, light)
+        for run in (head, light, passthrough)
         for what, ok in (
             (f"{run['label']}: the gateway's final image differs from the in-process one", run["identical"]),
             (f"{run['label']}: TILE_RETURN_ALL tile events differ from the planned transport tiles", run["events_match"]),

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Iterator
 import grpc
 
 from tilechain.services.core.codecs import FORMAT_FOR_CHANNELS, ImageDecodeError, image_size
-from tilechain.services.core.config import MAX_CHAIN_BYTES, Settings, transport_tile_problem
+from tilechain.services.core.config import MAX_CHAIN_BYTES, Settings, plan_timeout, transport_tile_problem
 from tilechain.services.core.errors import public_text
 from tilechain.services.core.images import Buffer, ImageHeader, image_tiles, limits_message, read_header
 from tilechain.services.core.params import (
@@ -402,7 +402,7 @@ async def plan_stage(stage: PlannedStage, previous: list[tiles_pb2.Canvas], job_
         )
         stage.inputs.append(attached.canvas)
     try:
-        result = await stage.family.plan(stage.start(job_id, 0))
+        result = await stage.family.plan(stage.start(job_id, 0), timeout=plan_timeout())
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(stage, exc) from None
     stage.outputs = list(result.outputs)

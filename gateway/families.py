@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable
 import grpc
 
 from tilechain.services.core.config import FAMILIES, RECONNECT_WAIT_S, channel_target, family_channel_options
+from tilechain.services.core.wire import serialize
 from tilechain.v1 import stage_pb2, stage_pb2_grpc
 
 
@@ -35,6 +36,11 @@ class Family:
             raise ValueError(f"the {name} service's address (--{name}-address): {exc}") from None
         self.channel = grpc.aio.insecure_channel(self.target, options=family_channel_options())
         self.stub = stage_pb2_grpc.StageStub(self.channel)
+        # Process with its messages as bytes: tiles pass through the gateway unparsed
+        # (core/wire.py); requests may be messages or already serialised tiles
+        self.process = self.channel.stream_stream(
+            "/tilechain.v1.Stage/Process", request_serializer=serialize, response_deserializer=None
+        )
 
     async def unary(self, method: Callable[..., Awaitable[Any]], request: Any, timeout: float) -> Any:
         """A unary call that tolerates a channel still in its reconnect backoff: on UNAVAILABLE

@@ -19,6 +19,7 @@ import grpc
 
 from tilechain.services.core.config import Settings
 from tilechain.services.core.errors import internal_message
+from tilechain.services.core.wire import is_tile_message
 from tilechain.v1 import gateway_pb2, stage_pb2
 
 from .chain import ChainError, PlannedStage, chain_families, finish_job, parse_chain, plan_chain, rpc_error
@@ -220,9 +221,9 @@ class Run:
     async def _pipe(self) -> None:
         count = len(self.stages)
         timeout = self._timeout()
-        queues: list[asyncio.Queue[stage_pb2.Tile | None]] = [asyncio.Queue(QUEUE_TILES) for _ in range(count)]
+        queues: list[asyncio.Queue[bytes | None]] = [asyncio.Queue(QUEUE_TILES) for _ in range(count)]
         calls = [
-            stage.family.stub.Process(self._feed(stage, queues[stage.index]), timeout=timeout)
+            stage.family.process(self._feed(stage, queues[stage.index]), timeout=timeout)
             for stage in self.stages
         ]
         pumps = [
@@ -241,18 +242,20 @@ class Run:
             for task in pumps:
                 task.cancel()
 
-    async def _feed(self, stage: PlannedStage, upstream: asyncio.Queue[stage_pb2.Tile | None]) -> AsyncIterator[stage_pb2.StageInput]:
+    async def _feed(self, stage: PlannedStage, upstream: asyncio.Queue[bytes | None]) -> AsyncIterator[stage_pb2.StageInput | bytes]:
         transport_tile = self.request.transport_tile
         yield stage_pb2.StageInput(start=stage.start(self.id, transport_tile))
         for attached in stage.attachments:
             async for tile in attached.tiles(transport_tile):
                 yield stage_pb2.StageInput(tile=tile)
         if stage.index > 0:
+            # the previous stage's tile messages, as received: a serialised StageOutput tile
+            # is a serialised StageInput tile (core/wire.py)
             while (tile := await upstream.get()) is not None:
-                yield stage_pb2.StageInput(tile=tile)
+                yield tile
         yield stage_pb2.StageInput(end=stage_pb2.InputEnd())
 
-    async def _pump(self, stage: PlannedStage, call, downstream: asyncio.Queue[stage_pb2.Tile | None] | None) -> None:
+    async def _pump(self, stage: PlannedStage, call, downstream: asyncio.Queue[bytes | None] | None) -> None:
         """Read one stage's output: tiles go on to the next stage (and to watchers if asked),
         everything else becomes a job event."""
         canvases = {}
@@ -266,14 +269,16 @@ class Run:
         )
         await self.emit(started)
         try:
-            async for out in call:
+            async for raw in call:
+                if is_tile_message(raw):  # passed on unparsed, parsed only for the caller
+                    if downstream is not None:
+                        await downstream.put(raw)
+                    if not send_tiles:
+                        continue
+                out = stage_pb2.StageOutput.FromString(raw)
                 kind = out.WhichOneof("kind")
                 event = gateway_pb2.JobEvent()
                 if kind == "tile":
-                    if downstream is not None:
-                        await downstream.put(out.tile)
-                    if not send_tiles:
-                        continue
                     event.tile.CopyFrom(
                         gateway_pb2.TileEvent(stage_index=stage.index, name=stage.name, canvas=canvases[out.tile.canvas_id], tile=out.tile)
                     )

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 
 from tilechain.v1 import stage_pb2, stage_pb2_grpc
 
-from .core.config import DEFAULT_PORTS, FAMILIES, Settings, address_env, listen_address
+from .core.config import DEFAULT_PORTS, FAMILIES, Settings, address_env, listen_address, preload_names
 from .core.server import serve, setup_logging, tune_malloc
-from .core.servicer import StageServicer
+from .core.servicer import StageServicer, add_stage_servicer
+
+log = logging.getLogger("tilechain.stage")
 
 
 def main(family: str, argv: list[str] | None = None) -> None:
@@ -20,18 +23,28 @@ def main(family: str, argv: list[str] | None = None) -> None:
         default=listen_address(family),
         help=f"host:port to listen on (env {address_env(family)}, default port {DEFAULT_PORTS[family]})",
     )
+    parser.add_argument(
+        "--preload",
+        default=None,
+        help="models to load before reporting SERVING, comma-separated; NAME or STAGE-TYPE:NAME "
+        "(env TILECHAIN_PRELOAD; default: the preload list in models.yaml)",
+    )
     args = parser.parse_args(argv)
     if args.address is None:
         parser.error(f"{address_env(family)} names several replicas or a resolver target: give this replica its own --address")
     tune_malloc()
     setup_logging()
     servicer = StageServicer(family, Settings.from_env())
+    names = preload_names(args.preload, servicer.models.preload)
 
     def add(server) -> list[str]:
-        stage_pb2_grpc.add_StageServicer_to_server(servicer, server)
-        return [stage_pb2.DESCRIPTOR.services_by_name["Stage"].full_name]
+        return [add_stage_servicer(servicer, server)]
 
-    asyncio.run(serve(args.address, add, component=f"{family} service"))
+    async def preload() -> None:
+        loaded = await asyncio.to_thread(servicer.preload, names)
+        log.info("preloaded: %s", ", ".join(loaded) or "nothing this family takes")
+
+    asyncio.run(serve(args.address, add, component=f"{family} service", ready=preload if names else None))
 
 
 __all__ = ["FAMILIES", "main"]

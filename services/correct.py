@@ -6,13 +6,14 @@ and pasted with a feathered mask, blended with the original by `strength`."""
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from tilechain.v1 import tiles_pb2
 
 from .core.codecs import match_channels
+from .core.models import ModelRegistry
 from .core.params import Param, ParamError
 from .core.resample import resize
 from .core.stage import RGB8, OutputPlan, Stage, register
@@ -82,10 +83,27 @@ class FaceRestore(Stage):
             Param("min_face", int, 48, "Smallest face the detector reports, in pixels.", min=16, max=4096),
         )
 
+    architecture: ClassVar[str]  # the spandrel architecture id this stage runs
+
+    @classmethod
+    def preload(cls, models: ModelRegistry, name: str) -> bool:
+        if name not in models.entries["faces"]:
+            return False
+        from .core.spandrel_models import load_descriptor
+
+        model = load_descriptor(models, "faces", name, False, ("FaceSR",), cls.type)
+        if model.architecture.id != cls.architecture:
+            return False  # another face stage's model
+        import cv2  # noqa: F401  (the face detector's, a second on a cold start)
+
+        return True
+
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
         from .core.spandrel_models import load_descriptor
 
         self.model = load_descriptor(self.context.models, "faces", self.p["model"], False, ("FaceSR",), self.type)
+        if self.model.architecture.id != self.architecture:
+            raise ParamError("model", f"{self.p['model']!r} is a {self.model.architecture.name} model; {self.type} runs {self.architecture} models")
         self.detector = self.context.models.resolve("detectors", self.p["detector"], "detector")
         self.boxes = [self._box(i, face) for i, face in enumerate(self.p["faces"])]
         outputs = super().plan(inputs)
@@ -128,12 +146,16 @@ class FaceRestore(Stage):
         return np.clip(np.rint(result), 0, 255).astype(np.uint8)
 
     def _restore(self, image: np.ndarray, result: np.ndarray, box: Rect) -> None:
+        from .core.spandrel_models import model_lock
         from .core.torch_runtime import to_pixels, to_tensor
 
         height, width = image.shape[:2]
         crop = face_crop(box, width, height)
         face = resize(cut_padded(image, crop), FACE_SIZE, FACE_SIZE, "lanczos")
-        restored = to_pixels(self.run_model(to_tensor(face, self.model.dtype, self.model.device)))
+        tensor = to_tensor(face, self.model.dtype, self.model.device)
+        with model_lock(self.model):
+            output = self.run_model(tensor)
+        restored = to_pixels(output)
         restored = resize(restored, crop.width, crop.height, "lanczos").astype(np.float32)
         weight = paste_mask(crop.width)[:, :, None] * self.p["strength"]
         inside = crop.intersection(Rect(0, 0, width, height))
@@ -150,6 +172,7 @@ class FaceRestore(Stage):
 @register
 class CorrectGfpgan(FaceRestore):
     type = "correct-gfpgan"
+    architecture = "GFPGAN"
     doc = "Restore faces with a GFPGAN model (spandrel)."
     params = FaceRestore.face_params("gfpgan")
 
@@ -157,6 +180,7 @@ class CorrectGfpgan(FaceRestore):
 @register
 class CorrectCodeformer(FaceRestore):
     type = "correct-codeformer"
+    architecture = "CodeFormer"
     doc = (
         "Restore faces with a CodeFormer model (needs the optional spandrel-extra-arches package, "
         "`pip install tilechain[codeformer]`, for its non-commercial licence)."

@@ -7,8 +7,9 @@ import numpy as np
 from tilechain.v1 import tiles_pb2
 
 from .core.params import Param, ParamError
-from .core.resample import FILTERS, resize_tile, scaled_input_rect
-from .core.stage import Stage, TileWork, register
+from .core.codecs import channels
+from .core.resample import FILTERS, StreamingResize
+from .core.stage import OutputPlan, Stage, TileWork, register
 from .core.tiles import Rect
 
 
@@ -43,15 +44,24 @@ class ReduceCrop(Stage):
 
 @register
 class ReduceThumbnail(Stage):
+    """A streaming filter: the horizontal pass runs on each input tile as soon as its
+    neighbours' columns are in, the vertical pass on each band of output rows as soon as its
+    reduced rows are; it holds a few input tiles and a few hundred reduced rows, never the
+    image (core/resample.py, StreamingResize). Exact: the result is that of an untiled resize."""
+
     type = "reduce-thumbnail"
     family = "reduce"
-    doc = "Shrink each image to fit inside width x height, keeping its aspect ratio; never enlarges."
+    doc = (
+        "Shrink each image to fit inside width x height, keeping its aspect ratio; never enlarges. "
+        "A streaming filter: each input tile is filtered as it arrives, holding a few tiles, not the image."
+    )
     params = (
         Param("width", int, 256, "Largest width.", min=1, max=65536),
         Param("height", int, 256, "Largest height.", min=1, max=65536),
         Param("method", str, "lanczos", "Resampling filter.", choices=FILTERS),
     )
     size_params = ("width", "height")
+    streams = True
 
     def output_canvas(self, image: tiles_pb2.Canvas) -> tiles_pb2.Canvas:
         ratio = min(1.0, self.p["width"] / image.width, self.p["height"] / image.height)
@@ -59,8 +69,13 @@ class ReduceThumbnail(Stage):
         height = max(1, round(image.height * ratio))
         return self.derived(image, width, height)
 
-    def input_rect(self, window: Rect, name: str, source: tiles_pb2.Canvas, output: tiles_pb2.Canvas) -> Rect:
-        return scaled_input_rect(window, source, output, self.p["method"])
+    def stream_open(self, output: OutputPlan) -> StreamingResize:
+        source, canvas = output.sources["image"], output.canvas
+        return StreamingResize(source.width, source.height, channels(source.format), canvas.width, canvas.height, self.p["method"])
 
-    def process_tile(self, work: TileWork) -> np.ndarray:
-        return resize_tile(work, self.p["method"])
+    def stream_tile(self, state: StreamingResize, output: OutputPlan, name: str, rect: Rect, pixels: np.ndarray) -> list[tuple[Rect, np.ndarray]]:
+        self.context.check_cancelled()
+        return state.add(rect, pixels)
+
+    def stream_held_bytes(self, state: StreamingResize) -> int:
+        return state.held_bytes

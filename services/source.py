@@ -5,23 +5,31 @@ from __future__ import annotations
 
 import secrets
 
+import grpc
 import numpy as np
 
 from .core.controlnet import control_call, control_images, control_params
 from .core.diffusion import DiffusionStage, count_param, generator, prompt_params, sampling_params
 from .core.params import Param, ParamError
 from .core.resample import resize
-from .core.stage import CONTROL, IMAGE, RGB8, OutputPlan, Stage, TileWork, register
+from .core.stage import CONTROL, IMAGE, RGB8, OutputPlan, Stage, StageError, TileWork, register
+from .core.tiles import Rect
 from tilechain.v1 import tiles_pb2
 
 
 @register
 class SourceNoise(Stage):
+    """Uniform noise is made per processing tile, gaussian noise per band of rows in order,
+    each exactly the pixels the whole-canvas draw `noise()` gives for the seed (see
+    uniform_window); histogram noise reads its sample image whole, so it works on whole
+    canvases."""
+
     type = "source-noise"
     family = "source"
     doc = (
         "Fill new images with noise: uniform, gaussian, or colours drawn from an input image's "
-        "histogram (the chain's image, or one attached), as onnx-web fills outpainting borders."
+        "histogram (the chain's image, or one attached), as onnx-web fills outpainting borders. "
+        "Uniform and gaussian noise are made tile by tile; histogram reads its input image whole."
     )
     params = (
         Param("width", int, 512, "Width of each image in pixels.", min=8, max=65536),
@@ -30,8 +38,6 @@ class SourceNoise(Stage):
         Param("seed", int, -1, "Random seed; -1 picks one (recorded in the provenance). Image i uses seed + i.", min=-1, max=2**32 - 1),
         Param("count", int, 1, "Number of images.", min=1, max=16),
     )
-    needs_whole_canvas = True
-    max_tile = 0
     attachments = ("image",)
     size_params = ("width", "height")
 
@@ -39,6 +45,8 @@ class SourceNoise(Stage):
         super().__init__(*args, **kwargs)
         if self.p["seed"] == -1:
             self.p["seed"] = secrets.randbelow(2**32 - 16)
+        self.needs_whole_canvas = self.p["method"] == "histogram"
+        self._gaussian: dict[int, tuple[np.random.Generator, int]] = {}  # image index -> (generator, next row)
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
         sample = self.attached(inputs, IMAGE) or next(iter(self.chain_images(inputs)), None)
@@ -52,16 +60,65 @@ class SourceNoise(Stage):
             outputs.append(OutputPlan(canvas, sources))
         return outputs
 
+    def windows(self, output: tiles_pb2.Canvas, overlap: int) -> list[Rect]:
+        if self.p["method"] != "gaussian":
+            return super().windows(output, overlap)
+        # full-width bands, run in order (the engine runs ready tiles by rank): each continues
+        # the one generator; ~4 MiB of float64 normals per band
+        rows = max(1, GAUSSIAN_BAND_VALUES // (output.width * 3))
+        return [Rect(0, y, output.width, min(rows, output.height - y)) for y in range(0, output.height, rows)]
+
+    def process_tile(self, work: TileWork) -> np.ndarray:
+        canvas, window = work.output, work.window
+        seed = self.p["seed"] + canvas.index
+        if self.p["method"] == "uniform":
+            return uniform_window(seed, canvas.width, window)
+        rng, row = self._gaussian.get(canvas.index) or (np.random.default_rng(seed), 0)
+        if window.y != row or window.width != canvas.width:
+            raise StageError(grpc.StatusCode.INTERNAL, f"{self.label}: gaussian bands out of order (row {window.y}, expected {row})")
+        self._gaussian[canvas.index] = (rng, window.y1)
+        return gaussian(rng, window.width, window.height)
+
     def process_canvas(self, output: OutputPlan, sources: dict[str, np.ndarray]) -> np.ndarray:
         return noise(self.p["method"], self.p["width"], self.p["height"], self.p["seed"] + output.canvas.index, sources.get("image"))
 
 
+GAUSSIAN_BAND_VALUES = 1 << 19  # values (x 8 bytes) of normals drawn per gaussian band
+
+
+def uniform_window(seed: int, width: int, window: Rect) -> np.ndarray:
+    """The window's pixels of noise("uniform", width, _, seed), drawn without the rest: numpy
+    makes uniform bytes as the little-endian bytes of consecutive 64-bit PCG64 outputs, and
+    PCG64 can jump ahead, so each row of the window draws only the outputs under it."""
+    generator = np.random.PCG64(seed)
+    out = np.empty((window.height, window.width * 3), dtype=np.uint8)
+    position = 0  # 64-bit outputs drawn or skipped so far
+    last = np.zeros(0, dtype="<u8")  # the last output drawn (a row may start inside it)
+    for row in range(window.height):
+        start = ((window.y + row) * width + window.x) * 3
+        end = start + window.width * 3
+        first, stop = start // 8, (end - 1) // 8 + 1
+        if first >= position:
+            generator.advance(first - position)
+            draws = generator.random_raw(stop - first).astype("<u8")
+        else:  # shares its first output with the previous row's last
+            draws = np.concatenate((last, generator.random_raw(stop - position).astype("<u8")))
+        position, last = stop, draws[-1:]
+        out[row] = draws.view(np.uint8)[start - first * 8 : end - first * 8]
+    return out.reshape(window.height, window.width, 3)
+
+
+def gaussian(rng: np.random.Generator, width: int, rows: int) -> np.ndarray:
+    return np.clip(rng.normal(127.5, 48.0, (rows, width, 3)), 0, 255).astype(np.uint8)
+
+
 def noise(method: str, width: int, height: int, seed: int, sample: np.ndarray | None = None) -> np.ndarray:
+    """A whole canvas of noise (the reference the tiled stage reproduces)."""
     rng = np.random.default_rng(seed)
     if method == "uniform":
         return rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
     if method == "gaussian":
-        return np.clip(rng.normal(127.5, 48.0, (height, width, 3)), 0, 255).astype(np.uint8)
+        return gaussian(rng, width, height)
     assert sample is not None
     rgb = sample[:, :, :3] if sample.shape[2] >= 3 else np.repeat(sample, 3, axis=2)
     channels = []

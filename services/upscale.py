@@ -13,6 +13,7 @@ from tilechain.v1 import tiles_pb2
 
 from .core.codecs import image_size, match_channels
 from .core.diffusion import DiffusionStage, mask_blur_param, prompt_params, sampling_params, strength_param, tile_params, tile_seed
+from .core.models import ModelRegistry
 from .core.params import Param, ParamError
 from .core.resample import FILTERS, halo_for, resize_tile, resize_window, scaled_input_rect, source_rect
 from .core.stage import RGB8, OutputPlan, Stage, StageError, TileWork, register
@@ -60,6 +61,16 @@ class SpandrelUpscale(Stage):
     size_params = ("outscale",)
     architectures: tuple[str, ...] = ()  # spandrel architecture ids this stage takes; () = any
     requires = ("torch", "spandrel")
+
+    @classmethod
+    def preload(cls, models: ModelRegistry, name: str) -> bool:
+        if name not in models.entries["upscalers"]:
+            return False
+        from .core.spandrel_models import load_descriptor
+
+        half = next(p.default for p in cls.params if p.name == "half")  # as a request with the default
+        load_descriptor(models, "upscalers", name, half, ("SR", "Restoration"), cls.type)
+        return True
 
     def load_model(self) -> Any:
         """The stage's model (a spandrel descriptor here), or ParamError naming 'model'."""
@@ -159,24 +170,29 @@ class SpandrelUpscale(Stage):
         return out
 
     def _forward(self, pixels: np.ndarray) -> np.ndarray:
+        from .core.spandrel_models import model_lock
         from .core.torch_runtime import to_pixels, to_tensor
 
         self.context.check_cancelled()
-        return to_pixels(self.model(to_tensor(pixels, self.model.dtype, self.model.device)))
+        tensor = to_tensor(pixels, self.model.dtype, self.model.device)
+        with model_lock(self.model):
+            result = self.model(tensor)
+        return to_pixels(result)
+
+
+PROBE = 64  # edge of the input auto_tile_for measures the model on
 
 
 def auto_tile_for(model, free_bytes: int) -> int:
     """The largest tile (a multiple of 64, 64..2048) whose activations fit in 60% of free
-    memory, from a probe of the model's memory per input pixel on a 64 x 64 input."""
-    import torch
+    memory, from a probe of the model's memory per input pixel on a PROBE x PROBE input."""
+    from .core.spandrel_models import model_lock
+    from .core.torch_runtime import peak_bytes_of, to_tensor
 
-    from .core.torch_runtime import to_tensor
-
-    dev = model.device
-    torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev)
-    model(to_tensor(np.zeros((64, 64, model.input_channels), np.uint8), model.dtype, dev))
-    per_pixel = max(1, torch.cuda.max_memory_allocated(dev) - base) / (64 * 64)
+    probe = to_tensor(np.zeros((PROBE, PROBE, model.input_channels), np.uint8), model.dtype, model.device)
+    with model_lock(model):
+        used = peak_bytes_of(lambda: model(probe), model.model, model.device)
+    per_pixel = max(1, used) / (PROBE * PROBE)
     side = int((free_bytes * 0.6 / per_pixel) ** 0.5) // 64 * 64
     return max(64, min(2048, side))
 
@@ -228,7 +244,12 @@ class UpscaleNcnn(SpandrelUpscale):
         Param("vulkan", bool, False, "Run on a Vulkan GPU where ncnn finds one (else the CPU). Off by default: "
               "ncnn's Vulkan allocator and torch's CUDA one should not share a GPU (docs/models.md)."),
     )
+
     requires = ("ncnn",)
+
+    @classmethod
+    def preload(cls, models: ModelRegistry, name: str) -> bool:
+        return False  # an ncnn net loads in milliseconds: nothing to warm before SERVING
 
     def load_model(self) -> Any:
         from .core.ncnn_models import load_ncnn

@@ -48,10 +48,12 @@ def run_stage(
     rects: dict[int, list[Rect]],
     transport_tile: int = 64,
     gate: Gate | None = None,
+    engines: list | None = None,
 ) -> tuple[dict[int, np.ndarray], list]:
     """Feed pixels[canvas id] cut into rects[canvas id], in that order; return the assembled
     outputs and the log of ("in", i) / ("out", canvas id) events. gate(i, output_seen) runs
-    before input tile i is sent; output_seen is set once an output tile has come out."""
+    before input tile i is sent; output_seen is set once an output tile has come out.
+    engines, if given, gets the TileEngine (for its counters)."""
     pieces = [
         stage_pb2.StageInput(tile=tile_message(cid, rect, pixels[cid])) for cid in rects for rect in rects[cid]
     ]
@@ -61,6 +63,8 @@ def run_stage(
         output_seen = asyncio.Event()
         outputs = plan_outputs(stage, inputs, stage.context.settings)
         engine = TileEngine(stage, inputs, outputs, transport_tile)
+        if engines is not None:
+            engines.append(engine)
         images: dict[int, np.ndarray] = {}
         async for message in engine.run(_feed(pieces, log, gate, output_seen)):
             kind = message.WhichOneof("kind")

@@ -372,15 +372,15 @@ def test_merge_calls_repeats_each_calls_image_per_image_it_makes() -> None:
 
 
 def test_services_stay_offline_unless_downloads_are_allowed(monkeypatch, tmp_path: Path) -> None:
-    """prepare() (run at service start) sets HF_HUB_OFFLINE, so a hub id that is not in the
-    local cache fails at once, naming the model, instead of downloading."""
-    from tilechain.services.core.diffusion import RUNTIME, DiffusionStage, resolve_model
-    from tilechain.services.core.models import ModelRegistry
+    """stay_offline_unless_allowed() (run at service start) sets HF_HUB_OFFLINE, so a hub id
+    that is not in the local cache fails at once, naming the model, instead of downloading."""
+    from tilechain.services.core.diffusion import RUNTIME, resolve_model
+    from tilechain.services.core.models import ModelRegistry, stay_offline_unless_allowed
     from tilechain.services.core.params import ParamError
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TILECHAIN_ALLOW_DOWNLOADS", raising=False)
-    DiffusionStage.prepare()
+    stay_offline_unless_allowed()
     import os
 
     assert os.environ.get("HF_HUB_OFFLINE") == "1"
@@ -393,5 +393,5 @@ def test_services_stay_offline_unless_downloads_are_allowed(monkeypatch, tmp_pat
 
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("TILECHAIN_ALLOW_DOWNLOADS", "1")
-    DiffusionStage.prepare()
+    stay_offline_unless_allowed()
     assert "HF_HUB_OFFLINE" not in os.environ

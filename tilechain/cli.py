@@ -7,10 +7,17 @@ import os
 import sys
 from pathlib import Path
 
-import grpc
+if sys.argv[1:2] == ["serve"]:
+    # The resamplers run many small matrix products through numpy's BLAS (OpenBLAS), which
+    # gains nothing from threads at these sizes, and whose threads spin against the service's
+    # own (and other processes') for the cores: 6x the CPU on a busy 2-core machine
+    # (bench/RESULTS.md). One thread; set before numpy is first imported, when OpenBLAS reads it.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from tilechain.services.core.config import FAMILIES, default_address
-from tilechain.v1 import gateway_pb2
+import grpc  # noqa: E402
+
+from tilechain.services.core.config import FAMILIES, default_address  # noqa: E402
+from tilechain.v1 import gateway_pb2  # noqa: E402
 
 
 def _serve(args: argparse.Namespace, rest: list[str]) -> int:

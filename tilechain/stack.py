@@ -171,10 +171,14 @@ class Stack:
     def component_of(self, name: str) -> str:
         return next(c for c in (*LOCAL_COMPONENTS, *OPTIONAL_COMPONENTS) if name == c or name.startswith(c + "-"))
 
-    def wait_serving(self, name: str, timeout: float = 60.0) -> None:
+    def wait_serving(self, name: str, timeout: float | None = None) -> None:
         """Block until the process answers (its health check says SERVING; Valkey: PING); raise
         StartError if it exits first or stays silent. Envoy passes gRPC through to the gateway:
-        its check is the gateway's, answered via Envoy."""
+        its check is the gateway's, answered via Envoy. A service preloading models answers
+        NOT_SERVING until they are loaded, which can take minutes with real checkpoints:
+        TILECHAIN_START_TIMEOUT (seconds, default 300)."""
+        if timeout is None:
+            timeout = float(os.environ.get("TILECHAIN_START_TIMEOUT") or 300)
         process = self.processes.get(name)
         address = self.process_addresses.get(name) or self.addresses[name]
         deadline = time.monotonic() + timeout

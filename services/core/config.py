@@ -52,6 +52,24 @@ def transport_tile_problem(edge: int) -> str | None:
     return f"{edge} is {side} {bound} (0 picks the default)"
 
 
+DEFAULT_PLAN_TIMEOUT = 120.0  # seconds: planning may load a model, cold
+
+
+def plan_timeout() -> float:
+    """The gateway's deadline for one stage's Plan call (TILECHAIN_PLAN_TIMEOUT, seconds).
+    Generous by default: a service loads the stage's model while planning it, the first time."""
+    return float(os.environ.get("TILECHAIN_PLAN_TIMEOUT") or DEFAULT_PLAN_TIMEOUT)
+
+
+def preload_names(flag: str | None, configured: list[str]) -> list[str]:
+    """The models a service loads at start-up: the --preload flag if given, else
+    TILECHAIN_PRELOAD if set, else models.yaml's preload list. Comma- or space-separated."""
+    text = flag if flag is not None else os.environ.get("TILECHAIN_PRELOAD")
+    if text is None:
+        return list(configured)
+    return [name for name in text.replace(",", " ").split() if name]
+
+
 def address_env(component: str) -> str:
     """The environment variable that holds a component's address, e.g. TILECHAIN_UPSCALE_ADDR."""
     return f"TILECHAIN_{component.upper()}_ADDR"

@@ -640,15 +640,17 @@ class DiffusionStage(Stage):
     requires = ("torch", "diffusers", "transformers", "cv2")  # cv2: the mask blur
 
     @classmethod
-    def prepare(cls) -> None:
-        # nothing is fetched from the hub unless the operator allows it (read at import time)
-        if os.environ.get("TILECHAIN_ALLOW_DOWNLOADS", "") != "1":
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        # seconds on a cold start, and the gateway gives Plan 10: diffusers imports lazily, so
-        # touch what Plan and the first call use
-        import diffusers
-
-        diffusers.SchedulerMixin, diffusers.StableDiffusionPipeline  # noqa: B018
+    def preload(cls, models: ModelRegistry, name: str) -> bool:
+        if name not in models.entries["base"]:
+            return False
+        try:
+            model = resolve_model(models, name, cls.task, cls.type)
+        except ParamError:
+            return False  # a model for another task (an inpainting checkpoint, an upscaler)
+        loaded = cls.runtime.load(model)
+        with loaded.lock:
+            cls.runtime.pipeline(loaded, cls.task)
+        return True
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -5,6 +5,18 @@ processing tiles (the stage's max tile, overlap and order); a processing tile ru
 the input pixels under it, halo included, have arrived, and each output transport tile is sent
 as soon as every processing tile touching it is done. Whole-canvas stages run once their
 source canvases are complete. Overlapping processing tiles are blended with feather weights.
+Streaming stages (`Stage.streams`) take their input tiles one by one instead and give back
+finished output regions.
+
+Memory is bounded by the tiles in flight, not by the image (docs/design.md, "Engine memory"):
+- an input tile is kept, as the received bytes, only while a processing tile still to run
+  reads it; whole canvases are assembled only for whole-canvas stages;
+- output pixels exist only for transport tiles not yet sent: a processing tile's result goes
+  straight into the tiles it touches (feather accumulators for blending stages, allocated on
+  first touch), and a tile is freed once sent;
+- backpressure: while MAX_READY processing tiles have their input and wait to run, the engine
+  reads no further input, so a slow stage holds back its input stream (gRPC flow control
+  then slows the gateway and the stage before it).
 """
 
 from __future__ import annotations
@@ -12,18 +24,23 @@ from __future__ import annotations
 import asyncio
 import heapq
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Iterator
 
 import grpc
 import numpy as np
 
 from tilechain.v1 import stage_pb2, tiles_pb2
 
-from .codecs import canvas_layout, is_latent, tile_message, tile_rect, transport_edge
+from .codecs import canvas_layout, is_latent, transport_edge
 from .config import Settings
 from .params import ParamError
 from .stage import ROLE_NAMES, OutputPlan, Stage, StageError, TileWork
-from .tiles import CanvasBuffer, Rect, TileError, feather_weights, plan_windows, transport_grid
+from .tiles import Rect, TileError, feather_weights
+from .wire import TileView, encode_tile
+
+MAX_READY = 2  # processing tiles with all their input, waiting to run, before the engine stops reading
+CELL = 256     # edge of the buckets of the spatial indexes
+STRIP = 64     # rows: a tile that some processing tiles read only in part is kept as strips this tall
 
 
 def plan_outputs(stage: Stage, inputs: list[tiles_pb2.Canvas], settings: Settings) -> list[OutputPlan]:
@@ -61,6 +78,86 @@ def plan_outputs(stage: Stage, inputs: list[tiles_pb2.Canvas], settings: Setting
     return outputs
 
 
+class _Cells:
+    """Keys of rects by the CELL x CELL buckets their rects touch: which rects a rect may meet."""
+
+    def __init__(self) -> None:
+        self.cells: dict[tuple[int, int], dict[Any, Rect]] = {}
+
+    @staticmethod
+    def _keys(rect: Rect) -> Iterator[tuple[int, int]]:
+        for cy in range(rect.y // CELL, (rect.y1 - 1) // CELL + 1):
+            for cx in range(rect.x // CELL, (rect.x1 - 1) // CELL + 1):
+                yield cx, cy
+
+    def add(self, key: Any, rect: Rect) -> None:
+        for cell in self._keys(rect):
+            self.cells.setdefault(cell, {})[key] = rect
+
+    def remove(self, key: Any, rect: Rect) -> None:
+        for cell in self._keys(rect):
+            bucket = self.cells.get(cell)
+            if bucket is not None:
+                bucket.pop(key, None)
+                if not bucket:
+                    del self.cells[cell]
+
+    def meeting(self, rect: Rect) -> dict[Any, Rect]:
+        """The stored keys whose rects intersect rect."""
+        found: dict[Any, Rect] = {}
+        for cell in self._keys(rect):
+            for key, other in self.cells.get(cell, {}).items():
+                if key not in found and other.intersects(rect):
+                    found[key] = other
+        return found
+
+
+@dataclass
+class _Block:
+    pixels: np.ndarray  # (h, w, c), usually a view of the received message's bytes
+    uses: int           # processing tiles still to run that read it
+
+
+class _Input:
+    """One input canvas as its tiles arrive: the rects received (to refuse overlaps) and the
+    pixels still to be read, as blocks, or assembled whole for whole-canvas stages."""
+
+    def __init__(self, canvas: tiles_pb2.Canvas, whole: bool) -> None:
+        self.canvas = canvas
+        self.chans, self.dtype = canvas_layout(canvas)
+        self.whole = whole
+        self.received = _Cells()
+        self.count = 0
+        self.blocks: dict[int, _Block] = {}
+        self.block_cells = _Cells()
+        self.block_count = 0
+        self.dense: np.ndarray | None = None
+        self.readers = 0  # processing tiles that read this canvas and have not taken their pixels
+
+    def check(self, rect: Rect, data: Any) -> np.ndarray:
+        """The tile's pixels as an (h, w, c) array (a view of data); TileError if it does not fit."""
+        canvas = self.canvas
+        if rect.width == 0 or rect.height == 0 or rect.x1 > canvas.width or rect.y1 > canvas.height:
+            raise TileError(
+                f"tile {rect.width}x{rect.height} at ({rect.x},{rect.y}) lies outside the "
+                f"{canvas.width}x{canvas.height} canvas"
+            )
+        expected = rect.area * self.chans * self.dtype.itemsize
+        if len(data) != expected:
+            raise TileError(
+                f"tile {rect.width}x{rect.height} at ({rect.x},{rect.y}) has {len(data)} bytes, "
+                f"expected {expected} ({self.chans} channels of {self.dtype.itemsize} byte(s))"
+            )
+        if self.received.meeting(rect):
+            raise TileError(f"tile at ({rect.x},{rect.y}) overlaps a tile already received")
+        self.received.add(self.count, rect)
+        self.count += 1
+        return np.frombuffer(data, dtype=self.dtype).reshape(rect.height, rect.width, self.chans)
+
+    def covered(self, rect: Rect) -> bool:
+        return sum(r.intersection(rect).area for r in self.received.meeting(rect).values()) == rect.area  # type: ignore[union-attr]
+
+
 @dataclass(order=True)
 class _Job:
     """One processing tile (or one whole canvas) of one output."""
@@ -69,25 +166,38 @@ class _Job:
     output: int = field(compare=False)
     window: Rect = field(compare=False)
     needs: dict[str, tuple[int, Rect]] = field(compare=False)  # name -> (input canvas id, rect)
-    touches: list[int] = field(compare=False, default_factory=list)  # transport tile indices
+    missing: int = field(compare=False, default=0)              # input pixels not yet arrived
     ready: bool = field(compare=False, default=False)
 
 
 class _Output:
-    """Assembly state of one output canvas."""
+    """One output canvas: its transport tiles, the pixels of those not yet sent, and how much
+    work each still waits for (processing tiles, or pixels for streaming stages)."""
 
     def __init__(self, plan: OutputPlan, edge: int, blend: bool) -> None:
         canvas = plan.canvas
         self.plan = plan
-        self.chans, dtype = canvas_layout(canvas)
-        self.pixels = np.zeros((canvas.height, canvas.width, self.chans), dtype=dtype)
+        self.id = canvas.id
+        self.width, self.height = canvas.width, canvas.height
+        self.chans, self.dtype = canvas_layout(canvas)
         self.blend = blend
-        if blend:
-            self.acc = np.zeros((canvas.height, canvas.width, self.chans), dtype=np.float32)
-            self.weight = np.zeros((canvas.height, canvas.width), dtype=np.float32)
-        self.transport = transport_grid(canvas.width, canvas.height, transport_edge(edge, self.chans * dtype.itemsize))
-        self.pending = [0] * len(self.transport)
+        self.edge = transport_edge(edge, self.chans * self.dtype.itemsize)
+        self.cols = -(-canvas.width // self.edge)
+        self.rows = -(-canvas.height // self.edge)
+        self.pending = [0] * (self.cols * self.rows)
+        self.partial: dict[int, np.ndarray] = {}                   # tile -> pixels assembled so far
+        self.sums: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # tile -> (weighted sum, weight) when blending
         self.jobs_left = 0
+        self.tiles_left = len(self.pending)
+
+    def rect(self, i: int) -> Rect:
+        row, col = divmod(i, self.cols)
+        x, y = col * self.edge, row * self.edge
+        return Rect(x, y, min(self.edge, self.width - x), min(self.edge, self.height - y))
+
+    def touching(self, window: Rect) -> list[int]:
+        cols = range(window.x // self.edge, (window.x1 - 1) // self.edge + 1)
+        return [row * self.cols + col for row in range(window.y // self.edge, (window.y1 - 1) // self.edge + 1) for col in cols]
 
 
 class TileEngine:
@@ -101,31 +211,41 @@ class TileEngine:
         self.stage = stage
         self.inputs = {c.id: c for c in inputs}
         self._wake = asyncio.Event()  # set when a processing tile becomes ready or input ends
+        self._room = asyncio.Event()  # set when a ready processing tile is taken: the reader may go on
         self.tiles_processed = 0
         self.tiles_emitted = 0
         self.steps_run = 0  # denoising steps (or another finer unit) the stage reported
         self.stepped_jobs_done = 0  # processing tiles that reported steps
-        overlap = 0 if stage.needs_whole_canvas else stage.overlap
-        self.outputs = [_Output(plan, transport_tile, blend=overlap > 0) for plan in outputs]
-        self.buffers: dict[int, CanvasBuffer] = {}
+        self.held_input = self.peak_input = 0    # bytes of input pixels kept
+        self.held_output = self.peak_output = 0  # bytes of output pixels (and blend sums) not yet sent
+        self.peak_ready = 0  # most processing tiles holding their input while waiting to run
+        whole = stage.needs_whole_canvas
+        overlap = 0 if whole else stage.overlap
+        self.outputs = [_Output(plan, transport_tile, blend=overlap > 0 and not stage.streams) for plan in outputs]
+        self.sources: dict[int, _Input] = {}
         for plan in outputs:
             for source in plan.sources.values():
-                if source.id not in self.buffers:
-                    self.buffers[source.id] = CanvasBuffer(source.width, source.height, *canvas_layout(source))
-        self.jobs = self._plan_jobs(overlap)
-        self.waiting: dict[int, list[_Job]] = {}
+                if source.id not in self.sources:
+                    self.sources[source.id] = _Input(source, whole)
+        self.jobs: list[_Job] = [] if stage.streams else self._plan_jobs(overlap)
+        self.waiting: dict[int, _Cells] = {cid: _Cells() for cid in self.sources}  # canvas -> jobs by need rect
         self.ready: list[_Job] = []
         for job in self.jobs:
-            for canvas_id, _ in job.needs.values():
-                self.waiting.setdefault(canvas_id, []).append(job)
+            job.missing = sum(rect.area for _, rect in job.needs.values())
+            for name, (cid, rect) in job.needs.items():
+                self.waiting[cid].add((job.rank, name), rect)
+                self.sources[cid].readers += 1
             if not job.needs:
                 self._mark_ready(job)
 
     def _plan_jobs(self, overlap: int) -> list[_Job]:
-        stage, jobs = self.stage, []
+        """The processing tiles, ranked window by window across the outputs (the variants of one
+        input image read the same input: run together, they let it go together, and a batched
+        call's images for the other variants are taken at once)."""
+        stage, planned = self.stage, []
         for number, out in enumerate(self.outputs):
             canvas = out.plan.canvas
-            for window in plan_windows(canvas.width, canvas.height, stage.tile_size(), overlap, stage.order):
+            for order, window in enumerate(stage.windows(canvas, overlap)):
                 needs = {}
                 for name, source in out.plan.sources.items():
                     if stage.needs_whole_canvas:
@@ -134,71 +254,154 @@ class TileEngine:
                         rect = stage.input_rect(window, name, source, canvas)
                         rect = rect.expand(0, source.width, source.height)  # clamp
                     needs[name] = (source.id, rect)
-                job = _Job(len(jobs), number, window, needs)
-                job.touches = [i for i, t in enumerate(out.transport) if t.intersects(window)]
-                for i in job.touches:
+                for i in out.touching(window):
                     out.pending[i] += 1
                 out.jobs_left += 1
-                jobs.append(job)
-        return jobs
+                planned.append((order, number, window, needs))
+        planned.sort(key=lambda p: (p[0], p[1]))
+        return [_Job(rank, number, window, needs) for rank, (_, number, window, needs) in enumerate(planned)]
 
-    # --- input ---------------------------------------------------------------------------
+    # --- memory accounting -----------------------------------------------------------------
+
+    def _count_input(self, nbytes: int) -> None:
+        self.held_input += nbytes
+        self.peak_input = max(self.peak_input, self.held_input)
+
+    def _count_output(self, nbytes: int) -> None:
+        self.held_output += nbytes
+        self.peak_output = max(self.peak_output, self.held_output)
+
+    # --- input -----------------------------------------------------------------------------
 
     def _mark_ready(self, job: _Job) -> None:
         job.ready = True
         heapq.heappush(self.ready, job)
+        if job.needs:
+            self.peak_ready = max(self.peak_ready, sum(1 for j in self.ready if j.needs))
         self._wake.set()
 
-    def _accept(self, tile: tiles_pb2.Tile) -> None:
+    @staticmethod
+    def _tile_of(message: Any) -> TileView | None:
+        """The tile of an input message (None for the end); StageError for anything else."""
+        if isinstance(message, TileView):
+            return message
+        kind = message.WhichOneof("kind")
+        if kind == "tile":
+            return TileView.of(message.tile)
+        if kind == "end":
+            return None
+        raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected '{kind}' message after the start")
+
+    def _check(self, tile: TileView) -> tuple[_Input, np.ndarray] | None:
+        """The tile's canvas and pixels, None for a canvas this stage does not read."""
         if tile.canvas_id not in self.inputs:
             raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"tile for undeclared canvas id {tile.canvas_id}")
-        buffer = self.buffers.get(tile.canvas_id)
-        if buffer is None:
-            return  # a canvas this stage does not read
-        rect = tile_rect(tile)
+        source = self.sources.get(tile.canvas_id)
+        if source is None:
+            return None
         try:
-            buffer.add(rect, tile.pixels)
+            return source, source.check(tile.rect, tile.pixels)
         except TileError as exc:
             raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"canvas {tile.canvas_id}: {exc}") from None
-        for job in self.waiting.get(tile.canvas_id, ()):
-            if job.ready or not any(cid == tile.canvas_id and r.intersects(rect) for cid, r in job.needs.values()):
-                continue
-            if all(self.buffers[cid].covers(r) for cid, r in job.needs.values()):
-                self._mark_ready(job)
 
-    async def _read(self, messages: AsyncIterator[stage_pb2.StageInput]) -> None:
-        async for message in messages:
-            kind = message.WhichOneof("kind")
-            if kind == "tile":
-                self._accept(message.tile)
-            elif kind == "end":
-                break
+    def _accept(self, tile: TileView) -> None:
+        checked = self._check(tile)
+        if checked is None:
+            return
+        source, pixels = checked
+        rect = tile.rect
+        needs = []
+        waiting = self.waiting[tile.canvas_id]
+        for (rank, name), need in list(waiting.meeting(rect).items()):
+            job = self.jobs[rank]
+            needs.append(need)
+            job.missing -= need.intersection(rect).area  # type: ignore[union-attr]
+            if job.missing == 0:
+                for other, (cid, other_rect) in job.needs.items():
+                    self.waiting[cid].remove((rank, other), other_rect)
+                self._mark_ready(job)
+        if source.whole:
+            if source.dense is None:
+                source.dense = np.empty((source.canvas.height, source.canvas.width, source.chans), dtype=source.dtype)
+                self._count_input(source.dense.nbytes)
+            source.dense[rect.slices] = pixels
+        elif rect.height > STRIP and any(need.y > rect.y or need.y1 < rect.y1 for need in needs):
+            # some readers take only some of its rows (a halo, a band): keep it as strips, each
+            # let go when its own readers are done (copies, so that the message can go)
+            for y in range(rect.y, rect.y1, STRIP):
+                strip = Rect(rect.x, y, rect.width, min(STRIP, rect.y1 - y))
+                uses = sum(1 for need in needs if need.intersects(strip))
+                if uses:
+                    self._keep(source, strip, pixels[y - rect.y : strip.y1 - rect.y].copy(), uses)
+        elif needs:
+            self._keep(source, rect, pixels, len(needs))
+
+    def _keep(self, source: _Input, rect: Rect, pixels: np.ndarray, uses: int) -> None:
+        source.blocks[source.block_count] = _Block(pixels, uses)
+        source.block_cells.add(source.block_count, rect)
+        source.block_count += 1
+        self._count_input(pixels.nbytes)
+
+    def _take(self, job: _Job) -> dict[str, tuple[tiles_pb2.Canvas, Rect, np.ndarray]]:
+        """The input pixels of a ready processing tile; blocks no other one reads are let go."""
+        taken = {}
+        for name, (cid, rect) in job.needs.items():
+            source = self.sources[cid]
+            source.readers -= 1
+            if source.whole:
+                pixels = source.dense
+                if source.readers == 0:
+                    self._count_input(-source.dense.nbytes)  # type: ignore[union-attr]
+                    source.dense = None  # the whole-canvas stage holds it while it runs
+                taken[name] = (source.canvas, rect, pixels[rect.slices])  # type: ignore[index]
+                continue
+            hits = source.block_cells.meeting(rect)
+            if len(hits) == 1 and next(iter(hits.values())) == rect:
+                pixels = source.blocks[next(iter(hits))].pixels
             else:
-                raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected '{kind}' message after the start")
+                pixels = np.empty((rect.height, rect.width, source.chans), dtype=source.dtype)
+                for key, block_rect in hits.items():
+                    inter = block_rect.intersection(rect)
+                    pixels[inter.relative_to(rect).slices] = source.blocks[key].pixels[inter.relative_to(block_rect).slices]  # type: ignore[union-attr]
+            for key, block_rect in hits.items():
+                block = source.blocks[key]
+                block.uses -= 1
+                if block.uses == 0:
+                    del source.blocks[key]
+                    source.block_cells.remove(key, block_rect)
+                    self._count_input(-block.pixels.nbytes)
+            taken[name] = (source.canvas, rect, pixels)
+        return taken
+
+    async def _read(self, messages: AsyncIterator[Any]) -> None:
+        async for message in messages:
+            tile = self._tile_of(message)
+            if tile is None:
+                break
+            self._accept(tile)
+            while len(self.ready) >= MAX_READY:  # no room: let the input wait (backpressure)
+                self._room.clear()
+                await self._room.wait()
         self._wake.set()
 
-    # --- work ----------------------------------------------------------------------------
+    # --- work ------------------------------------------------------------------------------
 
-    def _compute(self, job: _Job) -> np.ndarray:
+    def _compute(self, job: _Job, inputs: dict[str, tuple[tiles_pb2.Canvas, Rect, np.ndarray]]) -> np.ndarray:
         stage, out = self.stage, self.outputs[job.output]
         stage.context.check_cancelled()
         if stage.needs_whole_canvas:
-            sources = {name: self.buffers[cid].pixels for name, (cid, _) in job.needs.items()}
-            result = stage.process_canvas(out.plan, sources)
+            result = stage.process_canvas(out.plan, {name: pixels for name, (_, _, pixels) in inputs.items()})
         else:
-            inputs = {
-                name: (self.inputs[cid], r, self.buffers[cid].pixels[r.slices]) for name, (cid, r) in job.needs.items()
-            }
             result = stage.process_tile(TileWork(out.plan.canvas, job.window, inputs))
         expected = (job.window.height, job.window.width, out.chans)
-        if result.shape != expected or result.dtype != out.pixels.dtype:
+        if result.shape != expected or result.dtype != out.dtype:
             raise StageError(
                 grpc.StatusCode.INTERNAL,
                 f"stage {stage.type} returned {result.dtype} {result.shape} for a {expected} tile",
             )
         return result
 
-    async def _compute_reporting_steps(self, job: _Job) -> AsyncIterator[np.ndarray | stage_pb2.StageOutput]:
+    async def _compute_reporting_steps(self, job: _Job, inputs: dict) -> AsyncIterator[np.ndarray | stage_pb2.StageOutput]:
         """Run one processing tile in a worker thread; while it runs, pass on the steps the
         stage reports (as progress in "steps" over the whole stage), then yield its result."""
         loop = asyncio.get_running_loop()
@@ -210,7 +413,7 @@ class TileEngine:
             loop.call_soon_threadsafe(steps.put_nowait, (done, total))
 
         context.on_step = on_step
-        work = asyncio.ensure_future(asyncio.to_thread(self._compute, job))
+        work = asyncio.ensure_future(asyncio.to_thread(self._compute, job, inputs))
         reported = False
         try:
             while True:
@@ -241,36 +444,103 @@ class TileEngine:
         return stage_pb2.StageOutput(progress=stage_pb2.Progress(
             unit="steps", done=self.stepped_jobs_done * total + done, total=jobs * total))
 
-    def _commit(self, job: _Job, result: np.ndarray) -> Iterator[stage_pb2.StageOutput]:
-        out = self.outputs[job.output]
-        window = job.window
-        if out.blend:
-            canvas = out.plan.canvas
-            weight = feather_weights(window, canvas.width, canvas.height, self.stage.overlap)
-            out.acc[window.slices] += result * weight[:, :, None]
-            out.weight[window.slices] += weight
+    # --- output ----------------------------------------------------------------------------
+
+    def _place(self, out: _Output, window: Rect, result: np.ndarray, weight: np.ndarray | None, counted: int | None) -> Iterator[Any]:
+        """Put a finished region into the transport tiles it touches; send each tile whose
+        last piece this was. counted: the amount of work the region ends per tile (1 for a
+        processing tile; None: its area, for streaming stages)."""
+        for i in out.touching(window):
+            rect = out.rect(i)
+            inter = rect.intersection(window)
+            if inter is None:
+                continue
+            piece = result[inter.relative_to(window).slices]
+            amount = counted or inter.area
+            if weight is not None:
+                sums = out.sums.get(i)
+                if sums is None:
+                    sums = out.sums[i] = (
+                        np.zeros((rect.height, rect.width, out.chans), dtype=np.float32),
+                        np.zeros((rect.height, rect.width), dtype=np.float32),
+                    )
+                    self._count_output(sums[0].nbytes + sums[1].nbytes)
+                local = inter.relative_to(rect).slices
+                w = weight[inter.relative_to(window).slices]
+                sums[0][local] += piece * w[:, :, None]
+                sums[1][local] += w
+            elif inter != rect or out.pending[i] != amount:  # one piece of several: assemble
+                buffer = out.partial.get(i)
+                if buffer is None:
+                    buffer = out.partial[i] = np.empty((rect.height, rect.width, out.chans), dtype=out.dtype)
+                    self._count_output(buffer.nbytes)
+                buffer[inter.relative_to(rect).slices] = piece
+            # else: the whole tile in one piece, sent from the result as it is
+            out.pending[i] -= amount
+            if out.pending[i] == 0:
+                yield self._send(out, i, rect, piece)
+
+    def _send(self, out: _Output, i: int, rect: Rect, piece: np.ndarray) -> Any:
+        if i in out.sums:
+            total, weight = out.sums.pop(i)
+            self._count_output(-(total.nbytes + weight.nbytes))
+            blended = total / weight[:, :, None]
+            if out.dtype == np.uint8:
+                blended = np.clip(np.rint(blended), 0, 255)
+            pixels = blended.astype(out.dtype)
+        elif i in out.partial:
+            pixels = out.partial.pop(i)
+            self._count_output(-pixels.nbytes)
         else:
-            out.pixels[window.slices] = result
+            pixels = piece
+        out.tiles_left -= 1
+        self.tiles_emitted += 1
+        if self.stage.keeps_output:
+            self.stage.keep_tile(out.plan, rect, pixels)
+        if self._encoded:
+            return encode_tile(out.id, rect, pixels)
+        message = stage_pb2.StageOutput()
+        tile = message.tile
+        tile.canvas_id, tile.x, tile.y, tile.width, tile.height = out.id, rect.x, rect.y, rect.width, rect.height
+        tile.pixels = pixels.tobytes()
+        return message
+
+    def _commit(self, job: _Job, result: np.ndarray) -> Iterator[Any]:
+        out = self.outputs[job.output]
+        weight = None
+        if out.blend:
+            weight = feather_weights(job.window, out.width, out.height, self.stage.overlap)
+        yield from self._place(out, job.window, result, weight, counted=1)
         self.tiles_processed += 1
         out.jobs_left -= 1
-        for i in job.touches:
-            out.pending[i] -= 1
-            if out.pending[i] == 0:
-                rect = out.transport[i]
-                if out.blend:
-                    blended = out.acc[rect.slices] / out.weight[rect.slices][:, :, None]
-                    if out.pixels.dtype == np.uint8:
-                        blended = np.clip(np.rint(blended), 0, 255)
-                    out.pixels[rect.slices] = blended
-                self.tiles_emitted += 1
-                yield stage_pb2.StageOutput(tile=tile_message(out.plan.canvas.id, rect, out.pixels))
         yield stage_pb2.StageOutput(
             progress=stage_pb2.Progress(unit="tiles", done=self.tiles_processed, total=len(self.jobs))
         )
 
-    async def run(self, messages: AsyncIterator[stage_pb2.StageInput]) -> AsyncIterator[stage_pb2.StageOutput]:
+    async def _finish(self, out: _Output) -> AsyncIterator[stage_pb2.StageOutput]:
+        if self.stage.keeps_output:
+            for artifact in await asyncio.to_thread(self.stage.finish_output, out.plan):
+                yield stage_pb2.StageOutput(artifact=artifact)
+
+    # --- running ---------------------------------------------------------------------------
+
+    async def run(self, messages: AsyncIterator[Any], encoded: bool = False) -> AsyncIterator[Any]:
+        """The stage's output stream. messages: StageInput messages after the start (or
+        TileViews from wire.parse_stage_input). With encoded, output tiles come as serialised
+        StageOutput bytes (wire.encode_tile) instead of messages."""
+        self._encoded = encoded
         for out in self.outputs:
             yield stage_pb2.StageOutput(canvas=out.plan.canvas)
+        body = self._run_streaming(messages) if self.stage.streams else self._run_windows(messages)
+        async for message in body:
+            yield message
+        for notice in self.stage.context.notices:
+            yield stage_pb2.StageOutput(notice=stage_pb2.Notice(message=notice))
+        yield stage_pb2.StageOutput(
+            done=stage_pb2.StageDone(tiles_processed=self.tiles_processed, tiles_emitted=self.tiles_emitted)
+        )
+
+    async def _run_windows(self, messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
         reader = asyncio.create_task(self._read(messages))
         try:
             remaining = len(self.jobs)
@@ -286,32 +556,66 @@ class TileEngine:
                     waiter.cancel()
                     continue
                 job = heapq.heappop(self.ready)
+                self._room.set()
+                inputs = self._take(job)
                 result = None
-                async for message in self._compute_reporting_steps(job):
+                async for message in self._compute_reporting_steps(job, inputs):
                     if isinstance(message, np.ndarray):
                         result = message
                     else:
                         yield message
+                del inputs
                 for message in self._commit(job, result):
                     yield message
                 remaining -= 1
                 out = self.outputs[job.output]
                 if out.jobs_left == 0:
-                    if self.stage.keeps_output:
-                        for artifact in await asyncio.to_thread(self.stage.finish, out.plan, out.pixels):
-                            yield stage_pb2.StageOutput(artifact=artifact)
-                    out.acc = out.weight = None  # type: ignore[assignment]
+                    async for message in self._finish(out):
+                        yield message
             await reader  # drain input this stage did not need, so the sender never blocks
-            for notice in self.stage.context.notices:
-                yield stage_pb2.StageOutput(notice=stage_pb2.Notice(message=notice))
-            yield stage_pb2.StageOutput(
-                done=stage_pb2.StageDone(tiles_processed=self.tiles_processed, tiles_emitted=self.tiles_emitted)
-            )
         finally:
             reader.cancel()
 
+    async def _run_streaming(self, messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """Streaming stages: each input tile goes to the stage (in a worker thread) before the
+        next is read, and the regions it finishes go out."""
+        stage = self.stage
+        readers: dict[int, list[tuple[int, str]]] = {}
+        for number, out in enumerate(self.outputs):
+            out.pending = [out.rect(i).area for i in range(len(out.pending))]
+            for name, source in out.plan.sources.items():
+                readers.setdefault(source.id, []).append((number, name))
+        states = [stage.stream_open(out.plan) for out in self.outputs]
+        total = sum(len(out.pending) for out in self.outputs)
+        held = [0] * len(states)
+        async for message in messages:
+            tile = self._tile_of(message)
+            if tile is None:
+                break
+            checked = self._check(tile)
+            if checked is None:
+                continue
+            for number, name in readers[tile.canvas_id]:
+                out = self.outputs[number]
+                regions = await asyncio.to_thread(stage.stream_tile, states[number], out.plan, name, tile.rect, checked[1])
+                now = stage.stream_held_bytes(states[number])
+                self._count_input(now - held[number])
+                held[number] = now
+                for rect, pixels in regions:
+                    self.tiles_processed += 1
+                    for sent in self._place(out, rect, pixels, None, counted=None):
+                        yield sent
+                    if out.tiles_left == 0:
+                        async for artifact in self._finish(out):
+                            yield artifact
+                if regions:  # progress in output transport tiles sent
+                    yield stage_pb2.StageOutput(progress=stage_pb2.Progress(unit="tiles", done=self.tiles_emitted, total=total))
+        incomplete = sorted({cid for cid, pairs in readers.items() for number, _ in pairs if self.outputs[number].tiles_left})
+        if incomplete:
+            raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"input ended before input canvas(es) {incomplete} were complete")
+
     def _incomplete_input(self) -> str:
         missing = sorted(
-            {cid for job in self.jobs if not job.ready for cid, r in job.needs.values() if not self.buffers[cid].covers(r)}
+            {cid for job in self.jobs if not job.ready for cid, r in job.needs.values() if not self.sources[cid].covered(r)}
         )
         return f"input ended before input canvas(es) {missing} were complete"

@@ -22,6 +22,14 @@ from .params import ParamError
 KINDS = ("upscalers", "faces", "detectors", "base", "loras", "controlnets", "preprocessors", "safety", "prompts")
 
 
+def stay_offline_unless_allowed() -> None:
+    """Set HF_HUB_OFFLINE unless TILECHAIN_ALLOW_DOWNLOADS=1, so that nothing is fetched from
+    the hub: the hub library reads it when it is imported, so services call this at start-up,
+    before any model library is imported (they are, lazily, with the first model)."""
+    if os.environ.get("TILECHAIN_ALLOW_DOWNLOADS", "") != "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
@@ -39,11 +47,16 @@ class ModelRegistry:
     def __init__(self, config: Path | None, models_root: Path) -> None:
         self.models_root = models_root.resolve()
         self.entries: dict[str, dict[str, ModelEntry]] = {kind: {} for kind in KINDS}
+        self.preload: list[str] = []  # models to load at start-up (models.yaml `preload:`)
         if config is not None and config.exists():
             document = yaml.safe_load(config.read_text()) or {}
             for kind in KINDS:
                 for name, spec in (document.get(kind) or {}).items():
                     self.entries[kind][name] = self._entry(name, kind, spec or {})
+            preload = document.get("preload") or []
+            if not isinstance(preload, list) or not all(isinstance(n, str) for n in preload):
+                raise ValueError(f"{config}: preload must be a list of model names")
+            self.preload = preload
 
     def _entry(self, name: str, kind: str, spec: dict[str, Any]) -> ModelEntry:
         options = {k: v for k, v in spec.items() if k not in ("path", "hub")}
@@ -55,6 +68,14 @@ class ModelRegistry:
         if "hub" in spec:
             return ModelEntry(name, kind, None, str(spec["hub"]), options)
         raise ValueError(f"models.yaml: {kind}.{name} needs a path, a hub id or a builtin")
+
+    def knows(self, name: str) -> bool:
+        """Whether name is a model of any kind in models.yaml, or a file or folder under the
+        models root."""
+        if any(name in entries for entries in self.entries.values()):
+            return True
+        path = (self.models_root / name).resolve()
+        return path.is_relative_to(self.models_root) and path.exists()
 
     def names(self, kind: str) -> list[str]:
         return sorted(self.entries[kind])

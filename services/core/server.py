@@ -64,12 +64,16 @@ async def serve(
     max_receive_bytes: int | None = None,
     component: str = "",
     on_stop: Callable[[], Awaitable[None]] | None = None,
+    ready: Callable[[], Awaitable[None]] | None = None,
+    stopping: asyncio.Event | None = None,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and drain for up to DRAIN_SECONDS.
     add_services registers the servicers and returns their full service names. component
     names the process in INTERNAL errors ("persist service"; default: from the service name);
     on_stop runs once health says NOT_SERVING, before the drain (the gateway hands its jobs
-    back there)."""
+    back there). With ready (preloading models), the health check answers NOT_SERVING until it
+    has returned; if it raises, the process exits with its message. stopping: an event that
+    stops the server in place of the signals (for running it inside another program)."""
     settings = Settings.from_env()
     internal_errors = InternalErrors(component, [settings.output_root, settings.models_root])
     server = grpc.aio.server(options=server_options(max_receive_bytes), interceptors=[internal_errors])
@@ -84,15 +88,32 @@ async def serve(
         bound = 0
     if bound == 0:
         raise SystemExit(f"cannot listen on {address}: the address is in use or not this machine's")
+    if stopping is None:
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+    for name in ["", *names]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await server.start()
+    if ready is not None:
+        log.info("listening on %s; NOT_SERVING until start-up work is done", address)
+        work = asyncio.ensure_future(ready())
+        stop = asyncio.ensure_future(stopping.wait())
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if not work.done():  # asked to stop while starting up
+            work.cancel()
+            await server.stop(0)
+            log.info("stopped during start-up")
+            return
+        if work.exception() is not None:
+            log.error("start-up failed: %s", work.exception())
+            await server.stop(0)
+            raise SystemExit(f"start-up failed: {work.exception()}")
     for name in ["", *names]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s on %s", ", ".join(names), address)
-
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
     await stopping.wait()
     log.info("draining in-flight streams (up to %.0fs)", DRAIN_SECONDS)
     await health_servicer.enter_graceful_shutdown()

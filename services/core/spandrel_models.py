@@ -1,14 +1,32 @@
 """Loading image models through spandrel, by registry name or path, cached per (file, device,
-dtype). Shared by the upscale and correct services."""
+dtype). Shared by the upscale and correct services.
+
+A loaded model is one torch module shared by every stream of the service: `model_lock` gives
+its lock, held around each call, so two streams never run one module at the same time (a
+module's forward is not safe to call concurrently: some architectures keep state on the
+module, and on CUDA two calls would also compete for the memory one was sized for)."""
 
 from __future__ import annotations
 
+import threading
+import weakref
 from typing import Any
 
 from .models import ModelCache, ModelRegistry
 from .params import ParamError
 
 CACHE = ModelCache(max_models=4)
+_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def model_lock(descriptor: Any) -> threading.Lock:
+    """The lock that every call of this loaded model holds."""
+    with _LOCKS_LOCK:
+        lock = _LOCKS.get(descriptor)
+        if lock is None:
+            lock = _LOCKS[descriptor] = threading.Lock()
+        return lock
 
 
 def load_descriptor(registry: ModelRegistry, kind: str, name: str, half: bool, purposes: tuple[str, ...], what: str) -> Any:

@@ -22,7 +22,7 @@ from tilechain.v1 import stage_pb2, tiles_pb2
 from .config import FAMILIES, Settings
 from .models import ModelRegistry
 from .params import Param, ParamError, dict_to_struct, struct_to_dict, validate_params
-from .tiles import Rect
+from .tiles import Rect, plan_windows
 
 Canvas = tiles_pb2.Canvas
 IMAGE = tiles_pb2.CANVAS_ROLE_IMAGE
@@ -107,11 +107,12 @@ class Stage:
     max_tile: ClassVar[int] = 512          # processing tile edge in output pixels; 0 = whole canvas
     overlap: ClassVar[int] = 0             # output pixels shared by neighbouring processing tiles
     order: ClassVar[str] = "grid"          # or "spiral"
-    needs_whole_canvas: ClassVar[bool] = False
+    needs_whole_canvas: bool = False      # a class default; a stage may decide per request (source-noise)
     attachments: ClassVar[tuple[str, ...]] = ()           # roles a caller may attach: "image", "mask", "control"
     required_attachments: ClassVar[tuple[str, ...]] = ()
     size_params: ClassVar[tuple[str, ...]] = ()           # params that set the output size
-    keeps_output: ClassVar[bool] = False    # the engine hands finished canvases to finish()
+    keeps_output: ClassVar[bool] = False    # the engine hands each sent output tile to keep_tile(), then calls finish_output()
+    streams: ClassVar[bool] = False         # takes its input tiles one by one (stream_open/stream_tile) instead of processing tiles
     makes_latents: ClassVar[bool] = False   # can emit its images as latents (see emits_latent)
     takes_latents: ClassVar[bool] = False   # can start from latents instead of pixels (accepts_latent)
     # Python modules the stage's work imports (lazily): a slim install without the `models`
@@ -123,6 +124,7 @@ class Stage:
         self.p = dict(values)
         self.context = context
         self.latent_output = latent_output  # emit latent canvases (the gateway asked; see emits_latent)
+        self._kept: dict[int, np.ndarray] = {}  # keeps_output: output canvas id -> pixels so far
 
     @property
     def label(self) -> str:
@@ -131,9 +133,11 @@ class Stage:
     # --- description ---------------------------------------------------------------------
 
     @classmethod
-    def prepare(cls) -> None:
-        """Called once when a service starts, before it reports SERVING: import what the
-        stage's requests need, so that the first Plan does not spend its deadline importing."""
+    def preload(cls, models: ModelRegistry, name: str) -> bool:
+        """Load model `name` as a request of this stage would (same cache), if this stage takes
+        it; called at service start-up for the models in the preload list. True if it loaded
+        (or had loaded) it; False if the stage does not take such a model."""
+        return False
 
     @classmethod
     def unavailable(cls) -> str:
@@ -253,6 +257,10 @@ class Stage:
     def tile_size(self) -> int:
         return 0 if self.needs_whole_canvas else self.max_tile
 
+    def windows(self, output: Canvas, overlap: int) -> list[Rect]:
+        """The processing tiles of an output canvas, in the order they should run."""
+        return plan_windows(output.width, output.height, self.tile_size(), overlap, self.order)
+
     def input_rect(self, window: Rect, name: str, source: Canvas, output: Canvas) -> Rect:
         """The rect of source that the output window is computed from, including any context
         (halo) the operator reads around it; the engine clamps it to the source."""
@@ -272,6 +280,21 @@ class Stage:
         """Whole-canvas stages: the output canvas from whole source canvases."""
         raise NotImplementedError
 
+    def keep_tile(self, output: OutputPlan, rect: Rect, pixels: np.ndarray) -> None:
+        """keeps_output stages: each output transport tile as it is sent. By default the tiles
+        are collected into the canvas that finish() gets, which the stage is then the only
+        holder of; a stage that can write as tiles come (a streaming encoder) overrides this
+        and finish_output."""
+        canvas = self._kept.get(output.canvas.id)
+        if canvas is None:
+            height, width, chans = output.canvas.height, output.canvas.width, pixels.shape[2]
+            canvas = self._kept[output.canvas.id] = np.zeros((height, width, chans), dtype=pixels.dtype)
+        canvas[rect.slices] = pixels
+
+    def finish_output(self, output: OutputPlan) -> list[stage_pb2.Artifact]:
+        """keeps_output stages: called once every tile of an output has been sent."""
+        return self.finish(output, self._kept.pop(output.canvas.id))
+
     def finish(self, output: OutputPlan, pixels: np.ndarray) -> list[stage_pb2.Artifact]:
         """keeps_output stages: called with each finished output canvas."""
         return []
@@ -287,6 +310,21 @@ class Stage:
     @classmethod
     def start_up(cls, settings: Settings) -> None:
         """Called once when a service starts (e.g. to clean what a dead predecessor left)."""
+
+    # --- streaming stages ---------------------------------------------------------------------
+
+    def stream_open(self, output: OutputPlan) -> Any:
+        """Streaming stages: the state of one output, before any tile."""
+        raise NotImplementedError
+
+    def stream_tile(self, state: Any, output: OutputPlan, name: str, rect: Rect, pixels: np.ndarray) -> list[tuple[Rect, np.ndarray]]:
+        """Streaming stages: take one input tile of source `name` (in any partition and
+        order); return the output regions it finished, each (rect, pixels), never overlapping."""
+        raise NotImplementedError
+
+    def stream_held_bytes(self, state: Any) -> int:
+        """Streaming stages: the bytes of input the state holds (for ServiceStats)."""
+        return 0
 
 
 @functools.cache

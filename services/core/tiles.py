@@ -1,5 +1,5 @@
-"""Geometry of canvases and tiles: rectangles, processing-tile layouts, feather weights and the
-buffer that collects transport tiles as they arrive."""
+"""Geometry of canvases and tiles: rectangles, processing-tile layouts, feather weights, the
+transport grid. (How the engine keeps the tiles it receives is in engine.py.)"""
 
 from __future__ import annotations
 
@@ -135,40 +135,3 @@ def transport_grid(width: int, height: int, edge: int) -> list[Rect]:
 
 class TileError(ValueError):
     """A transport tile that does not fit its canvas."""
-
-
-class CanvasBuffer:
-    """Pixels (or latents) of one canvas, filled by transport tiles in any partition and order."""
-
-    def __init__(self, width: int, height: int, channels: int, dtype: np.dtype = np.dtype(np.uint8)) -> None:
-        self.width, self.height, self.channels = width, height, channels
-        self.dtype = np.dtype(dtype)
-        self.pixels = np.zeros((height, width, channels), dtype=self.dtype)
-        self._covered = np.zeros((height, width), dtype=bool)
-        self._covered_count = 0
-
-    @property
-    def complete(self) -> bool:
-        return self._covered_count == self.width * self.height
-
-    def add(self, rect: Rect, data: bytes) -> None:
-        if rect.width == 0 or rect.height == 0 or rect.x1 > self.width or rect.y1 > self.height:
-            raise TileError(
-                f"tile {rect.width}x{rect.height} at ({rect.x},{rect.y}) lies outside the "
-                f"{self.width}x{self.height} canvas"
-            )
-        expected = rect.area * self.channels * self.dtype.itemsize
-        if len(data) != expected:
-            raise TileError(
-                f"tile {rect.width}x{rect.height} at ({rect.x},{rect.y}) has {len(data)} bytes, "
-                f"expected {expected} ({self.channels} channels of {self.dtype.itemsize} byte(s))"
-            )
-        covered = self._covered[rect.slices]
-        if covered.any():
-            raise TileError(f"tile at ({rect.x},{rect.y}) overlaps a tile already received")
-        self.pixels[rect.slices] = np.frombuffer(data, dtype=self.dtype).reshape(rect.height, rect.width, self.channels)
-        covered[...] = True
-        self._covered_count += rect.area
-
-    def covers(self, rect: Rect) -> bool:
-        return bool(self._covered[rect.slices].all())

@@ -224,13 +224,15 @@ class FinishResult(_message.Message):
     def __init__(self, artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
-    __slots__ = ("wait_idle",)
+    __slots__ = ("wait_idle", "reset_peaks")
     WAIT_IDLE_FIELD_NUMBER: _ClassVar[int]
+    RESET_PEAKS_FIELD_NUMBER: _ClassVar[int]
     wait_idle: bool
-    def __init__(self, wait_idle: _Optional[bool] = ...) -> None: ...
+    reset_peaks: bool
+    def __init__(self, wait_idle: _Optional[bool] = ..., reset_peaks: _Optional[bool] = ...) -> None: ...
 
 class ServiceStats(_message.Message):
-    __slots__ = ("active_streams", "streams_started", "streams_finished", "streams_cancelled", "streams_failed", "tiles_processed", "steps_run", "vae_decodes", "vae_encodes", "peak_active_streams")
+    __slots__ = ("active_streams", "streams_started", "streams_finished", "streams_cancelled", "streams_failed", "tiles_processed", "steps_run", "vae_decodes", "vae_encodes", "peak_active_streams", "peak_input_bytes", "peak_output_bytes", "peak_ready_tiles")
     ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
     STREAMS_STARTED_FIELD_NUMBER: _ClassVar[int]
     STREAMS_FINISHED_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +243,9 @@ class ServiceStats(_message.Message):
     VAE_DECODES_FIELD_NUMBER: _ClassVar[int]
     VAE_ENCODES_FIELD_NUMBER: _ClassVar[int]
     PEAK_ACTIVE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    PEAK_INPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_OUTPUT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PEAK_READY_TILES_FIELD_NUMBER: _ClassVar[int]
     active_streams: int
     streams_started: int
     streams_finished: int
@@ -251,4 +256,7 @@ class ServiceStats(_message.Message):
     vae_decodes: int
     vae_encodes: int
     peak_active_streams: int
-    def __init__(self, active_streams: _Optional[int] = ..., streams_started: _Optional[int] = ..., streams_finished: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_failed: _Optional[int] = ..., tiles_processed: _Optional[int] = ..., steps_run: _Optional[int] = ..., vae_decodes: _Optional[int] = ..., vae_encodes: _Optional[int] = ..., peak_active_streams: _Optional[int] = ...) -> None: ...
+    peak_input_bytes: int
+    peak_output_bytes: int
+    peak_ready_tiles: int
+    def __init__(self, active_streams: _Optional[int] = ..., streams_started: _Optional[int] = ..., streams_finished: _Optional[int] = ..., streams_cancelled: _Optional[int] = ..., streams_failed: _Optional[int] = ..., tiles_processed: _Optional[int] = ..., steps_run: _Optional[int] = ..., vae_decodes: _Optional[int] = ..., vae_encodes: _Optional[int] = ..., peak_active_streams: _Optional[int] = ..., peak_input_bytes: _Optional[int] = ..., peak_output_bytes: _Optional[int] = ..., peak_ready_tiles: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,158 @@
+"""The engine's memory model, in-process: input kept only while a processing tile reads it,
+output pixels only for tiles not yet sent, streaming stages, per-tile noise, backpressure, and
+tiles on the wire. Results stay exactly what the untiled computation gives."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from tilechain.services.core.codecs import tile_message
+from tilechain.services.core.engine import MAX_READY, TileEngine, plan_outputs
+from tilechain.services.core.resample import FILTERS, StreamingResize, resize
+from tilechain.services.core.tiles import Rect, transport_grid
+from tilechain.services.core.wire import TileView, encode_tile, is_tile_message, parse_stage_input, parse_tile_message
+from tilechain.services.source import noise
+from tilechain.v1 import stage_pb2, tiles_pb2
+
+from .engine_harness import canvas, make_stage, random_partition, run_stage
+
+RNG = np.random.default_rng(11)
+
+
+def run_engine(stage, inputs, pixels, rects, transport_tile=64):
+    """run_stage, also returning the engine (for its memory counters)."""
+    engines: list[TileEngine] = []
+    out, _ = run_stage(stage, inputs, pixels, rects, transport_tile=transport_tile, engines=engines)
+    return out, engines[0]
+
+
+def test_a_tile_local_stage_holds_a_band_of_input_not_the_canvas() -> None:
+    pixels = RNG.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    stage = make_stage("upscale-simple", {"method": "lanczos", "scale": 2}, max_tile=128)
+    out, engine = run_engine(stage, [canvas(512, 512)], {0: pixels}, {0: transport_grid(512, 512, 32)}, transport_tile=64)
+    assert np.array_equal(out[0], resize(pixels, 1024, 1024, "lanczos"))
+    canvas_bytes = pixels.nbytes
+    # a processing tile reads 64 input rows plus the halo: a few rows of 32-px input tiles
+    assert 0 < engine.peak_input < canvas_bytes / 3
+    assert engine.held_input == 0 and engine.held_output == 0  # everything let go at the end
+    # windows of 128 output px fill 64-px transport tiles whole: sent straight from the result
+    assert engine.peak_output == 0
+
+
+def test_blending_keeps_sums_only_for_tiles_not_yet_sent() -> None:
+    pixels = RNG.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    tiled = make_stage("upscale-simple", {"method": "bicubic", "scale": 2}, max_tile=96, overlap=24)
+    out, engine = run_engine(tiled, [canvas(256, 256)], {0: pixels}, {0: transport_grid(256, 256, 32)}, transport_tile=32)
+    whole = make_stage("upscale-simple", {"method": "bicubic", "scale": 2}, max_tile=0)
+    reference, _ = run_stage(whole, [canvas(256, 256)], {0: pixels}, {0: transport_grid(256, 256, 32)})
+    assert np.array_equal(out[0], reference[0])
+    # a float32 sum and weight per pixel would be 512² x 16 bytes; only a band of tiles is open
+    assert 0 < engine.peak_output < 512 * 512 * 16 / 4
+    assert engine.held_output == 0
+
+
+@pytest.mark.parametrize("method", list(FILTERS))
+def test_streaming_thumbnail_is_exact_for_any_partition_and_order(method: str) -> None:
+    pixels = RNG.integers(0, 256, (300, 410, 3), dtype=np.uint8)
+    rects = random_partition(410, 300, np.random.default_rng(5))
+    np.random.default_rng(6).shuffle(rects)
+    stage = make_stage("reduce-thumbnail", {"width": 97, "height": 97, "method": method})
+    out, engine = run_engine(stage, [canvas(410, 300)], {0: pixels}, {0: rects}, transport_tile=32)
+    assert np.array_equal(out[0], resize(pixels, 97, 71, method))
+    assert engine.held_input == 0
+
+
+def test_streaming_thumbnail_holds_a_few_tiles_of_a_row_major_stream() -> None:
+    edge = 2048
+    resizer = StreamingResize(edge, edge, 3, 256, 256, "lanczos")
+    tile = RNG.integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    peak = rows = 0
+    for rect in transport_grid(edge, edge, 128):
+        for band, pixels in resizer.add(rect, tile[: rect.height, : rect.width]):
+            rows += band.height
+            assert pixels.shape == (band.height, 256, 3)
+        peak = max(peak, resizer.held_bytes)
+    assert rows == 256 and resizer.held_bytes == 0
+    assert peak < edge * edge * 3 / 16  # a few input tiles and some hundred reduced rows
+
+
+@pytest.mark.parametrize("method", ["uniform", "gaussian"])
+def test_noise_made_per_tile_is_the_whole_canvas_noise(method: str) -> None:
+    stage = make_stage("source-noise", {"method": method, "width": 200, "height": 150, "seed": 9, "count": 2})
+    out, engine = run_engine(stage, [], {}, {}, transport_tile=64)
+    for index in (0, 1):
+        assert np.array_equal(out[index], noise(method, 200, 150, 9 + index))
+    assert not stage.needs_whole_canvas and engine.peak_input == 0
+
+
+def test_the_engine_stops_reading_while_its_output_is_not_taken() -> None:
+    """Backpressure: the consumer takes one output tile and stops; the engine then reads only
+    until MAX_READY processing tiles wait with their input, not the rest of the stream."""
+    pixels = RNG.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    rects = transport_grid(256, 256, 16)  # 256 input tiles
+    stage = make_stage("reduce-crop", {"width": 256, "height": 256}, max_tile=16)
+    source = canvas(256, 256)
+    pulled = 0
+
+    async def feed():
+        nonlocal pulled
+        for rect in rects:
+            pulled += 1
+            yield stage_pb2.StageInput(tile=tile_message(0, rect, pixels))
+        yield stage_pb2.StageInput(end=stage_pb2.InputEnd())
+
+    async def main() -> tuple[int, int]:
+        engine = TileEngine(stage, [source], plan_outputs(stage, [source], stage.context.settings), 16)
+        output = engine.run(feed())
+        async for message in output:
+            if message.WhichOneof("kind") == "tile":
+                break
+        for _ in range(5 * len(rects)):  # give the reader every chance to run ahead
+            await asyncio.sleep(0)
+        held = pulled
+        async for _ in output:  # then take everything: the rest flows
+            pass
+        return held, len(engine.ready)
+
+    held, left = asyncio.run(main())
+    # MAX_READY waiting tiles, one more read before the reader checks, the one being sent
+    assert held <= MAX_READY + 2 < len(rects) // 8, f"read {held} of {len(rects)} input tiles while its output waited"
+    assert pulled == len(rects) and left == 0
+
+
+def test_a_tile_crosses_the_wire_as_the_protobuf_message() -> None:
+    pixels = RNG.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    rect = Rect(9, 0, 7, 5)
+    data = encode_tile(3, rect, pixels[:, :, :])
+    as_output = stage_pb2.StageOutput.FromString(data)
+    assert as_output.WhichOneof("kind") == "tile"
+    assert (as_output.tile.canvas_id, as_output.tile.x, as_output.tile.y, as_output.tile.width, as_output.tile.height) == (3, 9, 0, 7, 5)
+    assert as_output.tile.pixels == pixels.tobytes()
+    assert stage_pb2.StageInput.FromString(data).tile == as_output.tile  # the same bytes as a StageInput
+    assert is_tile_message(data)
+    view = parse_stage_input(data)
+    assert isinstance(view, TileView) and view.rect == rect and bytes(view.pixels) == pixels.tobytes()
+    # what protobuf writes parses the same way; a non-contiguous array encodes its values
+    tile = tiles_pb2.Tile(canvas_id=1, x=2, y=3, width=2, height=1, pixels=b"abcdef")
+    serialized = stage_pb2.StageInput(tile=tile).SerializeToString()
+    assert parse_tile_message(serialized).to_proto() == tile
+    strided = pixels[:, ::2]
+    assert stage_pb2.StageOutput.FromString(encode_tile(0, Rect(0, 0, 4, 5), strided)).tile.pixels == strided.tobytes()
+
+
+def test_other_messages_are_parsed_by_protobuf() -> None:
+    start = stage_pb2.StageInput(start=stage_pb2.StageStart(name="s", type="reduce-crop"))
+    end = stage_pb2.StageInput(end=stage_pb2.InputEnd())
+    for message in (start, end):
+        data = message.SerializeToString()
+        assert not is_tile_message(data)
+        assert parse_stage_input(data) == message
+    # a tile message with a field this reader does not know goes to protobuf, which keeps it
+    tile = stage_pb2.StageInput(tile=tiles_pb2.Tile(width=1, height=1, pixels=b"xyz")).SerializeToString()
+    assert parse_tile_message(tile) is not None
+    unknown = b"\x12" + bytes([tile[1] + 2]) + tile[2:] + b"\x38\x01"  # field 7 = 1 inside the tile
+    assert parse_tile_message(unknown) is None
+    assert parse_stage_input(unknown).tile.pixels == b"xyz"

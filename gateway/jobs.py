@@ -37,6 +37,9 @@ class Job:
         self.status = gateway_pb2.JobStatus(
             job_id=job_id, state=gateway_pb2.JOB_STATE_QUEUED, stages_total=len(stages)
         )
+        self.status.stages.total = len(stages)
+        # each stage's latest progress by unit ("steps", "tiles"): the summary adds them up
+        self.progress: dict[tuple[int, str], tuple[int, int]] = {}
         self.history: list[gateway_pb2.JobEvent] = []  # every event but tiles, for late watchers
         self.watchers: set[asyncio.Queue[gateway_pb2.JobEvent]] = set()
         self.task: asyncio.Task[None] | None = None
@@ -81,8 +84,10 @@ class Job:
     async def _run(self) -> None:
         self.status.state = gateway_pb2.JOB_STATE_RUNNING
         try:
+            await self._emit_notices()
             await self._pipe()
             self.status.state = gateway_pb2.JOB_STATE_SUCCEEDED
+            self.status.stages.current = self.status.stages.total
         except asyncio.CancelledError:
             self.status.state = gateway_pb2.JOB_STATE_CANCELLED
             self.status.code = grpc.StatusCode.CANCELLED.value[0]
@@ -97,6 +102,22 @@ class Job:
         final.status.CopyFrom(self.status)
         # the final event must reach watchers even if this task was cancelled
         await asyncio.shield(self.emit(final))
+
+    async def _emit_notices(self) -> None:
+        """What planning found to tell (onnx-web params without effect), before any stage runs."""
+        for stage in self.stages:
+            for message in stage.notices:
+                event = gateway_pb2.JobEvent()
+                event.notice.CopyFrom(gateway_pb2.NoticeEvent(stage_index=stage.index, name=stage.name, message=message))
+                await self.emit(event)
+
+    def _count(self, stage_index: int, progress: stage_pb2.Progress) -> None:
+        """Keep onnx-web's summary (JobStatus stages/steps/tiles) current."""
+        self.progress[(stage_index, progress.unit)] = (progress.done, progress.total)
+        for unit, counter in (("steps", self.status.steps), ("tiles", self.status.tiles)):
+            counts = [v for (_, u), v in self.progress.items() if u == unit]
+            counter.current = sum(done for done, _ in counts)
+            counter.total = sum(total for _, total in counts)
 
     def _fail(self, code: grpc.StatusCode, message: str) -> None:
         self.status.state = gateway_pb2.JOB_STATE_FAILED
@@ -166,6 +187,7 @@ class Job:
                     canvases[out.canvas.id] = out.canvas
                     continue
                 elif kind == "progress":
+                    self._count(stage.index, out.progress)
                     event.progress.CopyFrom(gateway_pb2.StageProgress(stage_index=stage.index, name=stage.name, progress=out.progress))
                 elif kind == "artifact":
                     self.status.artifacts.append(out.artifact)
@@ -174,6 +196,7 @@ class Job:
                     event.notice.CopyFrom(gateway_pb2.NoticeEvent(stage_index=stage.index, name=stage.name, message=out.notice.message))
                 elif kind == "done":
                     self.status.stages_done += 1
+                    self.status.stages.current = self.status.stages_done
                     event.stage.CopyFrom(
                         gateway_pb2.StageEvent(kind=gateway_pb2.StageEvent.KIND_FINISHED, stage_index=stage.index, name=stage.name, type=stage.type)
                     )

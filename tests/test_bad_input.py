@@ -148,12 +148,13 @@ def test_attached_image_over_the_limit(gateway) -> None:
     assert "stage 'load' (source-image): attached image is 2100x2100" in error.details()
 
 
-def test_attachment_for_a_missing_stage_or_a_stage_that_takes_none(gateway) -> None:
+def test_attachment_for_a_missing_stage(gateway) -> None:
+    """(An image attached to a stage that takes none joins its inputs: tests/test_attach.py.)"""
     error = rpc_error(gateway, chain_request(chain(), [("nowhere", "image", png())]))
-    assert "no stage named 'nowhere'" in error.details()
-    error = rpc_error(gateway, chain_request(chain({"name": "up", "type": "upscale-simple"}), [("up", "image", png())]))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "stage 'up' (upscale-simple): takes no attached image" in error.details()
+    assert "no stage named 'nowhere'" in error.details()
+    error = rpc_error(gateway, chain_request(chain(), [("source:nowhere", "", png())]))
+    assert "no stage named 'nowhere'" in error.details()
 
 
 def test_mask_size_mismatch(gateway) -> None:

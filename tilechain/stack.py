@@ -1,5 +1,6 @@
 """Starting and stopping the local stack: the six stage services, the gateway and Envoy in front
-of it, each its own process, on loopback. Used by `make up`/`make down` (via the CLI) and by the tests."""
+of it, and the S3 server beside them, each its own process, on loopback. Used by `make up`/`make
+down` (via the CLI) and by the tests."""
 
 from __future__ import annotations
 
@@ -17,9 +18,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tilechain.services.core.config import FAMILIES, address_env, default_address
 
 COMPONENTS: tuple[str, ...] = (*FAMILIES, "gateway", "envoy")
+# servers the local stack runs beside tilechain's own (on Kubernetes they are external): the S3
+# server (SeaweedFS) that persist-s3 and source-s3 use by default
+BACKING: tuple[str, ...] = ("s3",)
+LOCAL_STACK: tuple[str, ...] = (*BACKING, *COMPONENTS)
 
 
 def command(component: str, python: str = sys.executable) -> list[str]:
+    if component == "s3":
+        return [python, "-m", "tilechain.s3server"]
     if component == "gateway":
         return [python, "-m", "tilechain.cli", "gateway"]
     if component == "envoy":
@@ -39,9 +46,17 @@ class Stack:
         env = dict(os.environ)
         env.update({address_env(c): a for c, a in self.addresses.items()})
         env.update(extra or {})
+        if "s3" in self.addresses and not env.get("TILECHAIN_S3_ENDPOINT"):
+            # the local S3 server is the services' default endpoint, with its credentials
+            from tilechain import s3server
+
+            access, secret = s3server.credentials(env)
+            env.update(TILECHAIN_S3_ENDPOINT=f"http://{self.addresses['s3']}", AWS_ACCESS_KEY_ID=access, AWS_SECRET_ACCESS_KEY=secret)
+            env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         return env
 
     def start(self, components: tuple[str, ...] = COMPONENTS, extra_env: dict[str, str] | None = None, detach: bool = False) -> None:
+        self.extra_env = dict(extra_env or {})
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for component in components:
             log = open(self.log_dir / f"{component}.log", "ab")
@@ -58,6 +73,9 @@ class Stack:
         Envoy passes gRPC through to the gateway: its check is the gateway's, answered via Envoy."""
         process = self.processes.get(component)
         deadline = time.monotonic() + timeout
+        if component in BACKING:
+            self._wait_backing(component, process, deadline, timeout)
+            return
         with grpc.insecure_channel(self.addresses[component]) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
@@ -71,6 +89,18 @@ class Stack:
                         return
                 except grpc.RpcError:
                     pass  # not listening yet: the next attempt waits for it again
+
+    def _wait_backing(self, component: str, process: subprocess.Popen | None, deadline: float, timeout: float) -> None:
+        """Poll a server that has no gRPC health check (it has no event to wait on)."""
+        from tilechain import s3server
+
+        env = self.env(getattr(self, "extra_env", None))
+        while not s3server.ready(self.addresses[component], env):
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{component} exited with {process.returncode}; see {self.log_dir / (component + '.log')}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{component} at {self.addresses[component]} not ready after {timeout:.0f}s")
+            time.sleep(0.2)
 
     def stop(self, component: str | None = None, timeout: float = 30.0) -> None:
         names = [component] if component else list(self.processes)
@@ -87,17 +117,17 @@ class Stack:
 
 
 def default_addresses() -> dict[str, str]:
-    return {c: default_address(c) for c in COMPONENTS}
+    return {c: default_address(c) for c in LOCAL_STACK}
 
 
 def up(run_dir: Path, log_dir: Path) -> Stack:
     """Start the stack in the background (it outlives this process), writing pid files."""
     stack = Stack(default_addresses(), log_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    stale = [c for c in COMPONENTS if (run_dir / f"{c}.pid").exists()]
+    stale = [c for c in LOCAL_STACK if (run_dir / f"{c}.pid").exists()]
     if stale:
         down(run_dir)
-    stack.start(detach=True)
+    stack.start(LOCAL_STACK, detach=True)
     for component, process in stack.processes.items():
         (run_dir / f"{component}.pid").write_text(str(process.pid))
     return stack

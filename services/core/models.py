@@ -38,14 +38,30 @@ class ModelRegistry:
     def __init__(self, config: Path | None, models_root: Path) -> None:
         self.models_root = models_root.resolve()
         self.entries: dict[str, dict[str, ModelEntry]] = {kind: {} for kind in KINDS}
+        # other names of an entry (`aliases: [...]`), e.g. onnx-web's model names: name -> entry name
+        self.aliases: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
         if config is not None and config.exists():
             document = yaml.safe_load(config.read_text()) or {}
             for kind in KINDS:
                 for name, spec in (document.get(kind) or {}).items():
                     self.entries[kind][name] = self._entry(name, kind, spec or {})
+                    for alias in self._aliases(kind, name, (spec or {}).get("aliases", [])):
+                        self.aliases[kind][alias] = name
+            for kind in KINDS:
+                clash = set(self.aliases[kind]) & set(self.entries[kind])
+                if clash:
+                    raise ValueError(f"models.yaml: {kind}: {sorted(clash)} is both a model and another model's alias")
+
+    def _aliases(self, kind: str, name: str, aliases: Any) -> list[str]:
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            raise ValueError(f"models.yaml: {kind}.{name}: aliases must be a list of names")
+        for alias in aliases:
+            if alias in self.aliases[kind]:
+                raise ValueError(f"models.yaml: {kind}: alias {alias!r} names both {self.aliases[kind][alias]} and {name}")
+        return aliases
 
     def _entry(self, name: str, kind: str, spec: dict[str, Any]) -> ModelEntry:
-        options = {k: v for k, v in spec.items() if k not in ("path", "hub")}
+        options = {k: v for k, v in spec.items() if k not in ("path", "hub", "aliases")}
         if "builtin" in spec:  # a resource a package ships (e.g. OpenCV's cascades)
             return ModelEntry(name, kind, None, None, options)
         if "path" in spec:
@@ -62,6 +78,8 @@ class ModelRegistry:
         """A model by its models.yaml name, or a file or folder under the models root."""
         if value in self.entries[kind]:
             return self.entries[kind][value]
+        if value in self.aliases[kind]:
+            return self.entries[kind][self.aliases[kind][value]]
         path = Path(value)
         resolved = (path if path.is_absolute() else self.models_root / path).resolve()
         if not resolved.is_relative_to(self.models_root):

@@ -59,7 +59,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     async def Plan(self, request: stage_pb2.StageStart, context: grpc.aio.ServicerContext) -> stage_pb2.PlanResult:
         try:
             stage = self._create(request, Context(request.job_id, self.settings, self.models))
-            outputs = plan_outputs(stage, list(request.inputs), self.settings)
+            # in a thread: some plans ask the network (an S3 bucket, a URL's image header)
+            outputs = await asyncio.to_thread(plan_outputs, stage, list(request.inputs), self.settings)
         except ParamError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, param_message(request.name, request.type, exc))
         except StageError as exc:
@@ -97,7 +98,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             start = first.start
             run_context.job_id = start.job_id
             stage = self._create(start, run_context)
-            outputs = plan_outputs(stage, list(start.inputs), self.settings)
+            outputs = await asyncio.to_thread(plan_outputs, stage, list(start.inputs), self.settings)
             engine = TileEngine(stage, list(start.inputs), outputs, start.transport_tile or self.settings.transport_tile)
             log.info("job %s: %s started", start.job_id, stage_label(start.name, start.type))
             try:

@@ -1,3 +1,4 @@
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from tilechain.v1 import stage_pb2 as _stage_pb2
 from tilechain.v1 import tiles_pb2 as _tiles_pb2
@@ -45,10 +46,14 @@ class ChainStage(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Chain(_message.Message):
-    __slots__ = ("stages",)
+    __slots__ = ("stages", "defaults", "platform")
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
     stages: _containers.RepeatedCompositeFieldContainer[ChainStage]
-    def __init__(self, stages: _Optional[_Iterable[_Union[ChainStage, _Mapping]]] = ...) -> None: ...
+    defaults: _struct_pb2.Struct
+    platform: str
+    def __init__(self, stages: _Optional[_Iterable[_Union[ChainStage, _Mapping]]] = ..., defaults: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., platform: _Optional[str] = ...) -> None: ...
 
 class Attachment(_message.Message):
     __slots__ = ("stage", "role", "data")
@@ -61,20 +66,26 @@ class Attachment(_message.Message):
     def __init__(self, stage: _Optional[str] = ..., role: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ChainRequest(_message.Message):
-    __slots__ = ("chain", "chain_json", "attachments", "return_tiles", "transport_tile", "decode_between_stages")
+    __slots__ = ("chain", "chain_json", "attachments", "return_tiles", "transport_tile", "decode_between_stages", "stages", "defaults", "platform")
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     CHAIN_JSON_FIELD_NUMBER: _ClassVar[int]
     ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_TILES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_TILE_FIELD_NUMBER: _ClassVar[int]
     DECODE_BETWEEN_STAGES_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
     chain: Chain
     chain_json: str
     attachments: _containers.RepeatedCompositeFieldContainer[Attachment]
     return_tiles: TileReturn
     transport_tile: int
     decode_between_stages: bool
-    def __init__(self, chain: _Optional[_Union[Chain, _Mapping]] = ..., chain_json: _Optional[str] = ..., attachments: _Optional[_Iterable[_Union[Attachment, _Mapping]]] = ..., return_tiles: _Optional[_Union[TileReturn, str]] = ..., transport_tile: _Optional[int] = ..., decode_between_stages: _Optional[bool] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[ChainStage]
+    defaults: _struct_pb2.Struct
+    platform: str
+    def __init__(self, chain: _Optional[_Union[Chain, _Mapping]] = ..., chain_json: _Optional[str] = ..., attachments: _Optional[_Iterable[_Union[Attachment, _Mapping]]] = ..., return_tiles: _Optional[_Union[TileReturn, str]] = ..., transport_tile: _Optional[int] = ..., decode_between_stages: _Optional[bool] = ..., stages: _Optional[_Iterable[_Union[ChainStage, _Mapping]]] = ..., defaults: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., platform: _Optional[str] = ...) -> None: ...
 
 class JobRef(_message.Message):
     __slots__ = ("job_id",)
@@ -83,7 +94,7 @@ class JobRef(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "state", "code", "message", "artifacts", "stages_total", "stages_done")
+    __slots__ = ("job_id", "state", "code", "message", "artifacts", "stages_total", "stages_done", "stages", "steps", "tiles")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +102,9 @@ class JobStatus(_message.Message):
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     STAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     STAGES_DONE_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TILES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     code: int
@@ -98,7 +112,18 @@ class JobStatus(_message.Message):
     artifacts: _containers.RepeatedCompositeFieldContainer[_stage_pb2.Artifact]
     stages_total: int
     stages_done: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_stage_pb2.Artifact, _Mapping]]] = ..., stages_total: _Optional[int] = ..., stages_done: _Optional[int] = ...) -> None: ...
+    stages: ProgressCount
+    steps: ProgressCount
+    tiles: ProgressCount
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_stage_pb2.Artifact, _Mapping]]] = ..., stages_total: _Optional[int] = ..., stages_done: _Optional[int] = ..., stages: _Optional[_Union[ProgressCount, _Mapping]] = ..., steps: _Optional[_Union[ProgressCount, _Mapping]] = ..., tiles: _Optional[_Union[ProgressCount, _Mapping]] = ...) -> None: ...
+
+class ProgressCount(_message.Message):
+    __slots__ = ("current", "total")
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    current: int
+    total: int
+    def __init__(self, current: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class StageEvent(_message.Message):
     __slots__ = ("kind", "stage_index", "name", "type", "outputs")

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class GatewayStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every method is also served as JSON over HTTP by Envoy's transcoder: at its REST route below
+    and, as before, at POST /tilechain.v1.Gateway/<Method> (the additional binding).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -67,7 +69,9 @@ class GatewayStub:
 
 
 class GatewayServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every method is also served as JSON over HTTP by Envoy's transcoder: at its REST route below
+    and, as before, at POST /tilechain.v1.Gateway/<Method> (the additional binding).
+    """
 
     def RunChain(self, request, context):
         """Validates, plans and runs a chain, streaming its events until it ends.
@@ -78,7 +82,8 @@ class GatewayServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SubmitChain(self, request, context):
-        """Validates and starts a chain in the background; returns its job id.
+        """Validates and starts a chain in the background; returns its job id. The REST body is the
+        request itself, so an onnx-web chain document ({"stages", "defaults", "platform"}) is one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -152,7 +157,9 @@ def add_GatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Gateway:
-    """Missing associated documentation comment in .proto file."""
+    """Every method is also served as JSON over HTTP by Envoy's transcoder: at its REST route below
+    and, as before, at POST /tilechain.v1.Gateway/<Method> (the additional binding).
+    """
 
     @staticmethod
     def RunChain(request,

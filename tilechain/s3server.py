@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -33,6 +34,7 @@ ACCESS_ENV, SECRET_ENV = "TILECHAIN_S3_ACCESS_KEY", "TILECHAIN_S3_SECRET_KEY"
 DEFAULT_ACCESS, DEFAULT_SECRET = "tilechain", "tilechain-secret"
 DEFAULT_BUCKETS = "tilechain"
 VOLUME_MB = 64  # small volumes: a local stack holds test images, not terabytes
+STOP_SECONDS = 3.0
 
 
 def binary() -> str:
@@ -73,6 +75,7 @@ def command(address: str, data_dir: Path, config: Path) -> list[str]:
         f"-filer.port={ports['filer']}", f"-filer.port.grpc={free_port(local)}",
         "-s3", f"-s3.port={port}", f"-s3.port.grpc={free_port(local)}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-s3.config={config}", "-volume.max=0", f"-master.volumeSizeLimitMB={VOLUME_MB}",
+        "-volume.preStopSeconds=0",  # no load balancer to leave: stop at once
     ]
 
 
@@ -135,6 +138,12 @@ def main(argv: list[str] | None = None) -> None:
 
     def forward(signum: int, frame: object) -> None:
         child.send_signal(signum)
+        # weed's filer waits 15 s for its own S3 gateway's subscription before it forces its
+        # gRPC server down; a local stack's data is on disk by then (leveldb and the volume
+        # files are journaled), so it gets STOP_SECONDS
+        timer = threading.Timer(STOP_SECONDS, child.kill)
+        timer.daemon = True
+        timer.start()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
@@ -146,7 +155,6 @@ def main(argv: list[str] | None = None) -> None:
         child.terminate()
     code = child.wait()
     sys.exit(code if code >= 0 else 128 - code)
-
 
 if __name__ == "__main__":
     main()

@@ -138,6 +138,9 @@ class Rule:
     meaning: str             # what it is in tilechain, and where it has no effect (docs)
     apply: Apply
     order: int = 0           # applied after lower orders (overlap needs the tile)
+    # where the stage has a param of the same name, the rule still takes the values that do not
+    # fit its type (a boolean `upscale`, a fractional `overlap`); otherwise those are refused
+    other_forms: bool = False
 
 
 # --- the ways a param maps ------------------------------------------------------------------
@@ -362,7 +365,7 @@ RULES: tuple[Rule, ...] = (
     Rule("tiles", ("unet_overlap",), "`overlap`: a fraction (0.25) times the tile in pixels, or pixels; notice when the tile is not a number", overlap, order=1),
     # tiling (StageParams)
     Rule("tiles", ("tiles", "tile_size"), "`tile` in pixels, from onnx-web's names (micro 64, mini 128, half 256, auto, hd1k 1024 ... hd64k 65536) or a number; `auto` is the model's native size (512 for SD 1.5, as onnx-web's); sizes past the stage's range use its largest (or smallest) tile, with a notice; notice on stages that pick their own processing tiles", tiles),
-    Rule("tiles", ("overlap",), "`overlap`: pixels, or a fraction of the tile (0.25); notice on stages without one", overlap, order=1),
+    Rule("tiles", ("overlap",), "`overlap`: pixels, or a fraction of the tile (0.25); notice on stages without one", overlap, order=1, other_forms=True),
     Rule("tiles", ("tile_order", "tileOrder"), "notice: each stage has its own order (spiral for diffusion, grid for the rest)", only("each stage has its own tile order (spiral for diffusion stages, grid for the others)")),
     # size (build_size)
     Rule("size", ("width", "height"), "`width`/`height` where the stage makes or cuts images (source-txt2img, source-noise, reduce-crop, reduce-thumbnail); notice elsewhere: the output size follows the input", same(absent="the stage's output size follows its input; it has no effect here")),
@@ -371,12 +374,12 @@ RULES: tuple[Rule, ...] = (
     Rule("border", ("left", "right", "top", "bottom"), "the same sides of upscale-outpaint (`left`/`top` are the corner of reduce-crop); notice elsewhere", same(absent="only upscale-outpaint adds a border (and reduce-crop has left/top); it has no effect here")),
     # upscale params (build_upscale)
     Rule("upscale", ("upscaling",), "`model` of upscale-* stages that run a model (onnx-web's upscaling model names are aliases in models.yaml); notice elsewhere", upscaling),
-    Rule("upscale", ("upscale",), "a boolean: notice (onnx-web's on/off switch for its upscaling step; in a chain the stage is the step); a string: the upscaling model (`model`) of upscale-* stages, as onnx-web's example pipelines use it", upscale),
+    Rule("upscale", ("upscale",), "a boolean: notice (onnx-web's on/off switch for its upscaling step; in a chain the stage is the step); a string: the upscaling model (`model`) of upscale-* stages, as onnx-web's example pipelines use it", upscale, other_forms=True),
     Rule("upscale", ("scale",), "upscale-simple: `scale`; spandrel upscalers: the final scale (`outscale`) unless outscale is given (the model's own factor comes from the model); the diffusion upscalers' own factor (x4, x2): a notice if it differs; notice elsewhere", scale),
     Rule("upscale", ("outscale",), "spandrel upscalers: `outscale`; upscale-simple: `scale` unless given; diffusion upscalers: a notice if it differs from their factor; notice elsewhere", scale),
     Rule("upscale", ("denoise",), "upscale-stable-diffusion: `noise_level` (0..1 times its 350; larger numbers as they are); notice elsewhere (no denoising-model blend)", denoise),
     Rule("upscale", ("correction",), "`model` of correct-gfpgan and correct-codeformer (onnx-web's names are aliases); notice elsewhere", correction),
-    Rule("upscale", ("faces",), "notice: faces are restored by correct-* stages in the chain", only("faces are restored by correct-gfpgan and correct-codeformer stages in the chain")),
+    Rule("upscale", ("faces",), "a boolean: notice (faces are restored by correct-* stages in the chain); a list on correct-*: their own `faces` (face boxes)", only("faces are restored by correct-gfpgan and correct-codeformer stages in the chain"), other_forms=True),
     Rule("upscale", ("faceOutscale",), "correct-*: `upscale` (enlarge before restoring faces); notice elsewhere", face_outscale),
     Rule("upscale", ("faceStrength",), "correct-gfpgan: `strength`; correct-codeformer: `fidelity` (CodeFormer's weight, as onnx-web passes it); notice elsewhere", face_strength),
     Rule("upscale", ("upscaleOrder",), "notice: the order of the stages in the chain is the order", only("the order of the stages in the chain is the order")),
@@ -421,8 +424,8 @@ def translate(stage_type: str, raw: Mapping[str, Any], spec: stage_pb2.StageSpec
         rule = RULE_FOR.get(name)
         if name in known:
             converted = coerce(known[name], value)
-            if rule is None or type_fits(known[name], converted):
-                stage.params[name] = converted
+            if rule is None or not rule.other_forms or type_fits(known[name], converted):
+                stage.params[name] = converted  # the schema check refuses a value that does not fit
                 continue
         if rule is None:
             stage.params[name] = value  # neither knows it: the catalog check refuses it

@@ -72,6 +72,17 @@ def test_unknown_names_are_left_for_the_schema_to_refuse() -> None:
     assert info.value.param == "sclae" and "unknown param" in info.value.message
 
 
+def test_a_stage_param_of_the_wrong_type_is_refused_not_noticed() -> None:
+    """onnx-web's spelling of a stage's own param: a value that does not fit is the stage's
+    error, unless onnx-web has another form of it (a boolean `upscale` or `faces`)."""
+    translated, notices = dialect.translate("upscale-simple", {"scale": "two"}, SPECS["upscale-simple"])
+    assert translated == {"scale": "two"} and not notices
+    with pytest.raises(ParamError, match="expected an integer"):
+        translate("upscale-simple", {"scale": "two"})
+    assert translate("correct-codeformer", {"faces": True})[0] == {}
+    assert translate("correct-codeformer", {"faces": [[0, 0, 64, 64]]})[0] == {"faces": [[0, 0, 64, 64]]}
+
+
 def test_tiles() -> None:
     assert translate("blend-img2img", {"tiles": "mini"})[0]["tile"] == 128
     assert translate("blend-img2img", {"tile_size": "256"})[0]["tile"] == 256

@@ -68,6 +68,7 @@ bench: setup
 	$(PY) bench/bench_upscale.py
 	$(PY) bench/bench_diffusion.py
 	$(PY) bench/bench_malloc.py
+	$(PY) bench/bench_s3.py
 
 clean: down
 	rm -rf $(VENV) var

@@ -4,6 +4,7 @@ chain's images with its own; it reads an input image only where its params say s
 from __future__ import annotations
 
 import secrets
+import time
 from typing import Any
 
 import grpc
@@ -146,6 +147,8 @@ class SourceTxt2Img(DiffusionStage):
 # --- images from elsewhere: S3 objects and URLs -----------------------------------------------
 
 HEADER_READS = (64 * 1024, 1024 * 1024)  # bytes read to find an image's size, then more if needed
+# the time planning may spend on reading headers: the gateway gives a stage's Plan 10 s
+PLAN_SECONDS = 8.0
 
 
 class RemoteSource(Stage):
@@ -162,10 +165,14 @@ class RemoteSource(Stage):
         raise NotImplementedError
 
     def read(self, param: str, location: str, first_bytes: int = 0) -> bytes:
-        """The image's bytes (the first first_bytes only, when given)."""
+        """The image's bytes (the first first_bytes only, when given, within plan_left())."""
         raise NotImplementedError
 
+    def plan_left(self) -> float:
+        return max(0.1, self.plan_deadline - time.monotonic())
+
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.plan_deadline = time.monotonic() + PLAN_SECONDS
         self.sources: dict[int, tuple[str, str]] = {}
         outputs = []
         for index, (param, location) in enumerate(self.locations()):
@@ -308,7 +315,7 @@ class SourceUrl(RemoteSource):
             return fetch(
                 location,
                 max_bytes=settings.source_max_bytes,
-                timeout=settings.source_timeout,
+                timeout=min(settings.source_timeout, self.plan_left()) if first_bytes else settings.source_timeout,
                 allow_networks=settings.source_allow_networks,
                 first_bytes=first_bytes,
             ).data

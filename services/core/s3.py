@@ -21,7 +21,7 @@ from .config import Settings
 from .params import ParamError
 from .stage import StageError
 
-CONNECT_SECONDS = 10.0
+CONNECT_SECONDS = 4.0  # planning asks S3 too (twice at most), and the gateway gives a Plan 10 s
 READ_SECONDS = 60.0
 
 
@@ -84,7 +84,7 @@ def client(settings: Settings, endpoint_url: str, profile_name: str = "", region
     config = botocore.config.Config(
         connect_timeout=CONNECT_SECONDS,
         read_timeout=READ_SECONDS,
-        retries={"max_attempts": 3, "mode": "standard"},
+        retries={"max_attempts": 2, "mode": "standard"},
         # S3-compatible servers (SeaweedFS, MinIO, Ceph) want bucket names in the path
         s3={"addressing_style": "path" if endpoint.url else "auto"},
     )

@@ -97,7 +97,8 @@ class ChainDocument:
 def parse_chain(request: gateway_pb2.ChainRequest) -> ChainDocument:
     """The chain from whichever form the request gave: chain, chain_json, or the request's own
     stages (onnx-web's document as the request, POST /v1/jobs)."""
-    forms = [name for name, given in (("chain", bool(request.chain.stages)), ("chain_json", bool(request.chain_json)), ("stages", bool(request.stages))) if given]
+    given = {"chain": bool(request.chain.stages), "chain_json": bool(request.chain_json), "stages": bool(request.stages)}
+    forms = [name for name, present in given.items() if present]
     if len(forms) > 1:
         raise invalid(f"give one of chain, chain_json or stages, not {' and '.join(forms)}")
     if request.chain_json:

@@ -110,6 +110,7 @@ bench: setup
 	$(PY) bench/bench_real_weights.py
 	$(PY) bench/bench_jobs.py
 	$(PY) bench/bench_memory.py
+	$(PY) bench/bench_s3.py
 
 clean: down
 	rm -rf $(VENV) var

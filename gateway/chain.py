@@ -30,6 +30,7 @@ from tilechain.services.core.servicer import param_message
 from tilechain.services.core.stage import ROLE_NAMES, stage_label
 from tilechain.v1 import gateway_pb2, stage_pb2, tiles_pb2
 
+from . import dialect
 from .families import Family, FamilyUnavailable, family_of
 
 log = logging.getLogger("tilechain.gateway")
@@ -62,6 +63,9 @@ class AttachedImage:
     header: ImageHeader
     canvas: tiles_pb2.Canvas = field(default_factory=tiles_pb2.Canvas)
     failure: ChainError | None = None  # the file turned out unreadable while decoding
+    # the stage takes no attachment in this role, so the image joins the stage's inputs as if
+    # the previous stage had made it (a chain may start with any stage that transforms images)
+    joins_inputs: bool = False
 
     @property
     def mask(self) -> bool:
@@ -110,6 +114,7 @@ class PlannedStage:
     accepts_latent: str = ""
     latent_output: bool = False  # hand the next stage latents
     attempt: int = 1             # the job's run (a job is run again after its gateway or a service died)
+    notices: list[str] = field(default_factory=list)  # what of its onnx-web params has no effect
 
     @property
     def label(self) -> str:
@@ -133,6 +138,7 @@ class PlannedStage:
 
 
 STAGE_KEYS = {"name", "type", "params"}
+DOCUMENT_KEYS = {"stages", "defaults", "platform"}  # onnx-web's chain document (its chain.yaml)
 MAX_NAME_CHARS = 128  # of a stage's name and type
 
 
@@ -196,31 +202,33 @@ def too_deep_message(text: str) -> str:
     return f"chain_json: stages[{found[0]}].params.{shown(found[1]).strip(chr(39))} {deep}"
 
 
-def parse_chain(request: gateway_pb2.ChainRequest) -> list[dict[str, Any]]:
-    """The chain's stages as plain dicts, from either form of the request."""
-    if request.chain_json and request.chain.stages:
-        raise invalid("give either chain or chain_json, not both")
+@dataclass
+class ChainDocument:
+    """A chain as the request gave it: the stages as plain dicts, and onnx-web's top-level
+    defaults and platform."""
+
+    stages: list[dict[str, Any]]
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
+    platform: str = ""
+
+
+def parse_chain(request: gateway_pb2.ChainRequest) -> ChainDocument:
+    """The chain from whichever form the request gave: chain, chain_json, or the request's own
+    stages (onnx-web's document as the request, POST /v1/jobs)."""
+    given = {"chain": bool(request.chain.stages), "chain_json": bool(request.chain_json), "stages": bool(request.stages)}
+    forms = [name for name, present in given.items() if present]
+    if len(forms) > 1:
+        raise invalid(f"give one of chain, chain_json or stages, not {' and '.join(forms)}")
     if request.chain_json:
-        document = load_chain_json(request.chain_json)
-        if not isinstance(document, dict) or not isinstance(document.get("stages"), list):
-            raise invalid('chain_json: expected an object with a "stages" list')
-        stages = document["stages"]
-        for number, stage in enumerate(stages):
-            if not isinstance(stage, dict):
-                raise invalid(f"chain_json: stages[{number}] is not an object")
-            extra = set(stage) - STAGE_KEYS
-            if extra:
-                raise invalid(f"chain_json: stages[{number}]: unknown key(s) {sorted(extra)} (a stage has name, type, params)")
-            if not isinstance(stage.get("params", {}), dict):
-                raise invalid(f"chain_json: stages[{number}]: params must be an object")
+        document = parse_chain_json(request.chain_json)
+    elif request.chain.stages:
+        document = structured("chain", request.chain, request.chain.stages, request.chain.defaults, request.chain.platform)
     else:
-        if request.chain.ByteSize() > MAX_CHAIN_BYTES:
-            raise invalid(f"chain: {request.chain.ByteSize()} bytes, over the limit of {MAX_CHAIN_BYTES}")
-        stages = [{"name": s.name, "type": s.type, "params": struct_to_dict(s.params)} for s in request.chain.stages]
-    if not stages:
+        document = structured("request", request, request.stages, request.defaults, request.platform)
+    if not document.stages:
         raise invalid("the chain has no stages")
     seen: set[str] = set()
-    for number, stage in enumerate(stages):
+    for number, stage in enumerate(document.stages):
         name, kind = stage.get("name"), stage.get("type")
         if not isinstance(name, str) or not name:
             raise invalid(f"stages[{number}]: every stage needs a name")
@@ -233,7 +241,45 @@ def parse_chain(request: gateway_pb2.ChainRequest) -> list[dict[str, Any]]:
         if name in seen:
             raise invalid(f"stage '{name}': the name is used twice; stage names must be unique")
         seen.add(name)
-    return stages
+    return document
+
+
+def parse_chain_json(text: str) -> ChainDocument:
+    document = load_chain_json(text)
+    if not isinstance(document, dict) or not isinstance(document.get("stages"), list):
+        raise invalid('chain_json: expected an object with a "stages" list')
+    extra = set(document) - DOCUMENT_KEYS
+    if extra:
+        raise invalid(f"chain_json: unknown key(s) {sorted(extra)} (a chain has stages, and onnx-web's defaults and platform)")
+    stages = document["stages"]
+    for number, stage in enumerate(stages):
+        if not isinstance(stage, dict):
+            raise invalid(f"chain_json: stages[{number}] is not an object")
+        extra = set(stage) - STAGE_KEYS
+        if extra:
+            raise invalid(f"chain_json: stages[{number}]: unknown key(s) {sorted(extra)} (a stage has name, type, params)")
+        if not isinstance(stage.get("params") or {}, dict):
+            raise invalid(f"chain_json: stages[{number}]: params must be an object")
+    platform = document.get("platform") or ""
+    if not isinstance(platform, str):
+        raise invalid(f"chain_json: platform: expected a string, got {shown(platform)}")
+    return ChainDocument(stages, checked_defaults(document.get("defaults")), platform)
+
+
+def structured(where: str, message: Any, stages: Any, defaults: Any, platform: str) -> ChainDocument:
+    """The chain from protobuf messages (a Chain, or the request's own stages)."""
+    size = sum(s.ByteSize() for s in stages) + defaults.ByteSize()
+    if size > MAX_CHAIN_BYTES:
+        raise invalid(f"{where}: {size} bytes of stages, over the limit of {MAX_CHAIN_BYTES}")
+    rows = [{"name": s.name, "type": s.type, "params": struct_to_dict(s.params)} for s in stages]
+    return ChainDocument(rows, checked_defaults(struct_to_dict(defaults)), platform)
+
+
+def checked_defaults(defaults: Any) -> dict[str, dict[str, Any]]:
+    try:
+        return dialect.check_defaults(defaults)
+    except ParamError as exc:
+        raise invalid(f"{exc.param}: {exc.message}") from None
 
 
 async def fetch_catalogs(families: dict[str, Family], needed: set[str]) -> dict[str, stage_pb2.StageSpec]:
@@ -255,39 +301,53 @@ def check_attachments(
     """Check each attached file by its header against the limits; decode nothing.
     attachment_data: the files' bytes when they did not come in the request (SubmitChainStream)."""
     for number, attachment in enumerate(request.attachments):
-        stage, role = attachment_target(number, attachment.stage, attachment.role, stages, specs)
+        stage, role, joins = attachment_target(number, attachment.stage, attachment.role, stages, specs)
         if any(a.role == role for a in stage.attachments):
             raise invalid(f"{stage.label}: more than one {role} attached")
         data = attachment.data if attachment_data is None else attachment_data[number]
         header = checked_header(stage, role, data, len(data), settings)
         log.info("%s: attached %s: %s, %d bytes", stage.label, role, header.describe(), len(data))
-        stage.attachments.append(AttachedImage(stage.label, role, data, header))
+        stage.attachments.append(AttachedImage(stage.label, role, data, header, joins_inputs=joins))
 
 
-def chain_families(raw: list[dict[str, Any]]) -> set[str]:
+def chain_families(document: ChainDocument) -> set[str]:
     """The families a parsed chain needs; INVALID_ARGUMENT for a type no family serves."""
     needed = set()
-    for stage in raw:
+    for stage in document.stages:
         family = family_of(stage["type"])
         if family is None:
-            raise invalid(f"{stage_label(stage['name'], stage['type'])}: unknown stage type")
+            raise invalid(f"{stage_label(stage['name'], stage['type'])}: unknown stage type{onnx_web_only(stage['type'])}")
         needed.add(family)
     return needed
 
 
+ATTACHMENT_PREFIXES = {"source": "image", "mask": "mask"}  # onnx-web's source:<stage>, mask:<stage>
+JOINING_ROLES = ("image", "mask")  # roles an attachment may join a stage's inputs in
+
+
 def attachment_target(
     number: int, stage_name: str, role: str, stages: dict[str, PlannedStage], specs: dict[str, stage_pb2.StageSpec]
-) -> tuple[PlannedStage, str]:
-    """The stage an attachment names and its role, or the refusal."""
+) -> tuple[PlannedStage, str, bool]:
+    """The stage an attachment names (by name, or by onnx-web's `source:<stage>` and
+    `mask:<stage>`), its role, and whether it joins the stage's inputs: an image or mask
+    attached to a stage that takes no attachment in that role arrives as if the previous stage
+    had made it, so a chain may start with any stage that transforms images. Or the refusal."""
+    prefix, sep, rest = stage_name.partition(":")
+    if sep and prefix in ATTACHMENT_PREFIXES and rest and stage_name not in stages:
+        implied = ATTACHMENT_PREFIXES[prefix]
+        if role and role != implied:
+            raise invalid(f"attachments[{number}]: {shown(stage_name)} names a{'n' if implied == 'image' else ''} {implied}, but role is {shown(role)}")
+        stage_name, role = rest, implied
     stage = stages.get(stage_name)
     if stage is None:
         raise invalid(f"attachments[{number}]: there is no stage named {shown(stage_name)}")
     role = role or "image"
     if role not in ROLE_NAMES:
         raise invalid(f"{stage.label}: attachment role {shown(role)} is not one of {', '.join(map(repr, ROLE_NAMES))}")
-    if role not in specs[stage.type].attachments:
+    joins = role not in specs[stage.type].attachments
+    if joins and role not in JOINING_ROLES:
         raise invalid(f"{stage.label}: takes no attached {role}")
-    return stage, role
+    return stage, role, joins
 
 
 def checked_header(
@@ -313,30 +373,37 @@ async def check_stages(
 ) -> tuple[list[PlannedStage], dict[str, stage_pb2.StageSpec]]:
     """The first checks, which need no attachment: the chain's form, its stage types and params
     against the catalogs, the transport tile. SubmitChainStream runs them before the upload."""
-    raw = parse_chain(request)
+    document = parse_chain(request)
     problem = transport_tile_problem(request.transport_tile)
     if problem:
         raise invalid(f"transport_tile: {problem}")
-    specs = await fetch_catalogs(families, chain_families(raw))
+    specs = await fetch_catalogs(families, chain_families(document))
 
     planned: list[PlannedStage] = []
-    for number, stage in enumerate(raw):
+    defaults = dialect.DefaultsUse(document.defaults)
+    for number, stage in enumerate(document.stages):
         spec = specs.get(stage["type"])
         label = stage_label(stage["name"], stage["type"])
         if spec is None:
             served = ", ".join(sorted(t for t in specs if family_of(t) == family_of(stage["type"]))) or "none"
-            raise invalid(f"{label}: unknown stage type (the {family_of(stage['type'])} service serves: {served})")
+            raise invalid(f"{label}: unknown stage type{onnx_web_only(stage['type'])} (the {family_of(stage['type'])} service serves: {served})")
         if spec.unavailable:
             raise ChainError(
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"{label}: the {spec.family} service cannot run this stage: {spec.unavailable}",
             )
-        params = stage.get("params") or {}
         try:
+            # onnx-web's dialect (docs/onnx-web.md), then the stage's own schema
+            params, notices = dialect.translate(stage["type"], stage.get("params") or {}, spec)
+            defaults.record(dialect.apply_defaults(stage["type"], params, document.defaults, spec))
             validate_params([Param.from_proto(p) for p in spec.params], params)
         except ParamError as exc:
             raise invalid(param_message(stage["name"], stage["type"], exc)) from None
-        planned.append(PlannedStage(number, stage["name"], stage["type"], params, families[spec.family], attempt=attempt))
+        texts = [dialect.notice_text(name, why) for name, why in notices]
+        planned.append(PlannedStage(number, stage["name"], stage["type"], params, families[spec.family], attempt=attempt, notices=texts))
+    # notices about the chain as a whole go with its first stage
+    chain_notices = [dialect.platform_notice(document.platform)] if document.platform else []
+    planned[0].notices[:0] = chain_notices + defaults.notices()
     return planned, specs
 
 
@@ -388,17 +455,26 @@ def check_job_pixels(planned: list[PlannedStage], specs: dict[str, stage_pb2.Sta
             )
 
 
+def onnx_web_only(stage_type: str) -> str:
+    if stage_type in dialect.ONNX_WEB_ONLY_STAGES:
+        return ": onnx-web has it, tilechain does not (yet); docs/onnx-web.md lists the stages"
+    return ""
+
+
 async def plan_stage(stage: PlannedStage, previous: list[tiles_pb2.Canvas], job_id: str) -> None:
     """Ask the stage's service to plan it on the previous stage's outputs plus its attachments."""
     stage.inputs = list(previous)
     for attached in stage.attachments:
+        role = ROLE_NAMES[attached.role]
         attached.canvas = tiles_pb2.Canvas(
             id=len(stage.inputs),
             width=attached.header.width,
             height=attached.header.height,
             format=FORMAT_FOR_CHANNELS[attached.header.channels(attached.mask)],
-            role=ROLE_NAMES[attached.role],
-            attached=True,
+            role=role,
+            # an image joining the inputs comes after the previous stage's images of its role
+            index=sum(1 for c in stage.inputs if c.role == role) if attached.joins_inputs else 0,
+            attached=not attached.joins_inputs,
         )
         stage.inputs.append(attached.canvas)
     try:
@@ -416,6 +492,8 @@ async def plan_latent_handoffs(planned: list[PlannedStage], job_id: str) -> None
     for before, after in zip(planned, planned[1:]):
         if not before.emits_latent or before.emits_latent != after.accepts_latent:
             continue
+        if any(a.joins_inputs for a in after.attachments):
+            continue  # an attached image joins its inputs as pixels: no mixing with latents
         before.latent_output = True
         await plan_stage(before, planned[before.index - 1].outputs if before.index else [], job_id)
         await plan_stage(after, before.outputs, job_id)

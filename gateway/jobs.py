@@ -119,6 +119,7 @@ class Run:
                     f"attempt {self.attempt} of {claim.max_attempts} starts over"
                 ))
             self.stages = await self._plan()
+            await self._emit_notices()
             await self._pipe()
             await self._publish()
             outcome = (SUCCEEDED, 0, "")
@@ -217,6 +218,14 @@ class Run:
         if left <= 0:
             raise ChainError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the job could run")
         return left
+
+    async def _emit_notices(self) -> None:
+        """What planning found to tell (onnx-web params without effect), before any stage runs."""
+        for stage in self.stages:
+            for message in stage.notices:
+                event = gateway_pb2.JobEvent()
+                event.notice.CopyFrom(gateway_pb2.NoticeEvent(stage_index=stage.index, name=stage.name, message=message))
+                await self.emit(event)
 
     async def _pipe(self) -> None:
         count = len(self.stages)

@@ -30,7 +30,7 @@ from .jobs import Worker, new_job_id
 from .upload import receive_upload
 from .settings import GatewaySettings, StreamLimits, max_streams_env
 from .store import SCHEMES, open_store
-from .store.base import FAILED, RUNNING, JobStore, NewJob, StoreConfig, StoreError
+from .store.base import FAILED, RUNNING, JobStore, NewJob, StoreConfig, StoreError, add_progress_summary
 from .watch import FINAL, JobNotFound, Watcher, WatcherClosed, follow
 
 log = logging.getLogger("tilechain.gateway")
@@ -180,9 +180,18 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @answers_store_errors
     async def GetJob(self, request: gateway_pb2.JobRef, context: grpc.aio.ServicerContext) -> gateway_pb2.JobStatus:
-        status = await self.store.status(request.job_id)
+        status = await self._status(request.job_id)
         if status is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"job_id: no job {request.job_id!r}")
+        return status
+
+    async def _status(self, job_id: str) -> gateway_pb2.JobStatus | None:
+        """The job's status with onnx-web's progress summary, from its compact history."""
+        found = await self.store.snapshot(job_id)
+        if found is None:
+            return None
+        status, history = found
+        add_progress_summary(status, history)
         return status
 
     async def WatchJob(self, request: gateway_pb2.JobRef, context: grpc.aio.ServicerContext) -> AsyncIterator[gateway_pb2.JobEvent]:
@@ -204,8 +213,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                     await asyncio.wait_for(self._until_final(ended), CANCEL_WAIT)
                 except asyncio.TimeoutError:
                     pass
-                status = await self.store.status(request.job_id) or status
-        return status
+        return await self._status(request.job_id) or status
 
     @staticmethod
     async def _until_final(watcher: Watcher) -> None:

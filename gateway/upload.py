@@ -10,7 +10,7 @@ from typing import AsyncIterator
 from tilechain.services.core.config import MAX_UPLOAD_BYTES, Settings
 from tilechain.v1 import gateway_pb2
 
-from .chain import attachment_target, check_stages, checked_header, invalid
+from .chain import ATTACHMENT_PREFIXES, attachment_target, check_stages, checked_header, invalid
 from .families import Family
 
 log = logging.getLogger("tilechain.gateway")
@@ -32,7 +32,7 @@ async def receive_upload(
     by_name = {s.name: s for s in stages}
     expected: dict[tuple[str, str], int] = {}
     for number, attachment in enumerate(request.attachments):
-        stage, role = attachment_target(number, attachment.stage, attachment.role, by_name, specs)
+        stage, role, _ = attachment_target(number, attachment.stage, attachment.role, by_name, specs)
         if attachment.data:
             raise invalid(f"{stage.label}: attached {role}: with SubmitChainStream its bytes come as chunks; leave data empty and give size")
         if (stage.name, role) in expected:
@@ -54,7 +54,11 @@ async def receive_upload(
         if kind != "chunk":
             raise invalid(f"SubmitChainStream: a {kind} message after the first; send chunks, then the end")
         chunk = message.chunk
-        key = (chunk.stage, chunk.role or "image")
+        prefix, sep, rest = chunk.stage.partition(":")  # onnx-web's source:<stage>, mask:<stage>
+        if sep and prefix in ATTACHMENT_PREFIXES and rest in by_name:
+            key = (rest, chunk.role or ATTACHMENT_PREFIXES[prefix])
+        else:
+            key = (chunk.stage, chunk.role or "image")
         if key not in received:
             raise invalid(f"SubmitChainStream: a chunk for {key[1]} of stage {chunk.stage[:128]!r}, which the request did not declare")
         label = by_name[key[0]].label

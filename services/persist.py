@@ -10,6 +10,7 @@ up for the files of a service that died (docs/design.md, "persist-disk")."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import string
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any, Callable
 
 import grpc
 import numpy as np
@@ -26,10 +28,10 @@ from google.protobuf import json_format
 
 from tilechain.v1 import stage_pb2, tiles_pb2
 
-from .core.codecs import encode_image, read_metadata
+from .core.codecs import CONTENT_TYPES, encode_image, read_metadata, write_image
 from .core.config import Settings
 from .core.params import Param, ParamError, struct_to_dict
-from .core.stage import IMAGE, OutputPlan, Stage, StageError, TileWork, register
+from .core.stage import IMAGE, Cancelled, OutputPlan, Stage, StageError, TileWork, register
 
 log = logging.getLogger("tilechain.persist")
 
@@ -45,25 +47,80 @@ STAGING = PurePosixPath(".tilechain", "staging")
 STALE_SECONDS = 24 * 3600  # staged files of another host's job are cleaned after this long
 
 
-def template_parts(template: str) -> list[tuple[str, str | None]]:
-    """The template as (literal text, field or None) pairs; ParamError('filename') for anything
-    but the documented fields: no format specs ({index:>9} would allocate as wide as asked),
-    no conversions, no attribute or index access, no positional {}."""
+def template_parts(param: str, template: str) -> list[tuple[str, str | None]]:
+    """A file name or object key template as (literal text, field or None) pairs; ParamError
+    naming param for anything but the documented fields: no format specs ({index:>9} would
+    allocate as wide as asked), no conversions, no attribute or index access, no positional {}."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise ParamError("filename", f"{exc}; write {{{{ and }}}} for literal braces") from None
+        raise ParamError(param, f"{exc}; write {{{{ and }}}} for literal braces") from None
     parts = []
     for literal, field, spec, conversion in parsed:
         if field is not None:
             shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec[:20]}" if spec else "") + "}"
             if field not in TEMPLATE_FIELDS:
                 what = "an empty field {}" if not field else f"unknown field {shown}"
-                raise ParamError("filename", f"{what}; use {FIELD_LIST}")
+                raise ParamError(param, f"{what}; use {FIELD_LIST}")
             if spec or conversion:
-                raise ParamError("filename", f"{shown}: fields take no format spec or conversion; use {FIELD_LIST}")
+                raise ParamError(param, f"{shown}: fields take no format spec or conversion; use {FIELD_LIST}")
         parts.append((literal, field))
     return parts
+
+
+class NameTemplate:
+    """persist-disk's file name and persist-s3's object key: the documented fields only, pasted
+    in (never str.format), and a format that agrees with the name's extension."""
+
+    def __init__(self, stage: Stage, param: str, requested_format: str) -> None:
+        self.stage, self.param = stage, param
+        self.parts = template_parts(param, stage.p[param])
+        self.started = time.localtime()
+        self.format = self._file_format(requested_format)
+
+    def render(self, index: int, ext: str | None = None) -> str:
+        values = {
+            "job": self.stage.context.job_id or "job",
+            "stage": self.stage.name,
+            "index": str(index),
+            "ext": ext or EXTENSION[self.format],
+            "date": time.strftime("%Y%m%d", self.started),
+            "time": time.strftime("%H%M%S", self.started),
+        }
+        return "".join(literal + (values[field] if field else "") for literal, field in self.parts)
+
+    def _file_format(self, requested: str) -> str:
+        """The format to write: the param's, or with 'auto' the name's extension's. The name's
+        extension must agree with it: no PNG bytes in a file called .jpg."""
+        name = self.render(0, EXTENSION["png" if requested == "auto" else requested])
+        suffix = PurePosixPath(name).suffix.lower()
+        named = FORMAT_OF_SUFFIX.get(suffix)
+        if requested == "auto":
+            if named is None:
+                raise ParamError(self.param, f"cannot tell the format from the extension of {name[-60:]!r}: end the name with .png, .jpg, .webp or {{ext}}, or set format")
+            return named
+        if named != requested:
+            suffixes = " or ".join(s for s, f in FORMAT_OF_SUFFIX.items() if f == requested)
+            raise ParamError(self.param, f"the extension {suffix or '(none)'!r} does not match format {requested!r}: end the name with {suffixes} or {{ext}}, or leave format at 'auto'")
+        return requested
+
+    def relative(self, index: int, where: str, part_bytes: int) -> PurePosixPath:
+        """The rendered name of one image, checked: relative, no '..', no backslash or NUL, each
+        '/'-separated part at most part_bytes long."""
+        name = self.render(index)
+        path = PurePosixPath(name)
+        if not name or path.is_absolute() or ".." in path.parts or "\\" in name or "\0" in name:
+            raise ParamError(self.param, f"{name[:200]!r} must be a relative path inside {where} (no '..', no absolute path)")
+        for part in path.parts:
+            if len(part.encode()) > part_bytes:
+                raise ParamError(self.param, f"{part[:40]!r}... is {len(part.encode())} bytes long; a name part holds at most {part_bytes}")
+        return path
+
+
+FORMAT_PARAM = Param(
+    "format", str, "auto", "Image format; 'auto' takes it from the name's extension ({ext}: png).",
+    choices=("auto", *FORMATS),
+)
 
 
 @register
@@ -83,10 +140,7 @@ class PersistDisk(Stage):
             f"File name template, relative to the output root; fields: {FIELD_LIST}. It must end "
             "in the format's extension (.png; .jpg or .jpeg; .webp), or in {ext}.",
         ),
-        Param(
-            "format", str, "auto", "Image format; 'auto' takes it from the file name's extension ({ext}: png).",
-            choices=("auto", *FORMATS),
-        ),
+        FORMAT_PARAM,
         Param("quality", int, 95, "JPEG and WebP quality.", min=1, max=100),
         Param("overwrite", bool, False, "Replace an existing file instead of failing."),
     )
@@ -94,47 +148,13 @@ class PersistDisk(Stage):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.started = time.localtime()
-        self.parts = template_parts(self.p["filename"])
-        self.format = self._file_format()
-
-    def render(self, index: int, ext: str) -> str:
-        values = {
-            "job": self.context.job_id or "job",
-            "stage": self.name,
-            "index": str(index),
-            "ext": ext,
-            "date": time.strftime("%Y%m%d", self.started),
-            "time": time.strftime("%H%M%S", self.started),
-        }
-        return "".join(literal + (values[field] if field else "") for literal, field in self.parts)
-
-    def _file_format(self) -> str:
-        """The format to write: the param's, or with 'auto' the name's extension's. The name's
-        extension must agree with it: no PNG bytes in a file called .jpg."""
-        requested = self.p["format"]
-        name = self.render(0, EXTENSION["png" if requested == "auto" else requested])
-        suffix = PurePosixPath(name).suffix.lower()
-        named = FORMAT_OF_SUFFIX.get(suffix)
-        if requested == "auto":
-            if named is None:
-                raise ParamError("filename", f"cannot tell the format from the extension of {name[-60:]!r}: end the name with .png, .jpg, .webp or {{ext}}, or set format")
-            return named
-        if named != requested:
-            suffixes = " or ".join(s for s, f in FORMAT_OF_SUFFIX.items() if f == requested)
-            raise ParamError("filename", f"the extension {suffix or '(none)'!r} does not match format {requested!r}: end the name with {suffixes} or {{ext}}, or leave format at 'auto'")
-        return requested
+        self.name_template = NameTemplate(self, "filename", self.p["format"])
+        self.format = self.name_template.format
 
     def relative_path(self, index: int) -> PurePosixPath:
-        name = self.render(index, EXTENSION[self.format])
-        path = PurePosixPath(name)
-        if not name or path.is_absolute() or ".." in path.parts or "\\" in name or "\0" in name:
-            raise ParamError("filename", f"{name[:200]!r} must be a relative path inside the output root (no '..', no absolute path)")
+        path = self.name_template.relative(index, "the output root", NAME_MAX)
         if path.parts[0] == STAGING.parts[0]:
             raise ParamError("filename", f"{STAGING.parts[0]}/ under the output root is reserved for staged files")
-        for part in path.parts:
-            if len(part.encode()) > NAME_MAX:
-                raise ParamError("filename", f"{part[:40]!r}... is {len(part.encode())} bytes long; a file or folder name holds at most {NAME_MAX}")
         full = len(str(self.context.settings.output_root / path).encode())
         if full >= PATH_MAX:
             raise ParamError("filename", f"the path under the output root is {full} bytes long; a path holds at most {PATH_MAX - 1}")
@@ -375,3 +395,181 @@ def _running(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# --- S3 ---------------------------------------------------------------------------------------
+
+PART_BYTES = 8 * 1024 * 1024  # S3's parts are 5 MiB at least, but the last
+S3_KEY_BYTES = 1024  # S3's limit on a key
+
+
+class MultipartUpload(io.RawIOBase):
+    """A write-only file whose bytes go to S3 as a multipart upload, one part as soon as a
+    part's worth has been written: the encoder writes into it, so no more than a part of the
+    encoded file is ever held. `complete()` makes the object; `abort()` (or leaving a with block
+    by an exception) deletes every part, so a failed or cancelled upload leaves nothing.
+    `check` runs before each part is sent (the stage's cancel check)."""
+
+    def __init__(self, s3: Any, bucket: str, key: str, content_type: str, check: Callable[[], None] = lambda: None, part_bytes: int = PART_BYTES) -> None:
+        super().__init__()
+        self.s3, self.bucket, self.key = s3, bucket, key
+        self.check = check
+        self.part_bytes = part_bytes
+        self.buffer = bytearray()
+        self.parts: list[dict[str, Any]] = []
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+        self.upload_id = s3.create_multipart_upload(Bucket=bucket, Key=key, ContentType=content_type)["UploadId"]
+        self.finished = False
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.buffer += view
+        self.size += len(view)
+        self.sha256.update(view)
+        while len(self.buffer) >= self.part_bytes:
+            self._send(bytes(self.buffer[: self.part_bytes]))
+            del self.buffer[: self.part_bytes]
+        return len(view)
+
+    def _send(self, body: bytes) -> None:
+        self.check()
+        number = len(self.parts) + 1
+        reply = self.s3.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=body)
+        self.parts.append({"PartNumber": number, "ETag": reply["ETag"]})
+
+    def complete(self) -> None:
+        if self.buffer or not self.parts:  # the last part may be short (or the only one, empty)
+            self._send(bytes(self.buffer))
+            self.buffer.clear()
+        self.check()
+        self.s3.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": self.parts})
+        self.finished = True
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.s3.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+
+    def __exit__(self, kind: Any, value: Any, traceback: Any) -> None:
+        if kind is not None:
+            try:
+                self.abort()
+            except Exception:
+                log.exception("could not abort the upload of s3://%s/%s", self.bucket, self.key)
+        super().__exit__(kind, value, traceback)
+
+
+@register
+class PersistS3(Stage):
+    type = "persist-s3"
+    family = "persist"
+    doc = (
+        "Upload each image to an S3 bucket (AWS or any S3-compatible endpoint the service allows) "
+        "as it is encoded, in a multipart upload that is aborted if anything fails, with the "
+        "chain's params in the file as persist-disk writes them. Credentials are the service's "
+        "(boto3's chain). Tiles pass through unchanged."
+    )
+    params = (
+        Param("bucket", str, doc="The bucket (it must exist)."),
+        Param(
+            "key",
+            str,
+            "{job}-{stage}-{index}.{ext}",
+            f"Object key template; fields: {FIELD_LIST}. It must end in the format's extension (.png; .jpg or .jpeg; .webp), or in {{ext}}.",
+        ),
+        FORMAT_PARAM,
+        Param("quality", int, 95, "JPEG and WebP quality.", min=1, max=100),
+        Param("overwrite", bool, False, "Replace an existing object instead of failing."),
+        Param("endpoint_url", str, "", "The S3 endpoint; '' is the service's (TILECHAIN_S3_ENDPOINT, else AWS); others must be in the service's TILECHAIN_S3_ENDPOINTS."),
+        Param("profile_name", str, "", "A profile of the service's AWS config whose credentials to use; '' is boto3's default chain."),
+        Param("region", str, "", "The bucket's region; '' is boto3's (AWS_REGION, the profile's)."),
+    )
+    keeps_output = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.name_template = NameTemplate(self, "key", self.p["format"])
+        self.format = self.name_template.format
+
+    def key(self, index: int) -> str:
+        key = str(self.name_template.relative(index, "the bucket", S3_KEY_BYTES))
+        if len(key.encode()) > S3_KEY_BYTES:
+            raise ParamError("key", f"{key[:60]!r}... is {len(key.encode())} bytes long; an S3 key holds at most {S3_KEY_BYTES}")
+        return key
+
+    def connect(self) -> Any:
+        from .core import s3
+
+        self.endpoint = s3.resolve_endpoint(self.context.settings, self.p["endpoint_url"]).describe()
+        return s3.client(self.context.settings, self.p["endpoint_url"], self.p["profile_name"], self.p["region"])
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        from .core import s3
+
+        outputs = [OutputPlan(self.derived(c, c.width, c.height), {"image": c}) for c in inputs if not c.attached]
+        keys = [self.key(o.canvas.index) for o in outputs if o.canvas.role == IMAGE]
+        if len(set(keys)) != len(keys):
+            raise ParamError("key", "gives the same key for several images; add {index}")
+        client = self.connect()
+        s3.check_bucket(client, self.p["bucket"], self.label, self.endpoint)
+        if not self.p["overwrite"]:
+            for key in keys:
+                self.refuse_existing(client, key)
+        return outputs
+
+    def refuse_existing(self, client: Any, key: str) -> None:
+        from .core import s3
+
+        try:
+            client.head_object(Bucket=self.p["bucket"], Key=key)
+        except Exception as exc:
+            error = s3.s3_error(self.label, "key", f"s3://{self.p['bucket']}/{key}", exc)
+            if isinstance(error, ParamError):
+                return  # not there: free to write
+            raise error from None
+        raise StageError(
+            grpc.StatusCode.ALREADY_EXISTS,
+            f"{self.label}: param 'key': s3://{self.p['bucket']}/{key} exists; choose another key or set overwrite",
+        )
+
+    def process_tile(self, work: TileWork) -> np.ndarray:
+        return work.pixels()
+
+    def finish(self, output: OutputPlan, pixels: np.ndarray) -> list[stage_pb2.Artifact]:
+        from .core import s3
+
+        canvas = output.canvas
+        if canvas.role != IMAGE:
+            return []
+        self.context.check_cancelled()
+        metadata = {"job": self.context.job_id, **struct_to_dict(canvas.provenance)}
+        bucket, key, fmt = self.p["bucket"], self.key(canvas.index), self.format
+        client = self.connect()
+        try:
+            if not self.p["overwrite"]:
+                self.refuse_existing(client, key)
+            with MultipartUpload(client, bucket, key, CONTENT_TYPES[fmt], self.context.check_cancelled) as upload:
+                write_image(upload, pixels, fmt, metadata, self.p["quality"])
+                upload.complete()
+        except (StageError, ParamError, Cancelled):
+            raise
+        except Exception as exc:
+            raise s3.s3_error(self.label, "bucket", f"uploading s3://{bucket}/{key}", exc) from None
+        log.info("job %s: %s wrote s3://%s/%s (%d bytes, %d parts)", self.context.job_id, self.label, bucket, key, upload.size, len(upload.parts))
+        return [
+            stage_pb2.Artifact(
+                stage=self.name,
+                uri=f"s3://{bucket}/{key}",
+                path=key,
+                format=fmt,
+                width=canvas.width,
+                height=canvas.height,
+                index=canvas.index,
+                size_bytes=upload.size,
+                sha256=upload.sha256.hexdigest(),
+            )
+        ]

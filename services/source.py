@@ -4,15 +4,18 @@ chain's images with its own; it reads an input image only where its params say s
 from __future__ import annotations
 
 import secrets
+import time
+from typing import Any
 
 import grpc
 import numpy as np
 
+from .core.codecs import ImageDecodeError, decode_image, encoded_header, match_channels
 from .core.controlnet import control_call, control_images, control_params
 from .core.diffusion import DiffusionStage, count_param, generator, prompt_params, sampling_params
 from .core.params import Param, ParamError
 from .core.resample import resize
-from .core.stage import CONTROL, IMAGE, RGB8, OutputPlan, Stage, StageError, TileWork, register
+from .core.stage import CONTROL, IMAGE, RGB8, RGBA8, OutputPlan, Stage, StageError, TileWork, register
 from .core.tiles import Rect
 from tilechain.v1 import tiles_pb2
 
@@ -228,3 +231,184 @@ class SourceTxt2Img(DiffusionStage):
             self.images = self.run_pipeline(call)
         # some pipelines round the size up (Kandinsky: to multiples of 64); keep the asked size
         return self.images[output.canvas.index][: output.canvas.height, : output.canvas.width]
+
+
+# --- images from elsewhere: S3 objects and URLs -----------------------------------------------
+
+HEADER_READS = (64 * 1024, 1024 * 1024)  # bytes read to find an image's size, then more if needed
+# the time planning may spend on reading headers: the gateway gives a stage's Plan 10 s
+PLAN_SECONDS = 8.0
+
+
+class RemoteSource(Stage):
+    """Images read from somewhere else, one output per location: the size comes from the
+    image's header at planning (checked against the pixel limit before anything is decoded),
+    the image is read and decoded when the stage runs."""
+
+    family = "source"
+    needs_whole_canvas = True
+    max_tile = 0
+
+    def locations(self) -> list[tuple[str, str]]:
+        """(param, location) of every image, in order."""
+        raise NotImplementedError
+
+    def read(self, param: str, location: str, first_bytes: int = 0) -> bytes:
+        """The image's bytes (the first first_bytes only, when given, within plan_left())."""
+        raise NotImplementedError
+
+    def plan_left(self) -> float:
+        return max(0.1, self.plan_deadline - time.monotonic())
+
+    def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
+        self.plan_deadline = time.monotonic() + PLAN_SECONDS
+        self.sources: dict[int, tuple[str, str]] = {}
+        outputs = []
+        for index, (param, location) in enumerate(self.locations()):
+            width, height, channels = self.header(param, location)
+            canvas = tiles_pb2.Canvas(width=width, height=height, format=RGBA8 if channels == 4 else RGB8, role=IMAGE, index=index)
+            canvas.provenance.CopyFrom(self.provenance())
+            self.sources[index] = (param, location)
+            outputs.append(OutputPlan(canvas, {}))
+        return outputs
+
+    def header(self, param: str, location: str) -> tuple[int, int, int]:
+        for size in HEADER_READS:
+            data = self.read(param, location, size)
+            try:
+                width, height, channels, _ = encoded_header(data)
+                break
+            except ImageDecodeError as exc:
+                if len(data) < size or size == HEADER_READS[-1]:  # the whole file, or enough of it
+                    raise ParamError(param, f"{location}: {exc}") from None
+        limit = self.context.settings.max_pixels
+        if width * height > limit:
+            raise ParamError(param, f"{location} is {width}x{height}, over the limit of {limit} pixels (TILECHAIN_MAX_PIXELS)")
+        return width, height, channels
+
+    def process_canvas(self, output: OutputPlan, sources: dict[str, np.ndarray]) -> np.ndarray:
+        canvas = output.canvas
+        param, location = self.sources[canvas.index]
+        data = self.read(param, location)
+        try:
+            width, height, _, _ = encoded_header(data)  # checked again: it may have changed since planning
+            if (width, height) != (canvas.width, canvas.height):
+                raise StageError(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"{self.label}: param '{param}': {location} is {width}x{height} now, {canvas.width}x{canvas.height} when the chain was planned",
+                )
+            pixels = decode_image(data)
+        except ImageDecodeError as exc:
+            raise ParamError(param, f"{location}: {exc}") from None
+        return match_channels(pixels, 4 if canvas.format == RGBA8 else 3)
+
+
+def location_params(one: str, many: str, what: str) -> tuple[Param, Param]:
+    return (
+        Param(one, str, "", f"One {what}."),
+        Param(many, list, [], f"Several {what}s, one image each (after {one}, if both are given)."),
+    )
+
+
+def locations_of(stage: Stage, one: str, many: str) -> list[tuple[str, str]]:
+    found = ([(one, stage.p[one])] if stage.p[one] else []) + [(many, v) for v in stage.p[many]]
+    if not found:
+        raise ParamError(many, f"needs {one} or {many}")
+    for param, value in found:
+        if not isinstance(value, str) or not value:
+            raise ParamError(param, f"expected a non-empty string, got {value!r}")
+    return found
+
+
+@register
+class SourceS3(RemoteSource):
+    type = "source-s3"
+    doc = (
+        "Read images from an S3 bucket (AWS or an S3-compatible endpoint the service allows), one "
+        "per key, with the service's credentials. Objects over TILECHAIN_SOURCE_MAX_BYTES or "
+        "images over the pixel limit are refused before they are decoded."
+    )
+    params = (
+        Param("bucket", str, doc="The bucket."),
+        *location_params("key", "keys", "object key"),
+        Param("endpoint_url", str, "", "The S3 endpoint; '' is the service's (TILECHAIN_S3_ENDPOINT, else AWS); others must be in the service's TILECHAIN_S3_ENDPOINTS."),
+        Param("profile_name", str, "", "A profile of the service's AWS config whose credentials to use; '' is boto3's default chain."),
+        Param("region", str, "", "The bucket's region; '' is boto3's."),
+    )
+
+    def locations(self) -> list[tuple[str, str]]:
+        return locations_of(self, "key", "keys")
+
+    def client(self) -> Any:
+        from .core import s3
+
+        if not hasattr(self, "_client"):
+            self.endpoint = s3.resolve_endpoint(self.context.settings, self.p["endpoint_url"]).describe()
+            self._client = s3.client(self.context.settings, self.p["endpoint_url"], self.p["profile_name"], self.p["region"])
+        return self._client
+
+    def read(self, param: str, location: str, first_bytes: int = 0) -> bytes:
+        from .core import s3
+
+        client, bucket = self.client(), self.p["bucket"]
+        where = f"s3://{bucket}/{location}"
+        limit = self.context.settings.source_max_bytes
+        try:
+            head = client.head_object(Bucket=bucket, Key=location)
+            size = int(head.get("ContentLength", 0))
+            kind = str(head.get("ContentType", "")).split(";", 1)[0].strip().lower()
+            if size > limit:
+                raise ParamError(param, f"{where} is {size} bytes, over the limit of {limit} (TILECHAIN_SOURCE_MAX_BYTES)")
+            if kind and not (kind.startswith("image/") or kind in ("application/octet-stream", "binary/octet-stream")):
+                raise ParamError(param, f"{where} is {kind}, not an image")
+            ranged = {"Range": f"bytes=0-{first_bytes - 1}"} if first_bytes else {}
+            body = client.get_object(Bucket=bucket, Key=location, **ranged)["Body"]
+            data = body.read((first_bytes or limit) + 1)
+            body.close()
+        except (ParamError, StageError):
+            raise
+        except Exception as exc:
+            error = s3.s3_error(self.label, param, where, exc)
+            if isinstance(error, ParamError) and "not found" in error.message:
+                try:
+                    s3.check_bucket(client, bucket, self.label, self.endpoint)
+                except ParamError as missing:
+                    raise missing from None
+                raise ParamError(param, f"there is no object {where} at {self.endpoint}") from None
+            raise error from None
+        if not first_bytes and len(data) > limit:
+            raise ParamError(param, f"{where} is over the limit of {limit} bytes (TILECHAIN_SOURCE_MAX_BYTES)")
+        return data[:first_bytes] if first_bytes else data
+
+
+@register
+class SourceUrl(RemoteSource):
+    type = "source-url"
+    doc = (
+        "Read images from http(s) URLs, one per URL. Only public addresses are fetched (no "
+        "loopback, private, link-local or metadata addresses, checked at every redirect, unless "
+        "the service's TILECHAIN_SOURCE_ALLOW_NETWORKS allows them); the answer must be an image, "
+        "within TILECHAIN_SOURCE_MAX_BYTES and TILECHAIN_SOURCE_TIMEOUT, and within the pixel "
+        "limit before it is decoded."
+    )
+    params = location_params("url", "urls", "http or https URL")
+
+    def locations(self) -> list[tuple[str, str]]:
+        return locations_of(self, "url", "urls")
+
+    def read(self, param: str, location: str, first_bytes: int = 0) -> bytes:
+        from .core.fetch import FetchFailed, FetchRefused, fetch
+
+        settings = self.context.settings
+        try:
+            return fetch(
+                location,
+                max_bytes=settings.source_max_bytes,
+                timeout=min(settings.source_timeout, self.plan_left()) if first_bytes else settings.source_timeout,
+                allow_networks=settings.source_allow_networks,
+                first_bytes=first_bytes,
+            ).data
+        except FetchRefused as exc:
+            raise ParamError(param, str(exc)) from None
+        except FetchFailed as exc:
+            raise StageError(grpc.StatusCode.UNAVAILABLE, f"{self.label}: param '{param}': {exc}") from None

@@ -27,7 +27,7 @@ class UpscaleSimple(Stage):
     doc = "Enlarge each image by an integer factor with a classic resampling filter."
     params = (
         Param("method", str, "lanczos", "Resampling filter.", choices=FILTERS),
-        Param("scale", int, 2, "Factor applied to width and height.", min=2, max=8),
+        Param("scale", int, 2, "Factor applied to width and height; 1 passes images through unchanged (as onnx-web's scale 1).", min=1, max=8),
     )
     size_params = ("scale",)
 

@@ -41,6 +41,14 @@ CASES = {
         {"stages": [{"name": "a", "type": "source-noise", "parms": {}}]},
         grpc.StatusCode.INVALID_ARGUMENT, ["stages[0]", "parms"],
     ),
+    "unknown top-level key": (
+        {"stages": [NOISE], "stagse": []},
+        grpc.StatusCode.INVALID_ARGUMENT, ["chain_json", "unknown key(s) ['stagse']", "defaults and platform"],
+    ),
+    "unknown defaults group": (
+        {"stages": [NOISE], "defaults": {"inpaint": {"steps": 2}}},
+        grpc.StatusCode.INVALID_ARGUMENT, ["defaults", "unknown group 'inpaint'", "txt2img, img2img"],
+    ),
     "duplicate stage name": (
         {"stages": [NOISE, NOISE]},
         grpc.StatusCode.INVALID_ARGUMENT, ["stage 'noise'", "twice"],
@@ -148,12 +156,21 @@ def test_attached_image_over_the_limit(gateway) -> None:
     assert "stage 'load' (source-image): attached image is 2100x2100" in error.details()
 
 
-def test_attachment_for_a_missing_stage_or_a_stage_that_takes_none(gateway) -> None:
-    error = rpc_error(gateway, chain_request(chain(), [("nowhere", "image", png())]))
-    assert "no stage named 'nowhere'" in error.details()
-    error = rpc_error(gateway, chain_request(chain({"name": "up", "type": "upscale-simple"}), [("up", "image", png())]))
+def test_two_forms_of_the_chain(gateway) -> None:
+    request = chain_request(chain())
+    request.stages.add(name="x", type="source-noise")
+    error = rpc_error(gateway, request)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "stage 'up' (upscale-simple): takes no attached image" in error.details()
+    assert "give one of chain, chain_json or stages, not chain_json and stages" in error.details()
+
+
+def test_attachment_for_a_missing_stage(gateway) -> None:
+    """(An image attached to a stage that takes none joins its inputs: tests/test_attach.py.)"""
+    error = rpc_error(gateway, chain_request(chain(), [("nowhere", "image", png())]))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no stage named 'nowhere'" in error.details()
+    error = rpc_error(gateway, chain_request(chain(), [("source:nowhere", "", png())]))
+    assert "no stage named 'nowhere'" in error.details()
 
 
 def test_mask_size_mismatch(gateway) -> None:

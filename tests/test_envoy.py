@@ -132,13 +132,19 @@ def test_json_bad_request_gives_http_error_with_grpc_status(stack: Stack) -> Non
 def test_json_malformed_body(stack: Stack) -> None:
     response, body = post(stack, f"{GATEWAY_PATH}/RunChain", b'{"chain": ')
     assert response.status == 400
-    assert body  # Envoy says what it could not parse
+    assert response.getheader("content-type") == "application/json"
+    error = json.loads(body)  # Envoy says what it could not parse, as JSON like the gateway's errors
+    assert error["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "Unexpected end of string" in error["message"]
 
 
 def test_unknown_path_is_404_with_a_hint(stack: Stack) -> None:
     response, body = post_json(stack, "NoSuchMethod", {})
     assert response.status == 404
-    assert b"/tilechain.v1.Gateway/<Method>" in body
+    assert response.getheader("content-type") == "application/json"
+    error = json.loads(body)  # Envoy's own answers are JSON too, with the matching gRPC code
+    assert error["code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert "/tilechain.v1.Gateway/{Method}" in error["message"] and "GET /v1/stages" in error["message"]
 
 
 def grpc_web_frames(body: bytes) -> list[tuple[int, bytes]]:

@@ -140,7 +140,7 @@ def test_services_run_the_tilechain_images_on_their_address(base: list[dict]) ->
         args = c["args"]
         assert args[: 2 if name != "gateway" else 1] == (["serve", name] if name != "gateway" else ["gateway"]), name
         assert args[args.index("--address") + 1] == f"[::]:{DEFAULT_PORTS[name]}", name
-        [env_from] = c["envFrom"]
+        env_from = c["envFrom"][0]
         assert env_from["configMapRef"]["name"].startswith("tilechain-config-"), name  # the generated, hashed one
     assert container(deployments["envoy"])["image"].startswith("envoyproxy/envoy:")
     assert container(deployments["valkey"])["image"].startswith("valkey/valkey:")
@@ -331,3 +331,17 @@ def test_dockerfile_builds_the_package_and_runs_the_cli() -> None:
     ignore = (K8S / "Dockerfile.dockerignore").read_text().split()
     for needed in ("!pyproject.toml", "!requirements/", "!README.md", "!models.yaml", "!tilechain/", "!services/", "!gateway/"):
         assert needed in ignore
+
+
+def test_s3_stages_take_credentials_from_a_secret_or_the_service_account(base: list[dict]) -> None:
+    """persist-s3 and source-s3 run in persist and source: an optional Secret's keys become
+    their environment (boto3 reads AWS_* from it); without it boto3's chain goes on to the
+    pod's service account (web identity)."""
+    deployments = by_kind(base, "Deployment")
+    for name in ("persist", "source"):
+        secrets = [e["secretRef"] for e in container(deployments[name])["envFrom"] if "secretRef" in e]
+        assert secrets == [{"name": "tilechain-s3", "optional": True}], name
+    for name in set(deployments) - {"persist", "source"}:
+        assert not any("secretRef" in e for e in container(deployments[name]).get("envFrom", [])), name
+    [config] = [o for n, o in by_kind(base, "ConfigMap").items() if n.startswith("tilechain-config-")]
+    assert config["data"]["TILECHAIN_S3_ENDPOINT"] == ""  # AWS, unless set

@@ -1,7 +1,8 @@
 """`tilechain up` and `down`: all or nothing, every address its own, Valkey on request.
 
 Stacks from the slim environment (services start in a fraction of a second), on free ports;
-Envoy and Valkey are the dev environment's binaries (TILECHAIN_ENVOY_BIN, TILECHAIN_VALKEY_BIN)."""
+Envoy, Valkey and the S3 server are the dev environment's binaries (TILECHAIN_ENVOY_BIN,
+TILECHAIN_VALKEY_BIN, TILECHAIN_WEED_BIN)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Iterator
 import pytest
 import redis
 
-from tilechain import envoy, valkey
+from tilechain import envoy, s3server, valkey
 from tilechain.services.core.config import address_env
 from tilechain.stack import COMPONENTS, LOCAL_COMPONENTS, Stack, job_store_uses
 
@@ -43,6 +44,7 @@ def stack_env() -> dict[str, str]:
         envoy.ADMIN_ENV: f"127.0.0.1:{free_port()}",
         envoy.BINARY_ENV: envoy.binary(),
         valkey.BINARY_ENV: valkey.binary(),
+        s3server.BINARY_ENV: s3server.binary(),
     })
     env.pop("TILECHAIN_JOB_STORE", None)
     return env

@@ -120,4 +120,5 @@ def test_finished_jobs_keep_nothing_of_their_attachments(gateway, stack: Stack) 
     for request in requests[3:]:
         assert run_events(gateway, request)[-1].status.state == gateway_pb2.JOB_STATE_SUCCEEDED
     after = memory(pid)
-    assert abs(after["VmRSS"] - before["VmRSS"]) <= 20 * 1024, (before, after)  # 16 x 3 MiB would show
+    # Growth only: the allocator may hand pages back after the warm-up (CI saw -80 MiB), which is fine.
+    assert after["VmRSS"] - before["VmRSS"] <= 20 * 1024, (before, after)  # 16 x 3 MiB would show

@@ -100,7 +100,7 @@ def test_page_shows_the_catalog(page: Page, gateway) -> None:
     # params with their type, range and help, when the stage is opened
     page.click(".catalog-stage[data-type='upscale-simple'] summary code")
     row = page.locator(".catalog-stage[data-type='upscale-simple'] tr[data-param='scale']")
-    assert "int, 2..8" in row.inner_text() and "Factor applied" in row.inner_text()
+    assert "int, 1..8" in row.inner_text() and "Factor applied" in row.inner_text()
     # the example chains are offered, the model-free one chosen
     assert page.input_value("#example") == "noise-upscale"
     assert json.loads(page.input_value("#chain-json")) == json.loads((ROOT / "examples" / "chains" / "noise-upscale.json").read_text())

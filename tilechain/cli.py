@@ -85,6 +85,8 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
 
     attachments = _parse_inputs(args.input, "image") + _parse_inputs(args.mask, "mask") + _parse_inputs(args.control, "control")
     chain = load_chain(Path(args.chain))
+    if args.defaults:
+        chain = with_defaults(chain, args.defaults)
     preview = PreviewWriter(args.preview, args.preview_every) if args.preview else None
     options = {
         "transport_tile": args.transport_tile,
@@ -149,6 +151,25 @@ def _cancel(stub, job: gateway_pb2.JobRef | None) -> None:
         pass
 
 
+def with_defaults(chain: str, defaults: str) -> str:
+    """The chain with more of onnx-web's `defaults` (JSON, or a JSON file): they fill the unset
+    params of the matching stages; for a group both give, these win. The file stays as it is."""
+    import json
+
+    text = Path(defaults).read_text() if not defaults.lstrip().startswith("{") else defaults
+    try:
+        extra = json.loads(text)
+        document = json.loads(chain)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"--defaults: not valid JSON: {exc}") from None
+    if not isinstance(extra, dict) or not isinstance(document, dict):
+        raise SystemExit('--defaults: expected an object like {"txt2img": {"steps": 4}}')
+    merged = dict(document.get("defaults") or {})
+    for group, params in extra.items():
+        merged[group] = {**(merged.get(group) or {}), **params}
+    return json.dumps({**document, "defaults": merged})
+
+
 def _stages(args: argparse.Namespace, rest: list[str]) -> int:
     from tilechain.docs import stage_table
 
@@ -198,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", action="append", default=[], metavar="STAGE=FILE", help="attach an image to a stage")
     p.add_argument("--mask", action="append", default=[], metavar="STAGE=FILE", help="attach a mask to a stage")
     p.add_argument("--control", action="append", default=[], metavar="STAGE=FILE", help="attach a ControlNet control image to a stage")
+    p.add_argument(
+        "--defaults", default="", metavar="JSON",
+        help="onnx-web defaults ({\"txt2img\": {...}, \"img2img\": {...}}, or a file) that fill the stages' unset params",
+    )
     p.add_argument("--gateway", default=default_address("gateway"))
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds for the whole chain")
     p.add_argument("--transport-tile", type=int, default=0, help="transport tile edge (default 512)")

@@ -4,11 +4,15 @@ the gateway (tilechain.v1.Gateway).
 - gRPC (HTTP/2, content-type application/grpc) passes through unchanged: grpc.health.v1 and
   server reflection work through Envoy as they do on the gateway itself.
 - gRPC-Web (application/grpc-web, application/grpc-web-text) goes through envoy.filters.http.grpc_web.
-- JSON goes through envoy.filters.http.grpc_json_transcoder with auto_mapping: POST a JSON body to
-  /tilechain.v1.Gateway/<Method>. Server-streaming methods (RunChain, WatchJob) answer with
-  newline-delimited JSON, one JobEvent per line. An error before the first event comes back as
-  the matching HTTP status with a google.rpc.Status JSON body ({"code": 3, "message": "..."});
-  one after it, as grpc-status and grpc-message HTTP trailers.
+- JSON goes through envoy.filters.http.grpc_json_transcoder: the REST routes of the Gateway's
+  google.api.http options (GET /v1/stages, POST /v1/jobs, GET /v1/jobs/{job_id},
+  POST /v1/jobs/{job_id}:cancel, GET /v1/jobs/{job_id}:watch, POST /v1/jobs:run), and a JSON body
+  POSTed to /tilechain.v1.Gateway/<Method>. Server-streaming methods (RunChain, WatchJob) answer
+  with newline-delimited JSON, one JobEvent per line. An error before the first event comes back
+  as the matching HTTP status with a google.rpc.Status JSON body ({"code": 3, "message": "..."});
+  one after it, as grpc-status and grpc-message HTTP trailers. Envoy's own answers (a body that
+  is not JSON, an unknown path, a body over the limit) are JSON of the same shape
+  (local_reply_config), with the gRPC code that matches their HTTP status.
 
 `python -m tilechain.envoy` renders the config and runs the envoy binary (the component the
 local stack starts); `python -m tilechain.envoy --print` prints the config instead;
@@ -53,9 +57,31 @@ K8S_LISTEN = f"0.0.0.0:{DEFAULT_PORTS['envoy']}"
 K8S_GATEWAY = f"gateway:{DEFAULT_PORTS['gateway']}"
 
 NOT_FOUND_BODY = (
-    "tilechain: this port serves gRPC, gRPC-Web, and JSON as POST /tilechain.v1.Gateway/<Method> "
-    "with content-type application/json\n"
+    "tilechain: no such route. This port serves gRPC, gRPC-Web, and JSON: GET /v1/stages, "
+    "POST /v1/jobs, GET /v1/jobs/{job_id}, POST /v1/jobs/{job_id}:cancel, GET /v1/jobs/{job_id}:watch, "
+    "POST /v1/jobs:run, or POST /tilechain.v1.Gateway/{Method} (content-type application/json)"
 )
+
+# Envoy's own answers (local replies) as JSON like the gateway's errors: the gRPC code that
+# matches the HTTP status (google.rpc.Code), and Envoy's message.
+LOCAL_REPLY_CODES = {400: 3, 401: 16, 403: 7, 404: 5, 408: 4, 413: 8, 429: 8, 431: 8, 500: 13, 501: 12, 502: 14, 503: 14, 504: 4}
+UNKNOWN_CODE = 2
+
+
+def local_reply_config() -> dict[str, Any]:
+    def body(code: int) -> dict[str, Any]:
+        return {"json_format": {"code": code, "message": "%LOCAL_REPLY_BODY%"}}
+
+    mappers = [
+        {
+            "filter": {"status_code_filter": {"comparison": {
+                "op": "EQ", "value": {"default_value": status, "runtime_key": f"tilechain.local_reply.{status}"},
+            }}},
+            "body_format_override": body(code),
+        }
+        for status, code in LOCAL_REPLY_CODES.items()
+    ]
+    return {"mappers": mappers, "body_format": body(UNKNOWN_CODE)}
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -131,7 +157,7 @@ def render(
         "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
         **source,
         services=[GATEWAY_SERVICE],
-        auto_mapping=True,
+        auto_mapping=True,  # methods without a google.api.http option (every one has one now)
         convert_grpc_status=True,
         max_request_body_size=MAX_JSON_REQUEST_BYTES,
         max_response_body_size=MAX_JSON_RESPONSE_BYTES,
@@ -179,7 +205,7 @@ def render(
                 allow_origin_string_match=[
                     {"safe_regex": {"regex": ".*"}} if o == "*" else {"exact": o} for o in cors_origins
                 ],
-                allow_methods="POST, OPTIONS",
+                allow_methods="GET, POST, OPTIONS",
                 allow_headers="content-type, x-grpc-web, x-user-agent, grpc-timeout, authorization",
                 expose_headers="grpc-status, grpc-message, grpc-status-details-bin",
                 max_age="86400",
@@ -204,6 +230,7 @@ def render(
         }],
         route_config={"name": "tilechain", "virtual_hosts": [virtual_host]},
         http_filters=http_filters,
+        local_reply_config=local_reply_config(),
     )
 
     host, port = split_address(gateway)

@@ -32,6 +32,14 @@ def generated_files(out_dir: Path) -> list[Path]:
     return stubs + ([descriptor] if descriptor.exists() else [])
 
 
+def googleapis_include() -> Path:
+    """Where googleapis-common-protos keeps google/api/annotations.proto (the REST routes'
+    google.api.http option): the folder that holds its `google` package."""
+    import google.api.annotations_pb2 as annotations
+
+    return Path(annotations.__file__).resolve().parents[2]
+
+
 def generate(out_dir: Path = ROOT) -> None:
     from grpc_tools import protoc  # a dev dependency: only needed to regenerate
 
@@ -40,6 +48,7 @@ def generate(out_dir: Path = ROOT) -> None:
         "protoc",
         f"-I{PROTO_DIR}",
         f"-I{include}",
+        f"-I{googleapis_include()}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--pyi_out={out_dir}",

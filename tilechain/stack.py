@@ -1,6 +1,6 @@
 """Starting and stopping the local stack: the stage services (one per family), the gateway, Envoy in front
-of it and the web page's server, each its own process, on loopback; and, when asked, Valkey
-(the job store's Redis-protocol server). Used by `make up`/`make down` (via the CLI), the tests
+of it, the web page's server and the S3 server beside them (SeaweedFS), each its own process,
+on loopback; and, when asked, Valkey (the job store's Redis-protocol server). Used by `make up`/`make down` (via the CLI), the tests
 and the benches.
 
 A family's address setting may list several host:port (comma-separated): the stack then starts
@@ -35,11 +35,15 @@ from tilechain.services.core.config import (
 )
 
 COMPONENTS: tuple[str, ...] = (*FAMILIES, "gateway", "envoy")  # the gRPC stack
+# Servers the local stack runs beside tilechain's own (on Kubernetes they are external): the S3
+# server (SeaweedFS) that persist-s3 and source-s3 use by default.
+BACKING: tuple[str, ...] = ("s3",)
 # The web page's server (tilechain.web): HTTP, not gRPC; `make up` starts it after Envoy.
 WEB = "web"
-LOCAL_COMPONENTS: tuple[str, ...] = (*COMPONENTS, WEB)          # what `make up` starts
+LOCAL_COMPONENTS: tuple[str, ...] = (*BACKING, *COMPONENTS, WEB)  # what `make up` starts
 OPTIONAL_COMPONENTS: tuple[str, ...] = ("valkey",)              # started when asked
 JOB_STORE_ENV = "TILECHAIN_JOB_STORE"
+S3_DATA_ENV = "TILECHAIN_S3_DATA_DIR"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -65,6 +69,9 @@ def command(component: str, address: str, python: str = sys.executable, data_dir
         return [python, "-m", "tilechain.valkey", "--address", address, "--dir", str(data_dir or Path("var") / "valkey")]
     if component == WEB:
         return [python, "-m", "tilechain.web", "--address", address]
+    if component == "s3":
+        # runs SeaweedFS's weed as its child (its data: TILECHAIN_S3_DATA_DIR)
+        return [python, "-m", "tilechain.s3server", "--address", address]
     return [python, "-m", "tilechain.cli", "serve", component, "--address", address]
 
 
@@ -100,6 +107,13 @@ class Stack:
         env = dict(os.environ)
         env.update({address_env(c): a for c, a in self.addresses.items()})
         env.update(extra or {})
+        if "s3" in self.addresses and not env.get("TILECHAIN_S3_ENDPOINT"):
+            # the local S3 server is the services' default endpoint, with its credentials
+            from tilechain import s3server
+
+            access, secret = s3server.credentials(env)
+            env.update(TILECHAIN_S3_ENDPOINT=f"http://{self.addresses['s3']}", AWS_ACCESS_KEY_ID=access, AWS_SECRET_ACCESS_KEY=secret)
+            env.setdefault("AWS_DEFAULT_REGION", "us-east-1")
         return env
 
     def log_path(self, name: str) -> Path:
@@ -147,6 +161,8 @@ class Stack:
             # never shares (or leaves) a queue in another's place
             data_dir.mkdir(parents=True, exist_ok=True)
             env[JOB_STORE_ENV] = f"sqlite:///{data_dir / f'jobs-{split_host_port(address)[1]}.db'}"
+        if component == "s3" and not env.get(S3_DATA_ENV):
+            env[S3_DATA_ENV] = str(data_dir / "s3")
         with open(self.log_path(name), "ab") as log:
             self.processes[name] = subprocess.Popen(
                 command(component, address, self.python, valkey_dir), stdout=log, stderr=subprocess.STDOUT,
@@ -191,6 +207,14 @@ class Stack:
 
         if self.component_of(name) == WEB:
             return self._wait_http(address, check_alive)
+        if self.component_of(name) in BACKING:
+            from tilechain import s3server
+
+            env = self.env(self.extra_env)
+            while not s3server.ready(address, env):
+                check_alive()
+                time.sleep(0.2)  # an HTTP server without a health event to wait on: poll
+            return
         if self.component_of(name) == "valkey":
             import redis  # the job store's client, a dependency of the slim install too
 

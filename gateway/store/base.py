@@ -115,7 +115,26 @@ def event_kind(event: gateway_pb2.JobEvent) -> str:
 
 
 def progress_slot(run: int, event: gateway_pb2.JobEvent) -> str:
-    return f"{run}:{event.progress.stage_index}"
+    """Where the history keeps a stage's latest progress: one per run, stage and unit (a
+    diffusion stage reports steps, then tiles; onnx-web's summary counts both)."""
+    return f"{run}:{event.progress.stage_index}:{event.progress.progress.unit}"
+
+
+def add_progress_summary(status: gateway_pb2.JobStatus, history: list[gateway_pb2.JobEvent]) -> None:
+    """onnx-web's progress summary (JobStatus stages, steps, tiles as current of total), from
+    the stage counts and each stage's latest progress per unit in the history, so that a poller
+    can draw a bar without watching."""
+    latest: dict[tuple[int, str], tuple[int, int]] = {}
+    for event in history:
+        if event.WhichOneof("kind") == "progress":
+            progress = event.progress.progress
+            latest[(event.progress.stage_index, progress.unit)] = (progress.done, progress.total)
+    status.stages.total = status.stages_total
+    status.stages.current = status.stages_total if status.state == SUCCEEDED else status.stages_done
+    for unit, counter in (("steps", status.steps), ("tiles", status.tiles)):
+        counts = [value for (_, kind), value in latest.items() if kind == unit]
+        counter.current = sum(done for done, _ in counts)
+        counter.total = sum(total for _, total in counts)
 
 
 def set_times(status: gateway_pb2.JobStatus, created: float | None, started: float | None, ended: float | None) -> None:

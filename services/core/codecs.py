@@ -90,9 +90,16 @@ def decode_image(data: bytes, mask: bool = False) -> np.ndarray:
 def encode_image(pixels: np.ndarray, fmt: str, metadata: dict[str, Any] | None = None, quality: int = 95) -> bytes:
     """Encode to png, jpeg or webp, with metadata as JSON: a PNG text chunk 'tilechain', or the
     EXIF ImageDescription for JPEG and WebP."""
+    out = io.BytesIO()
+    write_image(out, pixels, fmt, metadata, quality)
+    return out.getvalue()
+
+
+def write_image(out: Any, pixels: np.ndarray, fmt: str, metadata: dict[str, Any] | None = None, quality: int = 95) -> None:
+    """encode_image into a writable file object, which gets the bytes as the encoder makes them
+    (PNG and JPEG a block at a time; Pillow's WebP encoder writes the file in one piece)."""
     image = to_pil(pixels)
     text = json.dumps(metadata, sort_keys=True) if metadata is not None else None
-    out = io.BytesIO()
     if fmt == "png":
         info = PngImagePlugin.PngInfo()
         if text is not None:
@@ -107,7 +114,27 @@ def encode_image(pixels: np.ndarray, fmt: str, metadata: dict[str, Any] | None =
         image.save(out, fmt.upper(), quality=quality, exif=exif.tobytes())
     else:
         raise ValueError(f"unknown image format {fmt!r}")
-    return out.getvalue()
+
+
+CONTENT_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+# formats a source stage reads (Pillow's names)
+READABLE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+def encoded_header(data: bytes) -> tuple[int, int, int, str]:
+    """Width, height, channels (3 or 4, as decode_image gives them) and format from the first
+    bytes of an encoded image, without decoding its pixels. ImageDecodeError if they do not
+    hold a header of a readable format (more bytes may)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            channels = 4 if image.mode == "RGBA" or "A" in image.getbands() else 3
+            width, height = image.size
+            fmt = str(image.format)
+    except Exception as exc:
+        raise ImageDecodeError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    if fmt not in READABLE_FORMATS:
+        raise ImageDecodeError(f"a {fmt} image; readable formats: {', '.join(READABLE_FORMATS)}")
+    return width, height, channels, fmt
 
 
 def read_metadata(data: bytes) -> dict[str, Any] | None:

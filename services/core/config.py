@@ -26,6 +26,7 @@ DEFAULT_PORTS: dict[str, int] = {
     "envoy": 8080,
     "valkey": 6379,  # the job store's Redis-protocol server, when the local stack runs one
     "web": 8090,  # the web page (tilechain.web), which passes its API calls on to Envoy
+    "s3": 8333,  # the local stack's S3 server (SeaweedFS)
 }
 
 # gRPC message limits: transport tiles are at most 4 MiB of pixels; the headroom covers the
@@ -225,6 +226,16 @@ class Settings:
     output_root: Path = Path("var/outputs")  # persist-disk writes only below this
     models_root: Path = Path("var/models")      # models.yaml paths are relative to this
     models_config: Path = Path("models.yaml")
+    # S3 (persist-s3, source-s3): the endpoint a chain gets when it names none ("" = AWS), and
+    # the other endpoints a chain may name, each "URL" or "URL=URL to connect to instead"
+    s3_endpoint: str = ""
+    s3_endpoints: tuple[str, ...] = ()
+    # source-url and source-s3: the largest body read, the time for one image, and the networks
+    # a URL may reach besides public addresses (CIDRs; loopback, private, link-local and
+    # metadata addresses are refused unless listed)
+    source_max_bytes: int = 256 * 1024 * 1024
+    source_timeout: float = 60.0
+    source_allow_networks: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -240,4 +251,14 @@ class Settings:
             output_root=Path(env.get("TILECHAIN_OUTPUT_ROOT", cls.output_root)).resolve(),
             models_root=Path(env.get("TILECHAIN_MODELS_ROOT", cls.models_root)).resolve(),
             models_config=Path(env.get("TILECHAIN_MODELS_CONFIG", cls.models_config)).resolve(),
+            s3_endpoint=env.get("TILECHAIN_S3_ENDPOINT", cls.s3_endpoint).strip(),
+            s3_endpoints=_list(env.get("TILECHAIN_S3_ENDPOINTS", "")),
+            source_max_bytes=int(env.get("TILECHAIN_SOURCE_MAX_BYTES", cls.source_max_bytes)),
+            source_timeout=float(env.get("TILECHAIN_SOURCE_TIMEOUT", cls.source_timeout)),
+            source_allow_networks=_list(env.get("TILECHAIN_SOURCE_ALLOW_NETWORKS", "")),
         )
+
+
+def _list(value: str) -> tuple[str, ...]:
+    """A comma-separated setting."""
+    return tuple(item.strip() for item in value.split(",") if item.strip())

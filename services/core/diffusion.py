@@ -162,15 +162,48 @@ def pipeline_class_name(entry: ModelEntry) -> str:
     return str(json.loads(index.read_text()).get("_class_name", ""))
 
 
+# Short scheduler names: onnx-web's (its pipeline_schedulers) and the usual ones, each a
+# diffusers class. A scheduler param (and models.yaml's `scheduler`) takes these or a class name.
+SCHEDULERS: dict[str, str] = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "deis": "DEISMultistepScheduler",
+    "deis-multi": "DEISMultistepScheduler",
+    "dpm-multi": "DPMSolverMultistepScheduler",
+    "dpm-sde": "DPMSolverSDEScheduler",  # needs the torchsde package
+    "dpm-single": "DPMSolverSinglestepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "ipndm": "IPNDMScheduler",
+    "k-dpm-2": "KDPM2DiscreteScheduler",
+    "k-dpm-2-a": "KDPM2AncestralDiscreteScheduler",
+    "lcm": "LCMScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "lms-discrete": "LMSDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "tcd": "TCDScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "unipc-multi": "UniPCMultistepScheduler",
+}
+
+
 def scheduler_class(name: str) -> type:
-    """A diffusers scheduler class by name, or ParamError('scheduler')."""
+    """A diffusers scheduler class by short name (SCHEDULERS) or class name, or
+    ParamError('scheduler')."""
     import diffusers
     from diffusers import SchedulerMixin
 
-    cls = getattr(diffusers, name, None)
+    class_name = SCHEDULERS.get(name.strip().lower(), name)
+    cls = getattr(diffusers, class_name, None)
+    if isinstance(cls, type) and not issubclass(cls, SchedulerMixin) and class_name.endswith("Scheduler"):
+        # diffusers' placeholder for a scheduler whose own dependency is missing
+        from .stage import module_installed
+
+        missing = ", ".join(b for b in getattr(cls, "_backends", ()) if not module_installed(b)) or "a package"
+        raise ParamError("scheduler", f"{name!r} ({class_name}) needs {missing}, which is not installed")
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
-        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and n != "SchedulerMixin")
-        raise ParamError("scheduler", f"{name!r} is not a diffusers scheduler; e.g. {', '.join(known[:12])}, ...")
+        raise ParamError("scheduler", f"{name!r} is not a diffusers scheduler; short names: {', '.join(SCHEDULERS)}; or a class name such as DDIMScheduler")
     return cls
 
 
@@ -577,7 +610,7 @@ def prompt_params(default_model: str, steps: int = 25, cfg: float = 7.0) -> tupl
 
 def sampling_params() -> tuple[Param, ...]:
     return (
-        Param("scheduler", str, "", "A diffusers scheduler class by name (e.g. DDIMScheduler, EulerAncestralDiscreteScheduler); '' keeps the model's."),
+        Param("scheduler", str, "", "A scheduler: a short name (euler-a, ddim, dpm-multi, ..., docs/onnx-web.md) or a diffusers class name (DDIMScheduler, ...); '' keeps the model's."),
         Param("clip_skip", int, 0, "Skip this many final CLIP layers for the prompt embedding.", min=0, max=12),
         Param("eta", float, 0.0, "DDIM-style eta, for schedulers that take it.", min=0.0, max=1.0),
         Param("loras", dict, {}, "LoRAs from models.yaml with their weights, e.g. {\"detail\": 0.8}.", ),

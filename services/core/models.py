@@ -48,18 +48,34 @@ class ModelRegistry:
         self.models_root = models_root.resolve()
         self.entries: dict[str, dict[str, ModelEntry]] = {kind: {} for kind in KINDS}
         self.preload: list[str] = []  # models to load at start-up (models.yaml `preload:`)
+        # other names of an entry (`aliases: [...]`), e.g. onnx-web's model names: name -> entry name
+        self.aliases: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
         if config is not None and config.exists():
             document = yaml.safe_load(config.read_text()) or {}
             for kind in KINDS:
                 for name, spec in (document.get(kind) or {}).items():
                     self.entries[kind][name] = self._entry(name, kind, spec or {})
+                    for alias in self._aliases(kind, name, (spec or {}).get("aliases", [])):
+                        self.aliases[kind][alias] = name
+            for kind in KINDS:
+                clash = set(self.aliases[kind]) & set(self.entries[kind])
+                if clash:
+                    raise ValueError(f"models.yaml: {kind}: {sorted(clash)} is both a model and another model's alias")
             preload = document.get("preload") or []
             if not isinstance(preload, list) or not all(isinstance(n, str) for n in preload):
                 raise ValueError(f"{config}: preload must be a list of model names")
             self.preload = preload
 
+    def _aliases(self, kind: str, name: str, aliases: Any) -> list[str]:
+        if not isinstance(aliases, list) or not all(isinstance(a, str) and a for a in aliases):
+            raise ValueError(f"models.yaml: {kind}.{name}: aliases must be a list of names")
+        for alias in aliases:
+            if alias in self.aliases[kind]:
+                raise ValueError(f"models.yaml: {kind}: alias {alias!r} names both {self.aliases[kind][alias]} and {name}")
+        return aliases
+
     def _entry(self, name: str, kind: str, spec: dict[str, Any]) -> ModelEntry:
-        options = {k: v for k, v in spec.items() if k not in ("path", "hub")}
+        options = {k: v for k, v in spec.items() if k not in ("path", "hub", "aliases")}
         if "builtin" in spec:  # a resource a package ships (e.g. OpenCV's cascades)
             return ModelEntry(name, kind, None, None, options)
         if "path" in spec:
@@ -72,7 +88,7 @@ class ModelRegistry:
     def knows(self, name: str) -> bool:
         """Whether name is a model of any kind in models.yaml, or a file or folder under the
         models root."""
-        if any(name in entries for entries in self.entries.values()):
+        if any(name in entries for entries in self.entries.values()) or any(name in a for a in self.aliases.values()):
             return True
         path = (self.models_root / name).resolve()
         return path.is_relative_to(self.models_root) and path.exists()
@@ -84,6 +100,8 @@ class ModelRegistry:
         """A model by its models.yaml name, or a file or folder under the models root."""
         if value in self.entries[kind]:
             return self.entries[kind][value]
+        if value in self.aliases[kind]:
+            return self.entries[kind][self.aliases[kind][value]]
         path = Path(value)
         resolved = (path if path.is_absolute() else self.models_root / path).resolve()
         if not resolved.is_relative_to(self.models_root):

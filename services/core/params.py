@@ -62,21 +62,26 @@ class Param:
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    def type_fits(self, value: Any) -> bool:
+        """Whether the value is of this param's type (or one of its keywords), range aside."""
+        if isinstance(value, str) and value in self.keywords:
+            return True
+        if self.type is bool:
+            return isinstance(value, bool)
+        if self.type is int:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
+        if self.type is float:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return isinstance(value, self.type)
+
     def check(self, value: Any) -> Any:
         """The value converted to this param's type, or ParamError."""
         if isinstance(value, str) and value in self.keywords:
             return value
         check_value(self.name, value)
-        if self.type is bool:
-            ok = isinstance(value, bool)
-        elif self.type is int:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and float(value).is_integer()
-            value = int(value) if ok else value
-        elif self.type is float:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value) if ok else value
-        else:
-            ok = isinstance(value, self.type)
+        ok = self.type_fits(value)
+        if ok and self.type in (int, float):
+            value = self.type(value)
         if not ok:
             also = "".join(f" or {k!r}" for k in self.keywords)
             raise ParamError(self.name, f"expected {_TYPE_NAMES[self.type]}{also}, got {shown(value)}")

@@ -22,61 +22,76 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from tilechain.v1 import stage_pb2 as tilechain_dot_v1_dot_stage__pb2
 from tilechain.v1 import tiles_pb2 as tilechain_dot_v1_dot_tiles__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atilechain/v1/gateway.proto\x12\x0ctilechain.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tilechain/v1/stage.proto\x1a\x18tilechain/v1/tiles.proto\"Q\n\nChainStage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"1\n\x05\x43hain\x12(\n\x06stages\x18\x01 \x03(\x0b\x32\x18.tilechain.v1.ChainStage\"E\n\nAttachment\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x04\"L\n\x0f\x41ttachmentChunk\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x0b\n\tUploadEnd\"\x9c\x01\n\x0b\x43hainUpload\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tilechain.v1.ChainRequestH\x00\x12.\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1d.tilechain.v1.AttachmentChunkH\x00\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x17.tilechain.v1.UploadEndH\x00\x42\x06\n\x04kind\"\xdc\x01\n\x0c\x43hainRequest\x12\"\n\x05\x63hain\x18\x01 \x01(\x0b\x32\x13.tilechain.v1.Chain\x12\x12\n\nchain_json\x18\x02 \x01(\t\x12-\n\x0b\x61ttachments\x18\x03 \x03(\x0b\x32\x18.tilechain.v1.Attachment\x12.\n\x0creturn_tiles\x18\x04 \x01(\x0e\x32\x18.tilechain.v1.TileReturn\x12\x16\n\x0etransport_tile\x18\x05 \x01(\r\x12\x1d\n\x15\x64\x65\x63ode_between_stages\x18\x06 \x01(\x08\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xab\x03\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.tilechain.v1.JobState\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\tartifacts\x18\x05 \x03(\x0b\x32\x16.tilechain.v1.Artifact\x12\x14\n\x0cstages_total\x18\x06 \x01(\r\x12\x13\n\x0bstages_done\x18\x07 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\x12\x14\n\x0cmax_attempts\x18\t \x01(\r\x12\x16\n\x0equeue_position\x18\n \x01(\r\x12\x14\n\x0cqueue_length\x18\x0b \x01(\r\x12\x0f\n\x07gateway\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"?\n\nQueueEvent\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\"\xd4\x01\n\nStageEvent\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.tilechain.v1.StageEvent.Kind\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12%\n\x07outputs\x18\x05 \x03(\x0b\x32\x14.tilechain.v1.Canvas\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_STARTED\x10\x01\x12\x11\n\rKIND_FINISHED\x10\x02\"\\\n\rStageProgress\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x08progress\x18\x03 \x01(\x0b\x32\x16.tilechain.v1.Progress\"v\n\tTileEvent\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x06\x63\x61nvas\x18\x03 \x01(\x0b\x32\x14.tilechain.v1.Canvas\x12 \n\x04tile\x18\x04 \x01(\x0b\x32\x12.tilechain.v1.Tile\"A\n\x0bNoticeEvent\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xd6\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x05stage\x18\x02 \x01(\x0b\x32\x18.tilechain.v1.StageEventH\x00\x12/\n\x08progress\x18\x03 \x01(\x0b\x32\x1b.tilechain.v1.StageProgressH\x00\x12\'\n\x04tile\x18\x04 \x01(\x0b\x32\x17.tilechain.v1.TileEventH\x00\x12*\n\x08\x61rtifact\x18\x05 \x01(\x0b\x32\x16.tilechain.v1.ArtifactH\x00\x12+\n\x06notice\x18\x06 \x01(\x0b\x32\x19.tilechain.v1.NoticeEventH\x00\x12)\n\x06status\x18\x07 \x01(\x0b\x32\x17.tilechain.v1.JobStatusH\x00\x12)\n\x05queue\x18\x08 \x01(\x0b\x32\x18.tilechain.v1.QueueEventH\x00\x42\x06\n\x04kind\"\x13\n\x11ListStagesRequest\"s\n\x12ListStagesResponse\x12,\n\x08\x63\x61talogs\x18\x01 \x03(\x0b\x32\x1a.tilechain.v1.StageCatalog\x12/\n\rfamilies_down\x18\x02 \x03(\x0b\x32\x18.tilechain.v1.FamilyDown\"<\n\nFamilyDown\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t*N\n\nTileReturn\x12\x14\n\x10TILE_RETURN_NONE\x10\x00\x12\x15\n\x11TILE_RETURN_FINAL\x10\x01\x12\x13\n\x0fTILE_RETURN_ALL\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xd6\x03\n\x07Gateway\x12@\n\x08RunChain\x12\x1a.tilechain.v1.ChainRequest\x1a\x16.tilechain.v1.JobEvent0\x01\x12?\n\x0bSubmitChain\x12\x1a.tilechain.v1.ChainRequest\x1a\x14.tilechain.v1.JobRef\x12\x46\n\x11SubmitChainStream\x12\x19.tilechain.v1.ChainUpload\x1a\x14.tilechain.v1.JobRef(\x01\x12\x37\n\x06GetJob\x12\x14.tilechain.v1.JobRef\x1a\x17.tilechain.v1.JobStatus\x12:\n\x08WatchJob\x12\x14.tilechain.v1.JobRef\x1a\x16.tilechain.v1.JobEvent0\x01\x12:\n\tCancelJob\x12\x14.tilechain.v1.JobRef\x1a\x17.tilechain.v1.JobStatus\x12O\n\nListStages\x12\x1f.tilechain.v1.ListStagesRequest\x1a .tilechain.v1.ListStagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atilechain/v1/gateway.proto\x12\x0ctilechain.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18tilechain/v1/stage.proto\x1a\x18tilechain/v1/tiles.proto\"Q\n\nChainStage\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\'\n\x06params\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\"n\n\x05\x43hain\x12(\n\x06stages\x18\x01 \x03(\x0b\x32\x18.tilechain.v1.ChainStage\x12)\n\x08\x64\x65\x66\x61ults\x18\x14 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08platform\x18\x15 \x01(\t\"E\n\nAttachment\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0c\n\x04size\x18\x04 \x01(\x04\"L\n\x0f\x41ttachmentChunk\x12\r\n\x05stage\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\x0b\n\tUploadEnd\"\x9c\x01\n\x0b\x43hainUpload\x12-\n\x07request\x18\x01 \x01(\x0b\x32\x1a.tilechain.v1.ChainRequestH\x00\x12.\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1d.tilechain.v1.AttachmentChunkH\x00\x12&\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x17.tilechain.v1.UploadEndH\x00\x42\x06\n\x04kind\"\xc3\x02\n\x0c\x43hainRequest\x12\"\n\x05\x63hain\x18\x01 \x01(\x0b\x32\x13.tilechain.v1.Chain\x12\x12\n\nchain_json\x18\x02 \x01(\t\x12-\n\x0b\x61ttachments\x18\x03 \x03(\x0b\x32\x18.tilechain.v1.Attachment\x12.\n\x0creturn_tiles\x18\x04 \x01(\x0e\x32\x18.tilechain.v1.TileReturn\x12\x16\n\x0etransport_tile\x18\x05 \x01(\r\x12\x1d\n\x15\x64\x65\x63ode_between_stages\x18\x06 \x01(\x08\x12(\n\x06stages\x18\x14 \x03(\x0b\x32\x18.tilechain.v1.ChainStage\x12)\n\x08\x64\x65\x66\x61ults\x18\x15 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08platform\x18\x16 \x01(\t\"\x18\n\x06JobRef\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xb0\x04\n\tJobStatus\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.tilechain.v1.JobState\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\x0f\n\x07message\x18\x04 \x01(\t\x12)\n\tartifacts\x18\x05 \x03(\x0b\x32\x16.tilechain.v1.Artifact\x12\x14\n\x0cstages_total\x18\x06 \x01(\r\x12\x13\n\x0bstages_done\x18\x07 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x08 \x01(\r\x12\x14\n\x0cmax_attempts\x18\t \x01(\r\x12\x16\n\x0equeue_position\x18\n \x01(\r\x12\x14\n\x0cqueue_length\x18\x0b \x01(\r\x12\x0f\n\x07gateway\x18\x0c \x01(\t\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x06stages\x18\x14 \x01(\x0b\x32\x1b.tilechain.v1.ProgressCount\x12*\n\x05steps\x18\x15 \x01(\x0b\x32\x1b.tilechain.v1.ProgressCount\x12*\n\x05tiles\x18\x16 \x01(\x0b\x32\x1b.tilechain.v1.ProgressCount\"/\n\rProgressCount\x12\x0f\n\x07\x63urrent\x18\x01 \x01(\r\x12\r\n\x05total\x18\x02 \x01(\r\"?\n\nQueueEvent\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\r\"\xd4\x01\n\nStageEvent\x12+\n\x04kind\x18\x01 \x01(\x0e\x32\x1d.tilechain.v1.StageEvent.Kind\x12\x13\n\x0bstage_index\x18\x02 \x01(\r\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04type\x18\x04 \x01(\t\x12%\n\x07outputs\x18\x05 \x03(\x0b\x32\x14.tilechain.v1.Canvas\"A\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_STARTED\x10\x01\x12\x11\n\rKIND_FINISHED\x10\x02\"\\\n\rStageProgress\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12(\n\x08progress\x18\x03 \x01(\x0b\x32\x16.tilechain.v1.Progress\"v\n\tTileEvent\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12$\n\x06\x63\x61nvas\x18\x03 \x01(\x0b\x32\x14.tilechain.v1.Canvas\x12 \n\x04tile\x18\x04 \x01(\x0b\x32\x12.tilechain.v1.Tile\"A\n\x0bNoticeEvent\x12\x13\n\x0bstage_index\x18\x01 \x01(\r\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xd6\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12)\n\x05stage\x18\x02 \x01(\x0b\x32\x18.tilechain.v1.StageEventH\x00\x12/\n\x08progress\x18\x03 \x01(\x0b\x32\x1b.tilechain.v1.StageProgressH\x00\x12\'\n\x04tile\x18\x04 \x01(\x0b\x32\x17.tilechain.v1.TileEventH\x00\x12*\n\x08\x61rtifact\x18\x05 \x01(\x0b\x32\x16.tilechain.v1.ArtifactH\x00\x12+\n\x06notice\x18\x06 \x01(\x0b\x32\x19.tilechain.v1.NoticeEventH\x00\x12)\n\x06status\x18\x07 \x01(\x0b\x32\x17.tilechain.v1.JobStatusH\x00\x12)\n\x05queue\x18\x08 \x01(\x0b\x32\x18.tilechain.v1.QueueEventH\x00\x42\x06\n\x04kind\"\x13\n\x11ListStagesRequest\"s\n\x12ListStagesResponse\x12,\n\x08\x63\x61talogs\x18\x01 \x03(\x0b\x32\x1a.tilechain.v1.StageCatalog\x12/\n\rfamilies_down\x18\x02 \x03(\x0b\x32\x18.tilechain.v1.FamilyDown\"<\n\nFamilyDown\x12\x0e\n\x06\x66\x61mily\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t*N\n\nTileReturn\x12\x14\n\x10TILE_RETURN_NONE\x10\x00\x12\x15\n\x11TILE_RETURN_FINAL\x10\x01\x12\x13\n\x0fTILE_RETURN_ALL\x10\x02*\x9a\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x03\x12\x14\n\x10JOB_STATE_FAILED\x10\x04\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x05\x32\xdb\x06\n\x07Gateway\x12~\n\x08RunChain\x12\x1a.tilechain.v1.ChainRequest\x1a\x16.tilechain.v1.JobEvent\"<\x82\xd3\xe4\x93\x02\x36\"\x0c/v1/jobs:run:\x01*Z#\"\x1e/tilechain.v1.Gateway/RunChain:\x01*0\x01\x12|\n\x0bSubmitChain\x12\x1a.tilechain.v1.ChainRequest\x1a\x14.tilechain.v1.JobRef\";\x82\xd3\xe4\x93\x02\x35\"\x08/v1/jobs:\x01*Z&\"!/tilechain.v1.Gateway/SubmitChain:\x01*\x12\x46\n\x11SubmitChainStream\x12\x19.tilechain.v1.ChainUpload\x1a\x14.tilechain.v1.JobRef(\x01\x12u\n\x06GetJob\x12\x14.tilechain.v1.JobRef\x1a\x17.tilechain.v1.JobStatus\"<\x82\xd3\xe4\x93\x02\x36\x12\x11/v1/jobs/{job_id}Z!\"\x1c/tilechain.v1.Gateway/GetJob:\x01*\x12\x80\x01\n\x08WatchJob\x12\x14.tilechain.v1.JobRef\x1a\x16.tilechain.v1.JobEvent\"D\x82\xd3\xe4\x93\x02>\x12\x17/v1/jobs/{job_id}:watchZ#\"\x1e/tilechain.v1.Gateway/WatchJob:\x01*0\x01\x12\x82\x01\n\tCancelJob\x12\x14.tilechain.v1.JobRef\x1a\x17.tilechain.v1.JobStatus\"F\x82\xd3\xe4\x93\x02@\"\x18/v1/jobs/{job_id}:cancelZ$\"\x1f/tilechain.v1.Gateway/CancelJob:\x01*\x12\x8a\x01\n\nListStages\x12\x1f.tilechain.v1.ListStagesRequest\x1a .tilechain.v1.ListStagesResponse\"9\x82\xd3\xe4\x93\x02\x33\x12\n/v1/stagesZ%\" /tilechain.v1.Gateway/ListStages:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tilechain.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TILERETURN']._serialized_start=2399
-  _globals['_TILERETURN']._serialized_end=2477
-  _globals['_JOBSTATE']._serialized_start=2480
-  _globals['_JOBSTATE']._serialized_end=2634
-  _globals['_CHAINSTAGE']._serialized_start=159
-  _globals['_CHAINSTAGE']._serialized_end=240
-  _globals['_CHAIN']._serialized_start=242
-  _globals['_CHAIN']._serialized_end=291
-  _globals['_ATTACHMENT']._serialized_start=293
-  _globals['_ATTACHMENT']._serialized_end=362
-  _globals['_ATTACHMENTCHUNK']._serialized_start=364
-  _globals['_ATTACHMENTCHUNK']._serialized_end=440
-  _globals['_UPLOADEND']._serialized_start=442
-  _globals['_UPLOADEND']._serialized_end=453
-  _globals['_CHAINUPLOAD']._serialized_start=456
-  _globals['_CHAINUPLOAD']._serialized_end=612
-  _globals['_CHAINREQUEST']._serialized_start=615
-  _globals['_CHAINREQUEST']._serialized_end=835
-  _globals['_JOBREF']._serialized_start=837
-  _globals['_JOBREF']._serialized_end=861
-  _globals['_JOBSTATUS']._serialized_start=864
-  _globals['_JOBSTATUS']._serialized_end=1291
-  _globals['_QUEUEEVENT']._serialized_start=1293
-  _globals['_QUEUEEVENT']._serialized_end=1356
-  _globals['_STAGEEVENT']._serialized_start=1359
-  _globals['_STAGEEVENT']._serialized_end=1571
-  _globals['_STAGEEVENT_KIND']._serialized_start=1506
-  _globals['_STAGEEVENT_KIND']._serialized_end=1571
-  _globals['_STAGEPROGRESS']._serialized_start=1573
-  _globals['_STAGEPROGRESS']._serialized_end=1665
-  _globals['_TILEEVENT']._serialized_start=1667
-  _globals['_TILEEVENT']._serialized_end=1785
-  _globals['_NOTICEEVENT']._serialized_start=1787
-  _globals['_NOTICEEVENT']._serialized_end=1852
-  _globals['_JOBEVENT']._serialized_start=1855
-  _globals['_JOBEVENT']._serialized_end=2197
-  _globals['_LISTSTAGESREQUEST']._serialized_start=2199
-  _globals['_LISTSTAGESREQUEST']._serialized_end=2218
-  _globals['_LISTSTAGESRESPONSE']._serialized_start=2220
-  _globals['_LISTSTAGESRESPONSE']._serialized_end=2335
-  _globals['_FAMILYDOWN']._serialized_start=2337
-  _globals['_FAMILYDOWN']._serialized_end=2397
-  _globals['_GATEWAY']._serialized_start=2637
-  _globals['_GATEWAY']._serialized_end=3107
+  _globals['_GATEWAY'].methods_by_name['RunChain']._loaded_options = None
+  _globals['_GATEWAY'].methods_by_name['RunChain']._serialized_options = b'\202\323\344\223\0026\"\014/v1/jobs:run:\001*Z#\"\036/tilechain.v1.Gateway/RunChain:\001*'
+  _globals['_GATEWAY'].methods_by_name['SubmitChain']._loaded_options = None
+  _globals['_GATEWAY'].methods_by_name['SubmitChain']._serialized_options = b'\202\323\344\223\0025\"\010/v1/jobs:\001*Z&\"!/tilechain.v1.Gateway/SubmitChain:\001*'
+  _globals['_GATEWAY'].methods_by_name['GetJob']._loaded_options = None
+  _globals['_GATEWAY'].methods_by_name['GetJob']._serialized_options = b'\202\323\344\223\0026\022\021/v1/jobs/{job_id}Z!\"\034/tilechain.v1.Gateway/GetJob:\001*'
+  _globals['_GATEWAY'].methods_by_name['WatchJob']._loaded_options = None
+  _globals['_GATEWAY'].methods_by_name['WatchJob']._serialized_options = b'\202\323\344\223\002>\022\027/v1/jobs/{job_id}:watchZ#\"\036/tilechain.v1.Gateway/WatchJob:\001*'
+  _globals['_GATEWAY'].methods_by_name['CancelJob']._loaded_options = None
+  _globals['_GATEWAY'].methods_by_name['CancelJob']._serialized_options = b'\202\323\344\223\002@\"\030/v1/jobs/{job_id}:cancelZ$\"\037/tilechain.v1.Gateway/CancelJob:\001*'
+  _globals['_GATEWAY'].methods_by_name['ListStages']._loaded_options = None
+  _globals['_GATEWAY'].methods_by_name['ListStages']._serialized_options = b'\202\323\344\223\0023\022\n/v1/stagesZ%\" /tilechain.v1.Gateway/ListStages:\001*'
+  _globals['_TILERETURN']._serialized_start=2775
+  _globals['_TILERETURN']._serialized_end=2853
+  _globals['_JOBSTATE']._serialized_start=2856
+  _globals['_JOBSTATE']._serialized_end=3010
+  _globals['_CHAINSTAGE']._serialized_start=189
+  _globals['_CHAINSTAGE']._serialized_end=270
+  _globals['_CHAIN']._serialized_start=272
+  _globals['_CHAIN']._serialized_end=382
+  _globals['_ATTACHMENT']._serialized_start=384
+  _globals['_ATTACHMENT']._serialized_end=453
+  _globals['_ATTACHMENTCHUNK']._serialized_start=455
+  _globals['_ATTACHMENTCHUNK']._serialized_end=531
+  _globals['_UPLOADEND']._serialized_start=533
+  _globals['_UPLOADEND']._serialized_end=544
+  _globals['_CHAINUPLOAD']._serialized_start=547
+  _globals['_CHAINUPLOAD']._serialized_end=703
+  _globals['_CHAINREQUEST']._serialized_start=706
+  _globals['_CHAINREQUEST']._serialized_end=1029
+  _globals['_JOBREF']._serialized_start=1031
+  _globals['_JOBREF']._serialized_end=1055
+  _globals['_JOBSTATUS']._serialized_start=1058
+  _globals['_JOBSTATUS']._serialized_end=1618
+  _globals['_PROGRESSCOUNT']._serialized_start=1620
+  _globals['_PROGRESSCOUNT']._serialized_end=1667
+  _globals['_QUEUEEVENT']._serialized_start=1669
+  _globals['_QUEUEEVENT']._serialized_end=1732
+  _globals['_STAGEEVENT']._serialized_start=1735
+  _globals['_STAGEEVENT']._serialized_end=1947
+  _globals['_STAGEEVENT_KIND']._serialized_start=1882
+  _globals['_STAGEEVENT_KIND']._serialized_end=1947
+  _globals['_STAGEPROGRESS']._serialized_start=1949
+  _globals['_STAGEPROGRESS']._serialized_end=2041
+  _globals['_TILEEVENT']._serialized_start=2043
+  _globals['_TILEEVENT']._serialized_end=2161
+  _globals['_NOTICEEVENT']._serialized_start=2163
+  _globals['_NOTICEEVENT']._serialized_end=2228
+  _globals['_JOBEVENT']._serialized_start=2231
+  _globals['_JOBEVENT']._serialized_end=2573
+  _globals['_LISTSTAGESREQUEST']._serialized_start=2575
+  _globals['_LISTSTAGESREQUEST']._serialized_end=2594
+  _globals['_LISTSTAGESRESPONSE']._serialized_start=2596
+  _globals['_LISTSTAGESRESPONSE']._serialized_end=2711
+  _globals['_FAMILYDOWN']._serialized_start=2713
+  _globals['_FAMILYDOWN']._serialized_end=2773
+  _globals['_GATEWAY']._serialized_start=3013
+  _globals['_GATEWAY']._serialized_end=3872
 # @@protoc_insertion_point(module_scope)

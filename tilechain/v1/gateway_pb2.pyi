@@ -1,5 +1,6 @@
 import datetime
 
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from tilechain.v1 import stage_pb2 as _stage_pb2
@@ -48,10 +49,14 @@ class ChainStage(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[str] = ..., params: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
 class Chain(_message.Message):
-    __slots__ = ("stages",)
+    __slots__ = ("stages", "defaults", "platform")
     STAGES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
     stages: _containers.RepeatedCompositeFieldContainer[ChainStage]
-    def __init__(self, stages: _Optional[_Iterable[_Union[ChainStage, _Mapping]]] = ...) -> None: ...
+    defaults: _struct_pb2.Struct
+    platform: str
+    def __init__(self, stages: _Optional[_Iterable[_Union[ChainStage, _Mapping]]] = ..., defaults: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., platform: _Optional[str] = ...) -> None: ...
 
 class Attachment(_message.Message):
     __slots__ = ("stage", "role", "data", "size")
@@ -92,20 +97,26 @@ class ChainUpload(_message.Message):
     def __init__(self, request: _Optional[_Union[ChainRequest, _Mapping]] = ..., chunk: _Optional[_Union[AttachmentChunk, _Mapping]] = ..., end: _Optional[_Union[UploadEnd, _Mapping]] = ...) -> None: ...
 
 class ChainRequest(_message.Message):
-    __slots__ = ("chain", "chain_json", "attachments", "return_tiles", "transport_tile", "decode_between_stages")
+    __slots__ = ("chain", "chain_json", "attachments", "return_tiles", "transport_tile", "decode_between_stages", "stages", "defaults", "platform")
     CHAIN_FIELD_NUMBER: _ClassVar[int]
     CHAIN_JSON_FIELD_NUMBER: _ClassVar[int]
     ATTACHMENTS_FIELD_NUMBER: _ClassVar[int]
     RETURN_TILES_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_TILE_FIELD_NUMBER: _ClassVar[int]
     DECODE_BETWEEN_STAGES_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    PLATFORM_FIELD_NUMBER: _ClassVar[int]
     chain: Chain
     chain_json: str
     attachments: _containers.RepeatedCompositeFieldContainer[Attachment]
     return_tiles: TileReturn
     transport_tile: int
     decode_between_stages: bool
-    def __init__(self, chain: _Optional[_Union[Chain, _Mapping]] = ..., chain_json: _Optional[str] = ..., attachments: _Optional[_Iterable[_Union[Attachment, _Mapping]]] = ..., return_tiles: _Optional[_Union[TileReturn, str]] = ..., transport_tile: _Optional[int] = ..., decode_between_stages: _Optional[bool] = ...) -> None: ...
+    stages: _containers.RepeatedCompositeFieldContainer[ChainStage]
+    defaults: _struct_pb2.Struct
+    platform: str
+    def __init__(self, chain: _Optional[_Union[Chain, _Mapping]] = ..., chain_json: _Optional[str] = ..., attachments: _Optional[_Iterable[_Union[Attachment, _Mapping]]] = ..., return_tiles: _Optional[_Union[TileReturn, str]] = ..., transport_tile: _Optional[int] = ..., decode_between_stages: _Optional[bool] = ..., stages: _Optional[_Iterable[_Union[ChainStage, _Mapping]]] = ..., defaults: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., platform: _Optional[str] = ...) -> None: ...
 
 class JobRef(_message.Message):
     __slots__ = ("job_id",)
@@ -114,7 +125,7 @@ class JobRef(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class JobStatus(_message.Message):
-    __slots__ = ("job_id", "state", "code", "message", "artifacts", "stages_total", "stages_done", "attempt", "max_attempts", "queue_position", "queue_length", "gateway", "created_at", "started_at", "ended_at")
+    __slots__ = ("job_id", "state", "code", "message", "artifacts", "stages_total", "stages_done", "attempt", "max_attempts", "queue_position", "queue_length", "gateway", "created_at", "started_at", "ended_at", "stages", "steps", "tiles")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +141,9 @@ class JobStatus(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     ENDED_AT_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    TILES_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     code: int
@@ -145,7 +159,18 @@ class JobStatus(_message.Message):
     created_at: _timestamp_pb2.Timestamp
     started_at: _timestamp_pb2.Timestamp
     ended_at: _timestamp_pb2.Timestamp
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_stage_pb2.Artifact, _Mapping]]] = ..., stages_total: _Optional[int] = ..., stages_done: _Optional[int] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., queue_position: _Optional[int] = ..., queue_length: _Optional[int] = ..., gateway: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    stages: ProgressCount
+    steps: ProgressCount
+    tiles: ProgressCount
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., code: _Optional[int] = ..., message: _Optional[str] = ..., artifacts: _Optional[_Iterable[_Union[_stage_pb2.Artifact, _Mapping]]] = ..., stages_total: _Optional[int] = ..., stages_done: _Optional[int] = ..., attempt: _Optional[int] = ..., max_attempts: _Optional[int] = ..., queue_position: _Optional[int] = ..., queue_length: _Optional[int] = ..., gateway: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ended_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., stages: _Optional[_Union[ProgressCount, _Mapping]] = ..., steps: _Optional[_Union[ProgressCount, _Mapping]] = ..., tiles: _Optional[_Union[ProgressCount, _Mapping]] = ...) -> None: ...
+
+class ProgressCount(_message.Message):
+    __slots__ = ("current", "total")
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    current: int
+    total: int
+    def __init__(self, current: _Optional[int] = ..., total: _Optional[int] = ...) -> None: ...
 
 class QueueEvent(_message.Message):
     __slots__ = ("position", "length", "attempt")

@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class GatewayStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every method is also served as JSON over HTTP by Envoy's transcoder: at its REST route below
+    and, as before, at POST /tilechain.v1.Gateway/<Method> (the additional binding).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,7 +74,9 @@ class GatewayStub:
 
 
 class GatewayServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every method is also served as JSON over HTTP by Envoy's transcoder: at its REST route below
+    and, as before, at POST /tilechain.v1.Gateway/<Method> (the additional binding).
+    """
 
     def RunChain(self, request, context):
         """Validates, plans and runs a chain, streaming its events until it ends.
@@ -84,7 +88,9 @@ class GatewayServicer:
 
     def SubmitChain(self, request, context):
         """Validates and queues a chain to run in the background; returns its job id. Queued jobs
-        survive gateway restarts; any gateway on the same job store runs and answers for them.
+        survive gateway restarts; any gateway on the same job store runs and answers for them. The
+        REST body is the request itself, so an onnx-web chain document ({"stages", "defaults",
+        "platform"}) is one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -94,6 +100,7 @@ class GatewayServicer:
         """SubmitChain for large attachments: first a ChainUpload with the request, whose attachments
         name their stage, role and size but carry no data; then their bytes as chunks, in order;
         then the end. The chain is checked on the first message, the attachments as they complete.
+        (gRPC and gRPC-Web only: a client stream has no REST route.)
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -173,7 +180,9 @@ def add_GatewayServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Gateway:
-    """Missing associated documentation comment in .proto file."""
+    """Every method is also served as JSON over HTTP by Envoy's transcoder: at its REST route below
+    and, as before, at POST /tilechain.v1.Gateway/<Method> (the additional binding).
+    """
 
     @staticmethod
     def RunChain(request,

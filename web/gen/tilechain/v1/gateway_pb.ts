@@ -4,6 +4,7 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
+import { file_google_api_annotations } from "../../google/api/annotations_pb";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
 import { file_google_protobuf_struct, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Artifact, Progress, StageCatalog } from "./stage_pb";
@@ -16,7 +17,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file tilechain/v1/gateway.proto.
  */
 export const file_tilechain_v1_gateway: GenFile = /*@__PURE__*/
-  fileDesc("Chp0aWxlY2hhaW4vdjEvZ2F0ZXdheS5wcm90bxIMdGlsZWNoYWluLnYxIlEKCkNoYWluU3RhZ2USDAoEbmFtZRgBIAEoCRIMCgR0eXBlGAIgASgJEicKBnBhcmFtcxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QiMQoFQ2hhaW4SKAoGc3RhZ2VzGAEgAygLMhgudGlsZWNoYWluLnYxLkNoYWluU3RhZ2UiRQoKQXR0YWNobWVudBINCgVzdGFnZRgBIAEoCRIMCgRyb2xlGAIgASgJEgwKBGRhdGEYAyABKAwSDAoEc2l6ZRgEIAEoBCJMCg9BdHRhY2htZW50Q2h1bmsSDQoFc3RhZ2UYASABKAkSDAoEcm9sZRgCIAEoCRIOCgZvZmZzZXQYAyABKAQSDAoEZGF0YRgEIAEoDCILCglVcGxvYWRFbmQinAEKC0NoYWluVXBsb2FkEi0KB3JlcXVlc3QYASABKAsyGi50aWxlY2hhaW4udjEuQ2hhaW5SZXF1ZXN0SAASLgoFY2h1bmsYAiABKAsyHS50aWxlY2hhaW4udjEuQXR0YWNobWVudENodW5rSAASJgoDZW5kGAMgASgLMhcudGlsZWNoYWluLnYxLlVwbG9hZEVuZEgAQgYKBGtpbmQi3AEKDENoYWluUmVxdWVzdBIiCgVjaGFpbhgBIAEoCzITLnRpbGVjaGFpbi52MS5DaGFpbhISCgpjaGFpbl9qc29uGAIgASgJEi0KC2F0dGFjaG1lbnRzGAMgAygLMhgudGlsZWNoYWluLnYxLkF0dGFjaG1lbnQSLgoMcmV0dXJuX3RpbGVzGAQgASgOMhgudGlsZWNoYWluLnYxLlRpbGVSZXR1cm4SFgoOdHJhbnNwb3J0X3RpbGUYBSABKA0SHQoVZGVjb2RlX2JldHdlZW5fc3RhZ2VzGAYgASgIIhgKBkpvYlJlZhIOCgZqb2JfaWQYASABKAkiqwMKCUpvYlN0YXR1cxIOCgZqb2JfaWQYASABKAkSJQoFc3RhdGUYAiABKA4yFi50aWxlY2hhaW4udjEuSm9iU3RhdGUSDAoEY29kZRgDIAEoBRIPCgdtZXNzYWdlGAQgASgJEikKCWFydGlmYWN0cxgFIAMoCzIWLnRpbGVjaGFpbi52MS5BcnRpZmFjdBIUCgxzdGFnZXNfdG90YWwYBiABKA0SEwoLc3RhZ2VzX2RvbmUYByABKA0SDwoHYXR0ZW1wdBgIIAEoDRIUCgxtYXhfYXR0ZW1wdHMYCSABKA0SFgoOcXVldWVfcG9zaXRpb24YCiABKA0SFAoMcXVldWVfbGVuZ3RoGAsgASgNEg8KB2dhdGV3YXkYDCABKAkSLgoKY3JlYXRlZF9hdBgNIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRlZF9hdBgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kZWRfYXQYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIj8KClF1ZXVlRXZlbnQSEAoIcG9zaXRpb24YASABKA0SDgoGbGVuZ3RoGAIgASgNEg8KB2F0dGVtcHQYAyABKA0i1AEKClN0YWdlRXZlbnQSKwoEa2luZBgBIAEoDjIdLnRpbGVjaGFpbi52MS5TdGFnZUV2ZW50LktpbmQSEwoLc3RhZ2VfaW5kZXgYAiABKA0SDAoEbmFtZRgDIAEoCRIMCgR0eXBlGAQgASgJEiUKB291dHB1dHMYBSADKAsyFC50aWxlY2hhaW4udjEuQ2FudmFzIkEKBEtpbmQSFAoQS0lORF9VTlNQRUNJRklFRBAAEhAKDEtJTkRfU1RBUlRFRBABEhEKDUtJTkRfRklOSVNIRUQQAiJcCg1TdGFnZVByb2dyZXNzEhMKC3N0YWdlX2luZGV4GAEgASgNEgwKBG5hbWUYAiABKAkSKAoIcHJvZ3Jlc3MYAyABKAsyFi50aWxlY2hhaW4udjEuUHJvZ3Jlc3MidgoJVGlsZUV2ZW50EhMKC3N0YWdlX2luZGV4GAEgASgNEgwKBG5hbWUYAiABKAkSJAoGY2FudmFzGAMgASgLMhQudGlsZWNoYWluLnYxLkNhbnZhcxIgCgR0aWxlGAQgASgLMhIudGlsZWNoYWluLnYxLlRpbGUiQQoLTm90aWNlRXZlbnQSEwoLc3RhZ2VfaW5kZXgYASABKA0SDAoEbmFtZRgCIAEoCRIPCgdtZXNzYWdlGAMgASgJItYCCghKb2JFdmVudBIOCgZqb2JfaWQYASABKAkSKQoFc3RhZ2UYAiABKAsyGC50aWxlY2hhaW4udjEuU3RhZ2VFdmVudEgAEi8KCHByb2dyZXNzGAMgASgLMhsudGlsZWNoYWluLnYxLlN0YWdlUHJvZ3Jlc3NIABInCgR0aWxlGAQgASgLMhcudGlsZWNoYWluLnYxLlRpbGVFdmVudEgAEioKCGFydGlmYWN0GAUgASgLMhYudGlsZWNoYWluLnYxLkFydGlmYWN0SAASKwoGbm90aWNlGAYgASgLMhkudGlsZWNoYWluLnYxLk5vdGljZUV2ZW50SAASKQoGc3RhdHVzGAcgASgLMhcudGlsZWNoYWluLnYxLkpvYlN0YXR1c0gAEikKBXF1ZXVlGAggASgLMhgudGlsZWNoYWluLnYxLlF1ZXVlRXZlbnRIAEIGCgRraW5kIhMKEUxpc3RTdGFnZXNSZXF1ZXN0InMKEkxpc3RTdGFnZXNSZXNwb25zZRIsCghjYXRhbG9ncxgBIAMoCzIaLnRpbGVjaGFpbi52MS5TdGFnZUNhdGFsb2cSLwoNZmFtaWxpZXNfZG93bhgCIAMoCzIYLnRpbGVjaGFpbi52MS5GYW1pbHlEb3duIjwKCkZhbWlseURvd24SDgoGZmFtaWx5GAEgASgJEg8KB2FkZHJlc3MYAiABKAkSDQoFZXJyb3IYAyABKAkqTgoKVGlsZVJldHVybhIUChBUSUxFX1JFVFVSTl9OT05FEAASFQoRVElMRV9SRVRVUk5fRklOQUwQARITCg9USUxFX1JFVFVSTl9BTEwQAiqaAQoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhUKEUpPQl9TVEFURV9SVU5OSU5HEAISFwoTSk9CX1NUQVRFX1NVQ0NFRURFRBADEhQKEEpPQl9TVEFURV9GQUlMRUQQBBIXChNKT0JfU1RBVEVfQ0FOQ0VMTEVEEAUy1gMKB0dhdGV3YXkSQAoIUnVuQ2hhaW4SGi50aWxlY2hhaW4udjEuQ2hhaW5SZXF1ZXN0GhYudGlsZWNoYWluLnYxLkpvYkV2ZW50MAESPwoLU3VibWl0Q2hhaW4SGi50aWxlY2hhaW4udjEuQ2hhaW5SZXF1ZXN0GhQudGlsZWNoYWluLnYxLkpvYlJlZhJGChFTdWJtaXRDaGFpblN0cmVhbRIZLnRpbGVjaGFpbi52MS5DaGFpblVwbG9hZBoULnRpbGVjaGFpbi52MS5Kb2JSZWYoARI3CgZHZXRKb2ISFC50aWxlY2hhaW4udjEuSm9iUmVmGhcudGlsZWNoYWluLnYxLkpvYlN0YXR1cxI6CghXYXRjaEpvYhIULnRpbGVjaGFpbi52MS5Kb2JSZWYaFi50aWxlY2hhaW4udjEuSm9iRXZlbnQwARI6CglDYW5jZWxKb2ISFC50aWxlY2hhaW4udjEuSm9iUmVmGhcudGlsZWNoYWluLnYxLkpvYlN0YXR1cxJPCgpMaXN0U3RhZ2VzEh8udGlsZWNoYWluLnYxLkxpc3RTdGFnZXNSZXF1ZXN0GiAudGlsZWNoYWluLnYxLkxpc3RTdGFnZXNSZXNwb25zZWIGcHJvdG8z", [file_google_protobuf_struct, file_google_protobuf_timestamp, file_tilechain_v1_stage, file_tilechain_v1_tiles]);
+  fileDesc("Chp0aWxlY2hhaW4vdjEvZ2F0ZXdheS5wcm90bxIMdGlsZWNoYWluLnYxIlEKCkNoYWluU3RhZ2USDAoEbmFtZRgBIAEoCRIMCgR0eXBlGAIgASgJEicKBnBhcmFtcxgDIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QibgoFQ2hhaW4SKAoGc3RhZ2VzGAEgAygLMhgudGlsZWNoYWluLnYxLkNoYWluU3RhZ2USKQoIZGVmYXVsdHMYFCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EhAKCHBsYXRmb3JtGBUgASgJIkUKCkF0dGFjaG1lbnQSDQoFc3RhZ2UYASABKAkSDAoEcm9sZRgCIAEoCRIMCgRkYXRhGAMgASgMEgwKBHNpemUYBCABKAQiTAoPQXR0YWNobWVudENodW5rEg0KBXN0YWdlGAEgASgJEgwKBHJvbGUYAiABKAkSDgoGb2Zmc2V0GAMgASgEEgwKBGRhdGEYBCABKAwiCwoJVXBsb2FkRW5kIpwBCgtDaGFpblVwbG9hZBItCgdyZXF1ZXN0GAEgASgLMhoudGlsZWNoYWluLnYxLkNoYWluUmVxdWVzdEgAEi4KBWNodW5rGAIgASgLMh0udGlsZWNoYWluLnYxLkF0dGFjaG1lbnRDaHVua0gAEiYKA2VuZBgDIAEoCzIXLnRpbGVjaGFpbi52MS5VcGxvYWRFbmRIAEIGCgRraW5kIsMCCgxDaGFpblJlcXVlc3QSIgoFY2hhaW4YASABKAsyEy50aWxlY2hhaW4udjEuQ2hhaW4SEgoKY2hhaW5fanNvbhgCIAEoCRItCgthdHRhY2htZW50cxgDIAMoCzIYLnRpbGVjaGFpbi52MS5BdHRhY2htZW50Ei4KDHJldHVybl90aWxlcxgEIAEoDjIYLnRpbGVjaGFpbi52MS5UaWxlUmV0dXJuEhYKDnRyYW5zcG9ydF90aWxlGAUgASgNEh0KFWRlY29kZV9iZXR3ZWVuX3N0YWdlcxgGIAEoCBIoCgZzdGFnZXMYFCADKAsyGC50aWxlY2hhaW4udjEuQ2hhaW5TdGFnZRIpCghkZWZhdWx0cxgVIAEoCzIXLmdvb2dsZS5wcm90b2J1Zi5TdHJ1Y3QSEAoIcGxhdGZvcm0YFiABKAkiGAoGSm9iUmVmEg4KBmpvYl9pZBgBIAEoCSKwBAoJSm9iU3RhdHVzEg4KBmpvYl9pZBgBIAEoCRIlCgVzdGF0ZRgCIAEoDjIWLnRpbGVjaGFpbi52MS5Kb2JTdGF0ZRIMCgRjb2RlGAMgASgFEg8KB21lc3NhZ2UYBCABKAkSKQoJYXJ0aWZhY3RzGAUgAygLMhYudGlsZWNoYWluLnYxLkFydGlmYWN0EhQKDHN0YWdlc190b3RhbBgGIAEoDRITCgtzdGFnZXNfZG9uZRgHIAEoDRIPCgdhdHRlbXB0GAggASgNEhQKDG1heF9hdHRlbXB0cxgJIAEoDRIWCg5xdWV1ZV9wb3NpdGlvbhgKIAEoDRIUCgxxdWV1ZV9sZW5ndGgYCyABKA0SDwoHZ2F0ZXdheRgMIAEoCRIuCgpjcmVhdGVkX2F0GA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydGVkX2F0GA4gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRlZF9hdBgPIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASKwoGc3RhZ2VzGBQgASgLMhsudGlsZWNoYWluLnYxLlByb2dyZXNzQ291bnQSKgoFc3RlcHMYFSABKAsyGy50aWxlY2hhaW4udjEuUHJvZ3Jlc3NDb3VudBIqCgV0aWxlcxgWIAEoCzIbLnRpbGVjaGFpbi52MS5Qcm9ncmVzc0NvdW50Ii8KDVByb2dyZXNzQ291bnQSDwoHY3VycmVudBgBIAEoDRINCgV0b3RhbBgCIAEoDSI/CgpRdWV1ZUV2ZW50EhAKCHBvc2l0aW9uGAEgASgNEg4KBmxlbmd0aBgCIAEoDRIPCgdhdHRlbXB0GAMgASgNItQBCgpTdGFnZUV2ZW50EisKBGtpbmQYASABKA4yHS50aWxlY2hhaW4udjEuU3RhZ2VFdmVudC5LaW5kEhMKC3N0YWdlX2luZGV4GAIgASgNEgwKBG5hbWUYAyABKAkSDAoEdHlwZRgEIAEoCRIlCgdvdXRwdXRzGAUgAygLMhQudGlsZWNoYWluLnYxLkNhbnZhcyJBCgRLaW5kEhQKEEtJTkRfVU5TUEVDSUZJRUQQABIQCgxLSU5EX1NUQVJURUQQARIRCg1LSU5EX0ZJTklTSEVEEAIiXAoNU3RhZ2VQcm9ncmVzcxITCgtzdGFnZV9pbmRleBgBIAEoDRIMCgRuYW1lGAIgASgJEigKCHByb2dyZXNzGAMgASgLMhYudGlsZWNoYWluLnYxLlByb2dyZXNzInYKCVRpbGVFdmVudBITCgtzdGFnZV9pbmRleBgBIAEoDRIMCgRuYW1lGAIgASgJEiQKBmNhbnZhcxgDIAEoCzIULnRpbGVjaGFpbi52MS5DYW52YXMSIAoEdGlsZRgEIAEoCzISLnRpbGVjaGFpbi52MS5UaWxlIkEKC05vdGljZUV2ZW50EhMKC3N0YWdlX2luZGV4GAEgASgNEgwKBG5hbWUYAiABKAkSDwoHbWVzc2FnZRgDIAEoCSLWAgoISm9iRXZlbnQSDgoGam9iX2lkGAEgASgJEikKBXN0YWdlGAIgASgLMhgudGlsZWNoYWluLnYxLlN0YWdlRXZlbnRIABIvCghwcm9ncmVzcxgDIAEoCzIbLnRpbGVjaGFpbi52MS5TdGFnZVByb2dyZXNzSAASJwoEdGlsZRgEIAEoCzIXLnRpbGVjaGFpbi52MS5UaWxlRXZlbnRIABIqCghhcnRpZmFjdBgFIAEoCzIWLnRpbGVjaGFpbi52MS5BcnRpZmFjdEgAEisKBm5vdGljZRgGIAEoCzIZLnRpbGVjaGFpbi52MS5Ob3RpY2VFdmVudEgAEikKBnN0YXR1cxgHIAEoCzIXLnRpbGVjaGFpbi52MS5Kb2JTdGF0dXNIABIpCgVxdWV1ZRgIIAEoCzIYLnRpbGVjaGFpbi52MS5RdWV1ZUV2ZW50SABCBgoEa2luZCITChFMaXN0U3RhZ2VzUmVxdWVzdCJzChJMaXN0U3RhZ2VzUmVzcG9uc2USLAoIY2F0YWxvZ3MYASADKAsyGi50aWxlY2hhaW4udjEuU3RhZ2VDYXRhbG9nEi8KDWZhbWlsaWVzX2Rvd24YAiADKAsyGC50aWxlY2hhaW4udjEuRmFtaWx5RG93biI8CgpGYW1pbHlEb3duEg4KBmZhbWlseRgBIAEoCRIPCgdhZGRyZXNzGAIgASgJEg0KBWVycm9yGAMgASgJKk4KClRpbGVSZXR1cm4SFAoQVElMRV9SRVRVUk5fTk9ORRAAEhUKEVRJTEVfUkVUVVJOX0ZJTkFMEAESEwoPVElMRV9SRVRVUk5fQUxMEAIqmgEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIVChFKT0JfU1RBVEVfUlVOTklORxACEhcKE0pPQl9TVEFURV9TVUNDRUVERUQQAxIUChBKT0JfU1RBVEVfRkFJTEVEEAQSFwoTSk9CX1NUQVRFX0NBTkNFTExFRBAFMtsGCgdHYXRld2F5En4KCFJ1bkNoYWluEhoudGlsZWNoYWluLnYxLkNoYWluUmVxdWVzdBoWLnRpbGVjaGFpbi52MS5Kb2JFdmVudCI8gtPkkwI2IgwvdjEvam9iczpydW46ASpaIyIeL3RpbGVjaGFpbi52MS5HYXRld2F5L1J1bkNoYWluOgEqMAESfAoLU3VibWl0Q2hhaW4SGi50aWxlY2hhaW4udjEuQ2hhaW5SZXF1ZXN0GhQudGlsZWNoYWluLnYxLkpvYlJlZiI7gtPkkwI1IggvdjEvam9iczoBKlomIiEvdGlsZWNoYWluLnYxLkdhdGV3YXkvU3VibWl0Q2hhaW46ASoSRgoRU3VibWl0Q2hhaW5TdHJlYW0SGS50aWxlY2hhaW4udjEuQ2hhaW5VcGxvYWQaFC50aWxlY2hhaW4udjEuSm9iUmVmKAESdQoGR2V0Sm9iEhQudGlsZWNoYWluLnYxLkpvYlJlZhoXLnRpbGVjaGFpbi52MS5Kb2JTdGF0dXMiPILT5JMCNhIRL3YxL2pvYnMve2pvYl9pZH1aISIcL3RpbGVjaGFpbi52MS5HYXRld2F5L0dldEpvYjoBKhKAAQoIV2F0Y2hKb2ISFC50aWxlY2hhaW4udjEuSm9iUmVmGhYudGlsZWNoYWluLnYxLkpvYkV2ZW50IkSC0+STAj4SFy92MS9qb2JzL3tqb2JfaWR9OndhdGNoWiMiHi90aWxlY2hhaW4udjEuR2F0ZXdheS9XYXRjaEpvYjoBKjABEoIBCglDYW5jZWxKb2ISFC50aWxlY2hhaW4udjEuSm9iUmVmGhcudGlsZWNoYWluLnYxLkpvYlN0YXR1cyJGgtPkkwJAIhgvdjEvam9icy97am9iX2lkfTpjYW5jZWxaJCIfL3RpbGVjaGFpbi52MS5HYXRld2F5L0NhbmNlbEpvYjoBKhKKAQoKTGlzdFN0YWdlcxIfLnRpbGVjaGFpbi52MS5MaXN0U3RhZ2VzUmVxdWVzdBogLnRpbGVjaGFpbi52MS5MaXN0U3RhZ2VzUmVzcG9uc2UiOYLT5JMCMxIKL3YxL3N0YWdlc1olIiAvdGlsZWNoYWluLnYxLkdhdGV3YXkvTGlzdFN0YWdlczoBKmIGcHJvdG8z", [file_google_api_annotations, file_google_protobuf_struct, file_google_protobuf_timestamp, file_tilechain_v1_stage, file_tilechain_v1_tiles]);
 
 /**
  * @generated from message tilechain.v1.ChainStage
@@ -53,6 +54,16 @@ export type Chain = Message<"tilechain.v1.Chain"> & {
    * @generated from field: repeated tilechain.v1.ChainStage stages = 1;
    */
   stages: ChainStage[];
+
+  /**
+   * @generated from field: google.protobuf.Struct defaults = 20;
+   */
+  defaults?: JsonObject | undefined;
+
+  /**
+   * @generated from field: string platform = 21;
+   */
+  platform: string;
 };
 
 /**
@@ -207,6 +218,21 @@ export type ChainRequest = Message<"tilechain.v1.ChainRequest"> & {
    * @generated from field: bool decode_between_stages = 6;
    */
   decodeBetweenStages: boolean;
+
+  /**
+   * @generated from field: repeated tilechain.v1.ChainStage stages = 20;
+   */
+  stages: ChainStage[];
+
+  /**
+   * @generated from field: google.protobuf.Struct defaults = 21;
+   */
+  defaults?: JsonObject | undefined;
+
+  /**
+   * @generated from field: string platform = 22;
+   */
+  platform: string;
 };
 
 /**
@@ -311,6 +337,21 @@ export type JobStatus = Message<"tilechain.v1.JobStatus"> & {
    * @generated from field: google.protobuf.Timestamp ended_at = 15;
    */
   endedAt?: Timestamp | undefined;
+
+  /**
+   * @generated from field: tilechain.v1.ProgressCount stages = 20;
+   */
+  stages?: ProgressCount | undefined;
+
+  /**
+   * @generated from field: tilechain.v1.ProgressCount steps = 21;
+   */
+  steps?: ProgressCount | undefined;
+
+  /**
+   * @generated from field: tilechain.v1.ProgressCount tiles = 22;
+   */
+  tiles?: ProgressCount | undefined;
 };
 
 /**
@@ -319,6 +360,28 @@ export type JobStatus = Message<"tilechain.v1.JobStatus"> & {
  */
 export const JobStatusSchema: GenMessage<JobStatus> = /*@__PURE__*/
   messageDesc(file_tilechain_v1_gateway, 8);
+
+/**
+ * @generated from message tilechain.v1.ProgressCount
+ */
+export type ProgressCount = Message<"tilechain.v1.ProgressCount"> & {
+  /**
+   * @generated from field: uint32 current = 1;
+   */
+  current: number;
+
+  /**
+   * @generated from field: uint32 total = 2;
+   */
+  total: number;
+};
+
+/**
+ * Describes the message tilechain.v1.ProgressCount.
+ * Use `create(ProgressCountSchema)` to create a new message.
+ */
+export const ProgressCountSchema: GenMessage<ProgressCount> = /*@__PURE__*/
+  messageDesc(file_tilechain_v1_gateway, 9);
 
 /**
  * @generated from message tilechain.v1.QueueEvent
@@ -345,7 +408,7 @@ export type QueueEvent = Message<"tilechain.v1.QueueEvent"> & {
  * Use `create(QueueEventSchema)` to create a new message.
  */
 export const QueueEventSchema: GenMessage<QueueEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 9);
+  messageDesc(file_tilechain_v1_gateway, 10);
 
 /**
  * @generated from message tilechain.v1.StageEvent
@@ -382,7 +445,7 @@ export type StageEvent = Message<"tilechain.v1.StageEvent"> & {
  * Use `create(StageEventSchema)` to create a new message.
  */
 export const StageEventSchema: GenMessage<StageEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 10);
+  messageDesc(file_tilechain_v1_gateway, 11);
 
 /**
  * @generated from enum tilechain.v1.StageEvent.Kind
@@ -408,7 +471,7 @@ export enum StageEvent_Kind {
  * Describes the enum tilechain.v1.StageEvent.Kind.
  */
 export const StageEvent_KindSchema: GenEnum<StageEvent_Kind> = /*@__PURE__*/
-  enumDesc(file_tilechain_v1_gateway, 10, 0);
+  enumDesc(file_tilechain_v1_gateway, 11, 0);
 
 /**
  * @generated from message tilechain.v1.StageProgress
@@ -435,7 +498,7 @@ export type StageProgress = Message<"tilechain.v1.StageProgress"> & {
  * Use `create(StageProgressSchema)` to create a new message.
  */
 export const StageProgressSchema: GenMessage<StageProgress> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 11);
+  messageDesc(file_tilechain_v1_gateway, 12);
 
 /**
  * @generated from message tilechain.v1.TileEvent
@@ -467,7 +530,7 @@ export type TileEvent = Message<"tilechain.v1.TileEvent"> & {
  * Use `create(TileEventSchema)` to create a new message.
  */
 export const TileEventSchema: GenMessage<TileEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 12);
+  messageDesc(file_tilechain_v1_gateway, 13);
 
 /**
  * @generated from message tilechain.v1.NoticeEvent
@@ -494,7 +557,7 @@ export type NoticeEvent = Message<"tilechain.v1.NoticeEvent"> & {
  * Use `create(NoticeEventSchema)` to create a new message.
  */
 export const NoticeEventSchema: GenMessage<NoticeEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 13);
+  messageDesc(file_tilechain_v1_gateway, 14);
 
 /**
  * @generated from message tilechain.v1.JobEvent
@@ -558,7 +621,7 @@ export type JobEvent = Message<"tilechain.v1.JobEvent"> & {
  * Use `create(JobEventSchema)` to create a new message.
  */
 export const JobEventSchema: GenMessage<JobEvent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 14);
+  messageDesc(file_tilechain_v1_gateway, 15);
 
 /**
  * @generated from message tilechain.v1.ListStagesRequest
@@ -571,7 +634,7 @@ export type ListStagesRequest = Message<"tilechain.v1.ListStagesRequest"> & {
  * Use `create(ListStagesRequestSchema)` to create a new message.
  */
 export const ListStagesRequestSchema: GenMessage<ListStagesRequest> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 15);
+  messageDesc(file_tilechain_v1_gateway, 16);
 
 /**
  * @generated from message tilechain.v1.ListStagesResponse
@@ -593,7 +656,7 @@ export type ListStagesResponse = Message<"tilechain.v1.ListStagesResponse"> & {
  * Use `create(ListStagesResponseSchema)` to create a new message.
  */
 export const ListStagesResponseSchema: GenMessage<ListStagesResponse> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 16);
+  messageDesc(file_tilechain_v1_gateway, 17);
 
 /**
  * @generated from message tilechain.v1.FamilyDown
@@ -620,7 +683,7 @@ export type FamilyDown = Message<"tilechain.v1.FamilyDown"> & {
  * Use `create(FamilyDownSchema)` to create a new message.
  */
 export const FamilyDownSchema: GenMessage<FamilyDown> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_gateway, 17);
+  messageDesc(file_tilechain_v1_gateway, 18);
 
 /**
  * @generated from enum tilechain.v1.TileReturn

@@ -1,0 +1,200 @@
+"""persist-s3 and source-s3 against the stack's real S3 server (SeaweedFS): what persist-s3
+writes boto3 reads back byte for byte; a large image goes up in several parts while it is
+encoded; a failed or cancelled upload leaves no object and no open upload; endpoints, buckets,
+profiles and keys that are not allowed or do not exist are refused at planning, naming the
+stage and the param, and the stack still serves after each."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from tilechain import s3server
+from tilechain.client import chain_request
+from tilechain.services.core.codecs import decode_image, encode_image, read_metadata, write_image
+from tilechain.services.core.stage import Cancelled
+from tilechain.services.persist import PART_BYTES, MultipartUpload
+from tilechain.stack import Stack
+from tilechain.v1 import gateway_pb2
+
+from .conftest import SOURCE_MAX_BYTES, rpc_error, run_events
+from .test_bad_input import assert_still_serving
+
+
+@pytest.fixture(scope="module")
+def s3(stack: Stack):
+    return s3server.client(stack.addresses["s3"])
+
+
+def noise(width: int, height: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def keys(s3, bucket: str, prefix: str) -> list[str]:
+    return [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])]
+
+
+def open_uploads(s3, bucket: str, prefix: str) -> list[str]:
+    return [u["Key"] for u in s3.list_multipart_uploads(Bucket=bucket, Prefix=prefix).get("Uploads", [])]
+
+
+def upload_chain(params: dict, name: str = "up") -> dict:
+    return {"stages": [{"name": "in", "type": "source-image"}, {"name": name, "type": "persist-s3", "params": params}]}
+
+
+def test_persist_s3_writes_what_boto3_reads_back(gateway, s3) -> None:
+    pixels = noise(96, 64, seed=1)
+    chain = upload_chain({"bucket": "tilechain", "key": "readback/{job}-{index}.{ext}", "format": "png"})
+    events = run_events(gateway, chain_request(chain, [("in", "image", encode_image(pixels, "png"))]))
+    status = events[-1].status
+    assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED, status.message
+    [artifact] = status.artifacts
+    assert artifact.uri == f"s3://tilechain/readback/{status.job_id}-0.png" and artifact.path == f"readback/{status.job_id}-0.png"
+    data = s3.get_object(Bucket="tilechain", Key=artifact.path)["Body"].read()
+    assert len(data) == artifact.size_bytes and hashlib.sha256(data).hexdigest() == artifact.sha256
+    assert np.array_equal(decode_image(data), pixels)
+    metadata = read_metadata(data)
+    assert metadata["job"] == status.job_id and [s["type"] for s in metadata["stages"]] == ["source-image", "persist-s3"]
+    # the same pixels and metadata encode to the same bytes: the object is the encoder's output
+    assert data == encode_image(pixels, "png", metadata)
+    assert s3.head_object(Bucket="tilechain", Key=artifact.path)["ContentType"] == "image/png"
+
+
+def test_a_large_image_goes_up_in_parts_as_it_is_encoded(gateway, s3) -> None:
+    chain = {"stages": [
+        {"name": "noise", "type": "source-noise", "params": {"width": 2048, "height": 2048, "seed": 3}},
+        {"name": "up", "type": "persist-s3", "params": {"bucket": "tilechain", "key": "large/{job}.{ext}"}},
+    ]}
+    status = run_events(gateway, chain_request(chain), timeout=120)[-1].status
+    assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED, status.message
+    [artifact] = status.artifacts
+    assert artifact.size_bytes > PART_BYTES  # a random 2048² PNG: about 12.6 MB
+    head = s3.head_object(Bucket="tilechain", Key=artifact.path, PartNumber=1)
+    assert head["PartsCount"] == -(-artifact.size_bytes // PART_BYTES)  # one part per 8 MiB, sent as they filled
+    assert head["ContentLength"] == PART_BYTES
+    data = s3.get_object(Bucket="tilechain", Key=artifact.path)["Body"].read()
+    assert hashlib.sha256(data).hexdigest() == artifact.sha256
+
+
+def test_a_failed_upload_is_aborted(s3) -> None:
+    """MultipartUpload against the real server: an error after two parts were sent leaves no
+    object and no open upload."""
+    with pytest.raises(RuntimeError, match="the encoder broke"):
+        with MultipartUpload(s3, "tilechain", "aborted/failed.png", "image/png", part_bytes=5 * 1024 * 1024) as upload:
+            upload.write(b"x" * (11 * 1024 * 1024))
+            assert len(upload.parts) == 2 and open_uploads(s3, "tilechain", "aborted/") == ["aborted/failed.png"]
+            raise RuntimeError("the encoder broke")
+    assert keys(s3, "tilechain", "aborted/") == [] and open_uploads(s3, "tilechain", "aborted/") == []
+
+
+def test_a_cancelled_upload_is_aborted(s3) -> None:
+    """The stage's cancel check runs before each part: once the job is cancelled, the next part
+    is not sent and the upload is aborted."""
+    cancelled = threading.Event()
+
+    def check() -> None:
+        if cancelled.is_set():
+            raise Cancelled()
+
+    pixels = noise(1500, 1500, seed=4)  # a 6.8 MB PNG: two parts of 5 MiB
+    with pytest.raises(Cancelled):
+        with MultipartUpload(s3, "tilechain", "aborted/cancelled.png", "image/png", check, part_bytes=5 * 1024 * 1024) as upload:
+
+            class CancelAfterFirstPart(io.RawIOBase):
+                def writable(self) -> bool:
+                    return True
+
+                def write(self, data) -> int:
+                    if upload.parts:
+                        cancelled.set()  # the caller goes away once the first part is up
+                    return upload.write(data)
+
+            write_image(CancelAfterFirstPart(), pixels, "png")
+            upload.complete()
+    assert cancelled.is_set() and len(upload.parts) == 1
+    assert keys(s3, "tilechain", "aborted/") == [] and open_uploads(s3, "tilechain", "aborted/") == []
+
+
+@pytest.mark.parametrize(
+    ("params", "code", "words"),
+    [
+        ({"bucket": "tilechain", "endpoint_url": "http://elsewhere.example:9000"}, grpc.StatusCode.INVALID_ARGUMENT,
+         ["stage 'up' (persist-s3): param 'endpoint_url'", "'http://elsewhere.example:9000' is not an S3 endpoint this service may use", "TILECHAIN_S3_ENDPOINTS"]),
+        ({"bucket": "no-such-bucket"}, grpc.StatusCode.INVALID_ARGUMENT,
+         ["stage 'up' (persist-s3): param 'bucket'", "there is no bucket 'no-such-bucket'"]),
+        ({"bucket": "tilechain", "profile_name": "nobody"}, grpc.StatusCode.INVALID_ARGUMENT,
+         ["stage 'up' (persist-s3): param 'profile_name'", "'nobody' is not a profile"]),
+        ({"bucket": "tilechain", "key": "../{job}.png"}, grpc.StatusCode.INVALID_ARGUMENT,
+         ["stage 'up' (persist-s3): param 'key'", "relative path inside the bucket"]),
+        ({"bucket": "tilechain", "key": "{job}-{nope}.png"}, grpc.StatusCode.INVALID_ARGUMENT,
+         ["stage 'up' (persist-s3): param 'key'", "unknown field {nope}"]),
+    ],
+    ids=["denied endpoint", "unknown bucket", "unknown profile", "key outside", "unknown field"],
+)
+def test_persist_s3_refusals(params: dict, code: grpc.StatusCode, words: list[str], gateway, s3) -> None:
+    chain = {"stages": [{"name": "noise", "type": "source-noise", "params": {"width": 32, "height": 32, "seed": 1}}, {"name": "up", "type": "persist-s3", "params": params}]}
+    before = keys(s3, "tilechain", "")
+    error = rpc_error(gateway, chain_request(chain))
+    assert error.code() == code
+    for word in words:
+        assert word in error.details()
+    assert keys(s3, "tilechain", "") == before  # refused at planning: nothing written
+    assert "no-such-bucket" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}
+    assert_still_serving(gateway)
+
+
+def test_onnx_webs_endpoint_is_allowed_by_the_setting_and_an_existing_key_is_kept(gateway, s3) -> None:
+    """The tests' service allows the example pipelines' endpoint (TILECHAIN_S3_ENDPOINTS maps
+    it onto the local server) with the `ceph` profile; an existing object is not replaced."""
+    params = {"bucket": "storage-stable-diffusion", "endpoint_url": "http://scylla.home.holdmyran.ch:8000", "profile_name": "ceph", "key": "kept.png"}
+    s3.put_object(Bucket="storage-stable-diffusion", Key="kept.png", Body=b"precious")
+    error = rpc_error(gateway, chain_request(upload_chain(params), [("in", "image", encode_image(noise(16, 16), "png"))]))
+    assert error.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert "stage 'up' (persist-s3): param 'key': s3://storage-stable-diffusion/kept.png exists" in error.details()
+    assert s3.get_object(Bucket="storage-stable-diffusion", Key="kept.png")["Body"].read() == b"precious"
+    status = run_events(gateway, chain_request(upload_chain(dict(params, overwrite=True)), [("in", "image", encode_image(noise(16, 16), "png"))]))[-1].status
+    assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED, status.message
+    assert decode_image(s3.get_object(Bucket="storage-stable-diffusion", Key="kept.png")["Body"].read()).shape == (16, 16, 3)
+
+
+def test_source_s3_reads_objects(gateway, s3, output_root: Path) -> None:
+    first, second = noise(40, 24, seed=5), noise(24, 40, seed=6)
+    s3.put_object(Bucket="tilechain", Key="inputs/first.png", Body=encode_image(first, "png"), ContentType="image/png")
+    s3.put_object(Bucket="tilechain", Key="inputs/second.png", Body=encode_image(second, "png"))
+    chain = {"stages": [
+        {"name": "read", "type": "source-s3", "params": {"bucket": "tilechain", "key": "inputs/first.png", "keys": ["inputs/second.png"]}},
+        {"name": "save", "type": "persist-disk", "params": {"filename": "from-s3/{job}-{index}.png"}},
+    ]}
+    status = run_events(gateway, chain_request(chain))[-1].status
+    assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED, status.message
+    written = [np.asarray(Image.open(output_root / a.path)) for a in sorted(status.artifacts, key=lambda a: a.index)]
+    assert np.array_equal(written[0], first) and np.array_equal(written[1], second)
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"bucket": "tilechain", "key": "inputs/missing.png"}, ["stage 'read' (source-s3): param 'key'", "there is no object s3://tilechain/inputs/missing.png"]),
+        ({"bucket": "no-such-bucket", "key": "a.png"}, ["stage 'read' (source-s3): param 'bucket'", "there is no bucket 'no-such-bucket'"]),
+        ({"bucket": "tilechain", "keys": ["inputs/oversized.png"]}, ["param 'keys'", "over the limit of", "TILECHAIN_SOURCE_MAX_BYTES"]),
+        ({"bucket": "tilechain", "key": "inputs/not-an-image.txt"}, ["param 'key'", "is text/plain, not an image"]),
+        ({"bucket": "tilechain", "key": "a.png", "endpoint_url": "http://169.254.169.254"}, ["param 'endpoint_url'", "not an S3 endpoint this service may use"]),
+    ],
+    ids=["missing key", "unknown bucket", "oversized object", "not an image", "denied endpoint"],
+)
+def test_source_s3_refusals(params: dict, words: list[str], gateway, s3) -> None:
+    s3.put_object(Bucket="tilechain", Key="inputs/oversized.png", Body=b"\0" * (SOURCE_MAX_BYTES + 1))
+    s3.put_object(Bucket="tilechain", Key="inputs/not-an-image.txt", Body=b"hello", ContentType="text/plain")
+    chain = {"stages": [{"name": "read", "type": "source-s3", "params": params}]}
+    error = rpc_error(gateway, chain_request(chain))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    for word in words:
+        assert word in error.details()
+    assert_still_serving(gateway)

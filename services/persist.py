@@ -1,11 +1,13 @@
 """Persist stages: write images out while passing their tiles on, so that a persist stage can sit
 anywhere in a chain.
 
-A job's files are staged, not written in place: each image goes to a staging folder under the
-output root (with a small record of where it will go), and only when the whole job has
-succeeded does the gateway's Finish(commit) publish them, each linked into place in one step.
-A failed or cancelled job's Finish(abort) deletes them, and so does a persist service starting
-up for the files of a service that died (docs/design.md, "persist-disk")."""
+A job's outputs are staged, not written in place: each image goes to a staging folder under the
+output root (with a small record of where it will go), or, for persist-s3, into an S3 multipart
+upload that is left open (its record in the same folder). Only when the whole job has succeeded
+does the gateway's Finish(commit) publish them: files linked into place, uploads completed. A
+failed or cancelled job's Finish(abort) deletes the files and aborts the uploads, and so does a
+persist service starting up for what a service that died had staged (docs/design.md,
+"persist-disk" and "persist-s3")."""
 
 from __future__ import annotations
 
@@ -123,8 +125,23 @@ FORMAT_PARAM = Param(
 )
 
 
+class Persisting(Stage):
+    """What the persist stages share: each output is staged while the job runs, and the job's
+    Finish publishes or discards everything the job staged, files and uploads alike."""
+
+    keeps_output = True
+
+    @classmethod
+    def finish_job(cls, settings: Settings, job_id: str, attempt: int, commit: bool) -> list[stage_pb2.Artifact]:
+        return finish_job(settings, job_id, attempt, commit)
+
+    @classmethod
+    def start_up(cls, settings: Settings) -> None:
+        clean_stale(settings)
+
+
 @register
-class PersistDisk(Stage):
+class PersistDisk(Persisting):
     type = "persist-disk"
     family = "persist"
     doc = (
@@ -144,7 +161,6 @@ class PersistDisk(Stage):
         Param("quality", int, 95, "JPEG and WebP quality.", min=1, max=100),
         Param("overwrite", bool, False, "Replace an existing file instead of failing."),
     )
-    keeps_output = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -219,14 +235,6 @@ class PersistDisk(Stage):
             staged.discard()
         return []
 
-    @classmethod
-    def finish_job(cls, settings: Settings, job_id: str, attempt: int, commit: bool) -> list[stage_pb2.Artifact]:
-        return finish_job(settings, job_id, attempt, commit)
-
-    @classmethod
-    def start_up(cls, settings: Settings) -> None:
-        clean_stale(settings)
-
 
 def taken(path: Path, job_id: str) -> bool:
     """Whether publishing to path would replace someone else's file. A file this same job
@@ -264,7 +272,8 @@ def job_folder(settings: Settings, job_id: str) -> Path:
 
 @dataclass
 class Staged:
-    """One staged image: its bytes at file, its record (where it goes) at file + '.json'."""
+    """One staged image: its record (where it goes) at file + '.json', and its bytes at file, or
+    for an S3 object the open multipart upload the record names (nothing at file)."""
 
     file: Path
     attempt: int = 0
@@ -281,6 +290,10 @@ class Staged:
     def write(self, data: bytes, artifact: stage_pb2.Artifact, overwrite: bool) -> None:
         self.file.parent.mkdir(parents=True, exist_ok=True)
         _write_synced(self.file, data)
+        self.write_record(artifact, overwrite)
+
+    def write_record(self, artifact: stage_pb2.Artifact, overwrite: bool, upload: dict | None = None) -> None:
+        self.record.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "attempt": self.attempt,
             "overwrite": overwrite,
@@ -288,6 +301,8 @@ class Staged:
             "pid": os.getpid(),
             "artifact": json_format.MessageToDict(artifact),
         }
+        if upload is not None:
+            record["upload"] = upload
         _write_synced(self.record, json.dumps(record).encode())
 
     def load(self) -> dict:
@@ -310,45 +325,82 @@ def _write_synced(path: Path, data: bytes) -> None:
 
 
 def finish_job(settings: Settings, job_id: str, attempt: int, commit: bool) -> list[stage_pb2.Artifact]:
-    """Publish (commit) the given attempt's staged files, or discard them (abort); every other
+    """Publish (commit) the given attempt's staged outputs, or discard them (abort); every other
     attempt's are discarded either way. A commit checks every target before it publishes any,
-    and takes back what it linked if one fails, so a job's files appear all or none."""
+    and takes back what it published if one fails, so a job's outputs appear all or none:
+    files are linked into place first (local, and checked), then S3 uploads completed."""
     folder = job_folder(settings, job_id)
     if not folder.exists():
         return []
+    staged = [Staged(r.with_name(r.name[: -len(".json")])) for r in sorted(folder.glob("*.json"))]
+    records = [(s, s.load()) for s in staged]
+    uploads = [record for _, record in records if "upload" in record]
+    completed: list[dict] = []
     try:
         if not commit:
             return []
-        staged = [Staged(r.with_name(r.name[: -len(".json")])) for r in sorted(folder.glob("*.json"))]
-        records = [(s, s.load()) for s in staged]
-        records = [(s, r) for s, r in records if r["attempt"] == attempt and s.file.exists()]
-        root = settings.output_root
-        moves = []
-        for item, record in records:
-            artifact = json_format.ParseDict(record["artifact"], stage_pb2.Artifact())
-            final = (root / artifact.path).resolve()
-            if not final.is_relative_to(root):
-                raise StageError(grpc.StatusCode.FAILED_PRECONDITION, f"stage '{artifact.stage}' (persist-disk): param 'filename': {artifact.path} now resolves outside the output root")
-            replace = record["overwrite"] or (final.exists() and not taken(final, job_id))
-            if final.exists() and not replace:
-                raise _exists(artifact)
-            moves.append((item.file, final, replace, artifact))
-        linked: list[Path] = []
+        ours = [(s, r) for s, r in records if r["attempt"] == attempt]
+        objects = [r for _, r in ours if "upload" in r]
+        moves = _file_moves(settings, job_id, [(s, r) for s, r in ours if "upload" not in r and s.file.exists()])
+        for record in objects:
+            _check_object(settings, record)
+        linked = _link(moves)
         try:
-            for source, final, replace, artifact in sorted(moves, key=lambda m: m[2]):  # links (can fail) first
-                final.parent.mkdir(parents=True, exist_ok=True)
-                if replace:
-                    os.replace(source, final)
-                else:
-                    os.link(source, final)  # fails if the name appeared meanwhile: nothing replaced
-                    linked.append(final)
-        except FileExistsError:
+            for record in objects:
+                _complete_upload(settings, record)
+                completed.append(record)
+        except BaseException:
             for path in linked:
                 path.unlink(missing_ok=True)
-            raise _exists(artifact) from None
-        return [artifact for _, _, _, artifact in moves]
+            for record in completed:
+                _delete_object(settings, record)
+            raise
+        return [artifact for _, _, _, artifact in moves] + [_artifact(r) for r in objects]
     finally:
+        for record in uploads:
+            if record not in completed:
+                _abort_upload(settings, record)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _artifact(record: dict) -> stage_pb2.Artifact:
+    return json_format.ParseDict(record["artifact"], stage_pb2.Artifact())
+
+
+def _file_moves(settings: Settings, job_id: str, records: list[tuple[Staged, dict]]) -> list[tuple[Path, Path, bool, stage_pb2.Artifact]]:
+    """(staged file, final path, replace, artifact) per staged file; a StageError if any target
+    is now outside the root or someone else's."""
+    root = settings.output_root
+    moves = []
+    for item, record in records:
+        artifact = _artifact(record)
+        final = (root / artifact.path).resolve()
+        if not final.is_relative_to(root):
+            raise StageError(grpc.StatusCode.FAILED_PRECONDITION, f"stage '{artifact.stage}' (persist-disk): param 'filename': {artifact.path} now resolves outside the output root")
+        replace = record["overwrite"] or (final.exists() and not taken(final, job_id))
+        if final.exists() and not replace:
+            raise _exists(artifact)
+        moves.append((item.file, final, replace, artifact))
+    return moves
+
+
+def _link(moves: list[tuple[Path, Path, bool, stage_pb2.Artifact]]) -> list[Path]:
+    """Put each staged file in place; the paths linked (new names, none replaced), or on a name
+    that appeared meanwhile: those taken back and ALREADY_EXISTS."""
+    linked: list[Path] = []
+    try:
+        for source, final, replace, artifact in sorted(moves, key=lambda m: m[2]):  # links (can fail) first
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if replace:
+                os.replace(source, final)
+            else:
+                os.link(source, final)  # fails if the name appeared meanwhile: nothing replaced
+                linked.append(final)
+    except FileExistsError:
+        for path in linked:
+            path.unlink(missing_ok=True)
+        raise _exists(artifact) from None
+    return linked
 
 
 def _exists(artifact: stage_pb2.Artifact) -> StageError:
@@ -375,6 +427,8 @@ def clean_stale(settings: Settings) -> None:
                     record = json.loads(path.read_text())
                     gone = record.get("host") == host and not _running(record.get("pid", 0))
                     if gone or old:
+                        if "upload" in record:
+                            _abort_upload(settings, record)
                         Path(str(path)[: -len(".json")]).unlink(missing_ok=True)
                         path.unlink()
                 elif old and not path.with_name(path.name + ".json").exists():
@@ -441,12 +495,25 @@ class MultipartUpload(io.RawIOBase):
         reply = self.s3.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=body)
         self.parts.append({"PartNumber": number, "ETag": reply["ETag"]})
 
-    def complete(self) -> None:
-        if self.buffer or not self.parts:  # the last part may be short (or the only one, empty)
+    def send_rest(self) -> None:
+        """Send what is buffered as the last part (it may be short, or the only one, empty)."""
+        if self.buffer or not self.parts:
             self._send(bytes(self.buffer))
             self.buffer.clear()
+
+    def complete(self) -> None:
+        self.send_rest()
         self.check()
         self.s3.complete_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, MultipartUpload={"Parts": self.parts})
+        self.finished = True
+
+    def state(self) -> dict[str, Any]:
+        """What a staging record keeps of the upload, to complete or abort it later."""
+        return {"bucket": self.bucket, "key": self.key, "upload_id": self.upload_id, "parts": self.parts}
+
+    def leave_open(self) -> None:
+        """Every part sent and recorded: the upload stays open for Finish to complete or abort
+        (no object exists until then); leaving the with block no longer aborts it."""
         self.finished = True
 
     def abort(self) -> None:
@@ -464,14 +531,15 @@ class MultipartUpload(io.RawIOBase):
 
 
 @register
-class PersistS3(Stage):
+class PersistS3(Persisting):
     type = "persist-s3"
     family = "persist"
     doc = (
         "Upload each image to an S3 bucket (AWS or any S3-compatible endpoint the service allows) "
-        "as it is encoded, in a multipart upload that is aborted if anything fails, with the "
-        "chain's params in the file as persist-disk writes them. Credentials are the service's "
-        "(boto3's chain). Tiles pass through unchanged."
+        "as it is encoded, in a multipart upload, with the chain's params in the file as "
+        "persist-disk writes them. The upload is completed (the object appears) only when the "
+        "whole job has succeeded, and aborted otherwise. Credentials are the service's (boto3's "
+        "chain). Tiles pass through unchanged."
     )
     params = (
         Param("bucket", str, doc="The bucket (it must exist)."),
@@ -488,7 +556,6 @@ class PersistS3(Stage):
         Param("profile_name", str, "", "A profile of the service's AWS config whose credentials to use; '' is boto3's default chain."),
         Param("region", str, "", "The bucket's region; '' is boto3's (AWS_REGION, the profile's)."),
     )
-    keeps_output = True
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -549,27 +616,107 @@ class PersistS3(Stage):
         metadata = {"job": self.context.job_id, **struct_to_dict(canvas.provenance)}
         bucket, key, fmt = self.p["bucket"], self.key(canvas.index), self.format
         client = self.connect()
+        staged = Staged.create(self.context.settings, self.context.job_id, self.context.attempt, self.name, canvas.index, "s3")
         try:
             if not self.p["overwrite"]:
                 self.refuse_existing(client, key)
             with MultipartUpload(client, bucket, key, CONTENT_TYPES[fmt], self.context.check_cancelled) as upload:
                 write_image(upload, pixels, fmt, metadata, self.p["quality"])
-                upload.complete()
+                artifact = stage_pb2.Artifact(
+                    stage=self.name,
+                    uri=f"s3://{bucket}/{key}",
+                    path=key,
+                    format=fmt,
+                    width=canvas.width,
+                    height=canvas.height,
+                    index=canvas.index,
+                    size_bytes=upload.size,
+                    sha256=upload.sha256.hexdigest(),
+                )
+                upload.send_rest()
+                # recorded before it is left open: a failure until then aborts it here; after,
+                # the record is there for Finish (or a restarted service) to complete or abort
+                where = {"endpoint_url": self.p["endpoint_url"], "profile_name": self.p["profile_name"], "region": self.p["region"]}
+                staged.write_record(artifact, self.p["overwrite"], {**where, **upload.state()})
+                upload.leave_open()
         except (StageError, ParamError, Cancelled):
+            staged.record.unlink(missing_ok=True)
             raise
         except Exception as exc:
+            staged.record.unlink(missing_ok=True)
             raise s3.s3_error(self.label, "bucket", f"uploading s3://{bucket}/{key}", exc) from None
-        log.info("job %s: %s wrote s3://%s/%s (%d bytes, %d parts)", self.context.job_id, self.label, bucket, key, upload.size, len(upload.parts))
-        return [
-            stage_pb2.Artifact(
-                stage=self.name,
-                uri=f"s3://{bucket}/{key}",
-                path=key,
-                format=fmt,
-                width=canvas.width,
-                height=canvas.height,
-                index=canvas.index,
-                size_bytes=upload.size,
-                sha256=upload.sha256.hexdigest(),
-            )
-        ]
+        log.info("job %s: %s staged s3://%s/%s (%d bytes, %d parts)", self.context.job_id, self.label, bucket, key, upload.size, len(upload.parts))
+        if self.context.cancel_event.is_set():  # cancelled while uploading: Finish(abort) may have run
+            _abort_upload(self.context.settings, staged.load())
+            staged.discard()
+        return []
+
+
+# --- publishing staged uploads (Finish) -------------------------------------------------------
+
+
+def _upload_client(settings: Settings, record: dict) -> Any:
+    from .core import s3
+
+    upload = record["upload"]
+    return s3.client(settings, upload["endpoint_url"], upload["profile_name"], upload["region"])
+
+
+def _s3_failure(record: dict, what: str, exc: BaseException) -> StageError:
+    """A failure while publishing or discarding an upload, as a StageError naming the stage."""
+    from .core import s3
+
+    label = f"stage '{record['artifact'].get('stage', '?')}' (persist-s3)"
+    error = s3.s3_error(label, "key", what, exc)
+    if isinstance(error, ParamError):  # the bucket or the upload went away while the job ran
+        return StageError(grpc.StatusCode.FAILED_PRECONDITION, f"{label}: param '{error.param}': {error.message}")
+    return error if isinstance(error, StageError) else StageError(grpc.StatusCode.UNAVAILABLE, f"{label}: {error}")
+
+
+def _check_object(settings: Settings, record: dict) -> None:
+    """Before a commit publishes anything: the key must still be free unless overwrite is set."""
+    upload = record["upload"]
+    if record["overwrite"]:
+        return
+    where = f"s3://{upload['bucket']}/{upload['key']}"
+    try:
+        _upload_client(settings, record).head_object(Bucket=upload["bucket"], Key=upload["key"])
+    except Exception as exc:
+        error = _s3_failure(record, where, exc)
+        if error.code == grpc.StatusCode.FAILED_PRECONDITION:  # not found: free
+            return
+        raise error from None
+    raise StageError(
+        grpc.StatusCode.ALREADY_EXISTS,
+        f"stage '{record['artifact'].get('stage', '?')}' (persist-s3): param 'key': {where} appeared while the job ran; "
+        "nothing of the job was published",
+    )
+
+
+def _complete_upload(settings: Settings, record: dict) -> None:
+    upload = record["upload"]
+    try:
+        _upload_client(settings, record).complete_multipart_upload(
+            Bucket=upload["bucket"], Key=upload["key"], UploadId=upload["upload_id"], MultipartUpload={"Parts": upload["parts"]},
+        )
+    except Exception as exc:
+        raise _s3_failure(record, f"completing s3://{upload['bucket']}/{upload['key']}", exc) from None
+
+
+def _abort_upload(settings: Settings, record: dict) -> None:
+    """Abort a staged upload, deleting its parts; a failure is logged (the bucket's lifecycle
+    rule for incomplete uploads is the backstop, docs/deploy.md)."""
+    upload = record["upload"]
+    try:
+        _upload_client(settings, record).abort_multipart_upload(Bucket=upload["bucket"], Key=upload["key"], UploadId=upload["upload_id"])
+    except Exception as exc:
+        log.warning("could not abort the upload of s3://%s/%s: %s", upload["bucket"], upload["key"], exc)
+
+
+def _delete_object(settings: Settings, record: dict) -> None:
+    """Take back an object this commit completed, when a later one of the same job failed."""
+    upload = record["upload"]
+    try:
+        _upload_client(settings, record).delete_object(Bucket=upload["bucket"], Key=upload["key"])
+    except Exception as exc:
+        log.warning("could not take back s3://%s/%s: %s", upload["bucket"], upload["key"], exc)

@@ -1,6 +1,7 @@
 """persist-s3 and source-s3 against the stack's real S3 server (SeaweedFS): what persist-s3
 writes boto3 reads back byte for byte; a large image goes up in several parts while it is
-encoded; a failed or cancelled upload leaves no object and no open upload; endpoints, buckets,
+encoded, and is completed only when the whole job has succeeded; a failed or cancelled upload
+or job leaves no object and no open upload, nor does a persist service that died; endpoints, buckets,
 profiles and keys that are not allowed or do not exist are refused at planning, naming the
 stage and the param, and the stack still serves after each."""
 
@@ -8,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
+import socket
+import subprocess
 import threading
 from pathlib import Path
 
@@ -24,8 +28,9 @@ from tilechain.services.persist import PART_BYTES, MultipartUpload
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2
 
-from .conftest import SOURCE_MAX_BYTES, rpc_error, run_events
+from .conftest import SOURCE_MAX_BYTES, free_port, rpc_error, run_events
 from .test_bad_input import assert_still_serving
+from .test_persist import STAGING, held_chain, staged_files
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +86,81 @@ def test_a_large_image_goes_up_in_parts_as_it_is_encoded(gateway, s3) -> None:
     assert head["ContentLength"] == PART_BYTES
     data = s3.get_object(Bucket="tilechain", Key=artifact.path)["Body"].read()
     assert hashlib.sha256(data).hexdigest() == artifact.sha256
+
+
+def run_until_uploaded(gateway, key: str):
+    """Start a held job whose persist-s3 stage 'save' uploads under key; return (call, job id)
+    once 'save' has finished, i.e. sent every part and left its upload open."""
+    chain = held_chain("unused.png")
+    chain["stages"][1] = {"name": "save", "type": "persist-s3", "params": {"bucket": "tilechain", "key": key}}
+    call = gateway.RunChain(chain_request(chain, return_tiles=gateway_pb2.TILE_RETURN_ALL, transport_tile=16))
+    for event in call:
+        if (event.WhichOneof("kind") == "stage" and event.stage.name == "save"
+                and event.stage.kind == gateway_pb2.StageEvent.KIND_FINISHED):
+            return call, event.job_id
+    raise AssertionError("the job ended before 'save' finished")
+
+
+def test_an_object_appears_only_when_the_job_succeeds(gateway, s3, output_root: Path) -> None:
+    call, job = run_until_uploaded(gateway, "publish/{job}.png")
+    key = f"publish/{job}.png"
+    assert keys(s3, "tilechain", key) == [] and open_uploads(s3, "tilechain", key) == [key]  # parts sent, no object yet
+    staged = staged_files(output_root)
+    assert staged and all(p.name.endswith(".s3.json") for p in staged)  # a record of the open upload, no file
+    events = list(call)
+    assert events[-1].status.state == gateway_pb2.JOB_STATE_SUCCEEDED, events[-1].status.message
+    [artifact] = events[-1].status.artifacts
+    assert artifact.uri == f"s3://tilechain/{key}" and [e.artifact.path for e in events if e.WhichOneof("kind") == "artifact"] == [key]
+    data = s3.get_object(Bucket="tilechain", Key=key)["Body"].read()
+    assert hashlib.sha256(data).hexdigest() == artifact.sha256 and decode_image(data).shape == (512, 512, 3)
+    assert open_uploads(s3, "tilechain", key) == [] and staged_files(output_root) == []
+
+
+def test_a_cancelled_job_leaves_no_object(gateway, s3, output_root: Path) -> None:
+    call, job = run_until_uploaded(gateway, "cancelled/{job}.png")
+    assert open_uploads(s3, "tilechain", "cancelled/") == [f"cancelled/{job}.png"]
+    call.cancel()
+    status = gateway.CancelJob(gateway_pb2.JobRef(job_id=job), timeout=60)  # returns once the job has ended
+    assert status.state == gateway_pb2.JOB_STATE_CANCELLED
+    assert keys(s3, "tilechain", "cancelled/") == [] and open_uploads(s3, "tilechain", "cancelled/") == []
+    assert staged_files(output_root) == []
+
+
+def test_an_object_that_appears_meanwhile_fails_the_job_and_is_kept(gateway, s3, output_root: Path) -> None:
+    """Someone else writes the key while the job runs: publishing fails with ALREADY_EXISTS
+    naming the stage, their object stays, the job's upload is aborted."""
+    call, job = run_until_uploaded(gateway, "raced/{job}.png")
+    s3.put_object(Bucket="tilechain", Key=f"raced/{job}.png", Body=b"theirs")
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert f"stage 'save' (persist-s3): param 'key': s3://tilechain/raced/{job}.png appeared while the job ran" in info.value.details()
+    assert s3.get_object(Bucket="tilechain", Key=f"raced/{job}.png")["Body"].read() == b"theirs"
+    assert open_uploads(s3, "tilechain", "raced/") == [] and staged_files(output_root) == []
+    assert_still_serving(gateway)
+
+
+def test_a_starting_persist_service_aborts_the_uploads_a_dead_one_left_open(stack: Stack, s3, tmp_path: Path) -> None:
+    root = tmp_path / "outputs"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    upload_id = s3.create_multipart_upload(Bucket="tilechain", Key="orphan/left-open.png")["UploadId"]
+    part = s3.upload_part(Bucket="tilechain", Key="orphan/left-open.png", UploadId=upload_id, PartNumber=1, Body=b"part")
+    folder = root / STAGING / "dead-job"
+    folder.mkdir(parents=True)
+    (folder / "0-save-0.s3.json").write_text(json.dumps({
+        "attempt": 0, "overwrite": False, "host": socket.gethostname(), "pid": dead.pid, "artifact": {"stage": "save"},
+        "upload": {"endpoint_url": "", "profile_name": "", "region": "", "bucket": "tilechain", "key": "orphan/left-open.png",
+                   "upload_id": upload_id, "parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+    }))
+    assert open_uploads(s3, "tilechain", "orphan/") == ["orphan/left-open.png"]
+    service = Stack({"persist": f"127.0.0.1:{free_port()}", "s3": stack.addresses["s3"]}, tmp_path / "logs")
+    service.start(components=("persist",), extra_env={"TILECHAIN_OUTPUT_ROOT": str(root)})
+    try:
+        assert open_uploads(s3, "tilechain", "orphan/") == [] and keys(s3, "tilechain", "orphan/") == []
+        assert not folder.exists()
+    finally:
+        service.stop()
 
 
 def test_a_failed_upload_is_aborted(s3) -> None:

@@ -28,7 +28,7 @@ from .chain import ChainError, PlannedStage, plan_chain
 from .families import Family, FamilyUnavailable, connect
 from .jobs import Worker, new_job_id
 from .upload import receive_upload
-from .settings import GatewaySettings, StreamLimits, max_streams_env
+from .settings import GatewaySettings, StreamLimits
 from .store import SCHEMES, open_store
 from .store.base import FAILED, RUNNING, JobStore, NewJob, StoreConfig, StoreError, add_progress_summary
 from .watch import FINAL, JobNotFound, Watcher, WatcherClosed, follow
@@ -91,21 +91,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return NewJob(job_id, request.SerializeToString(), needs, len(stages), self.gateway.max_attempts, deadline)
 
     def _needs(self, stages: list[PlannedStage]) -> dict[str, int]:
-        """The streams per family the chain holds at once (every stage streams for the whole job);
-        a chain that needs more than a family's whole limit could never be admitted (a family
-        scaled to zero counts as one replica: it can grow)."""
+        """The streams per family the job is charged at admission: every stage streams for the
+        whole job, so one per stage, but at most the family's whole limit (a family scaled to
+        zero counts as one replica). A chain with more stages of a family than that (two
+        img2img passes where one GPU stream is the limit) is admitted once the family is idle
+        and runs alone on it: it could never start otherwise, and its stages stream as one
+        pipeline, not as independent jobs."""
         needs = Counter(stage.family.name for stage in stages)
-        for family, count in needs.items():
-            replicas = max(1, self.limits.replicas[family])
-            limit = self.limits.per_replica[family] * replicas
-            if count > limit:
-                last = [s for s in stages if s.family.name == family][-1]
-                raise ChainError(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"{last.label}: the chain needs {count} {family} streams at once, over the limit of {limit} "
-                    f"({max_streams_env(family)}={self.limits.per_replica[family]} per replica x {replicas} replica(s))",
-                )
-        return dict(needs)
+        return {family: min(count, self.limits.per_replica[family] * max(1, self.limits.replicas[family])) for family, count in needs.items()}
 
     @answers_store_errors
     async def SubmitChain(self, request: gateway_pb2.ChainRequest, context: grpc.aio.ServicerContext) -> gateway_pb2.JobRef:

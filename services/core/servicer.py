@@ -142,6 +142,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         answer.CopyFrom(self.stats)
         if request.reset_peaks:
             self.stats.peak_input_bytes = self.stats.peak_output_bytes = self.stats.peak_ready_tiles = 0
+            self.stats.peak_active_streams = self.stats.active_streams
         return answer
 
     async def Finish(self, request: stage_pb2.FinishRequest, context: grpc.aio.ServicerContext) -> stage_pb2.FinishResult:

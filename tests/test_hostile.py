@@ -224,7 +224,8 @@ def test_gateway_memory_stays_flat_over_16_of_each(strict: Stack) -> None:
             assert send(address, request).code() == grpc.StatusCode.INVALID_ARGUMENT
     after = memory(pid)
     mib = 1024
-    assert abs(after["VmRSS"] - before["VmRSS"]) <= 20 * mib, (before, after)
+    # growth only: the allocator handing pages back (RSS falling) is no failure
+    assert after["VmRSS"] - before["VmRSS"] <= 20 * mib, (before, after)
     assert after["VmHWM"] - before["VmHWM"] <= 20 * mib, (before, after)  # no transient spike either
 
 

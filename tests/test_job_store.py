@@ -413,3 +413,23 @@ async def until(condition: Callable[[], object], timeout: float = 30.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "not delivered in time"
         await asyncio.sleep(0.01)
+
+
+def test_the_progress_summary_counts_a_finished_stage_as_complete() -> None:
+    """onnx-web's summary in GetJob: a stage whose last estimate fell short (outpaint tiles that
+    needed no steps) is complete once it has finished; a running stage counts what it did."""
+    from tilechain.gateway.store.base import add_progress_summary
+
+    def unit_progress(stage: int, unit: str, done: int, total: int) -> gateway_pb2.JobEvent:
+        event = gateway_pb2.JobEvent()
+        event.progress.stage_index, event.progress.progress.unit = stage, unit
+        event.progress.progress.done, event.progress.progress.total = done, total
+        return event
+
+    finished = gateway_pb2.JobEvent(stage=gateway_pb2.StageEvent(stage_index=0, kind=gateway_pb2.StageEvent.KIND_FINISHED))
+    history = [unit_progress(0, "steps", 649, 675), unit_progress(0, "tiles", 30, 30), finished, unit_progress(1, "steps", 2, 10)]
+    status = gateway_pb2.JobStatus(state=gateway_pb2.JOB_STATE_RUNNING, stages_total=2, stages_done=1)
+    add_progress_summary(status, history)
+    assert (status.stages.current, status.stages.total) == (1, 2)
+    assert (status.steps.current, status.steps.total) == (675 + 2, 675 + 10)
+    assert (status.tiles.current, status.tiles.total) == (30, 30)

@@ -125,14 +125,20 @@ def add_progress_summary(status: gateway_pb2.JobStatus, history: list[gateway_pb
     the stage counts and each stage's latest progress per unit in the history, so that a poller
     can draw a bar without watching."""
     latest: dict[tuple[int, str], tuple[int, int]] = {}
+    finished: set[int] = set()
     for event in history:
-        if event.WhichOneof("kind") == "progress":
+        kind = event.WhichOneof("kind")
+        if kind == "progress":
             progress = event.progress.progress
             latest[(event.progress.stage_index, progress.unit)] = (progress.done, progress.total)
+        elif kind == "stage" and event.stage.kind == gateway_pb2.StageEvent.KIND_FINISHED:
+            finished.add(event.stage.stage_index)
     status.stages.total = status.stages_total
     status.stages.current = status.stages_total if status.state == SUCCEEDED else status.stages_done
     for unit, counter in (("steps", status.steps), ("tiles", status.tiles)):
-        counts = [value for (_, kind), value in latest.items() if kind == unit]
+        # a finished stage is complete whatever its last estimate said (an outpaint's tiles
+        # that needed no steps count as done)
+        counts = [(total if stage in finished else done, total) for (stage, kind), (done, total) in latest.items() if kind == unit]
         counter.current = sum(done for done, _ in counts)
         counter.total = sum(total for _, total in counts)
 

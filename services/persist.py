@@ -226,7 +226,9 @@ class PersistDisk(PersistStage):
     doc = (
         "Write each image to a file under the service's output root (PNG with the chain's params "
         "in a 'tilechain' text chunk; JPEG and WebP with them in EXIF ImageDescription). Tiles "
-        "pass through unchanged. Files appear only when the whole job has succeeded."
+        "pass through unchanged. A PNG is written band by band as its rows come, never held "
+        "whole; JPEG and WebP are encoded from the whole image (held until written): use PNG "
+        "for big canvases. Files appear only when the whole job has succeeded."
     )
     params = (
         Param(
@@ -588,8 +590,9 @@ class PersistS3(PersistStage):
     doc = (
         "Upload each image to an S3 bucket (AWS or any S3-compatible endpoint the service allows) "
         "as it is encoded, in a multipart upload that is aborted if anything fails, with the "
-        "chain's params in the file as persist-disk writes them. Credentials are the service's "
-        "(boto3's chain). Tiles pass through unchanged."
+        "chain's params in the file as persist-disk writes them; a PNG band by band as its rows "
+        "come, JPEG and WebP from the whole image, as persist-disk. Credentials are the "
+        "service's (boto3's chain). Tiles pass through unchanged."
     )
     params = (
         Param("bucket", str, doc="The bucket (it must exist)."),

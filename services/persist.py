@@ -661,8 +661,9 @@ class PersistS3(PersistStage):
 
 
 class S3Upload:
-    """persist-s3's Sink: the image's multipart upload (MultipartUpload), begun when the first
-    bytes are ready, the object made by seal(); boto3's failures raised as the stage's errors."""
+    """persist-s3's Sink: the image's multipart upload (MultipartUpload), begun with the first
+    band of rows (or the whole canvas), the object made by seal(); boto3's failures raised as
+    the stage's errors."""
 
     def __init__(self, stage: PersistS3, canvas: tiles_pb2.Canvas) -> None:
         self.stage, self.canvas = stage, canvas

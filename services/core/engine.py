@@ -14,6 +14,10 @@ Memory is bounded by the tiles in flight, not by the image (docs/design.md, "Eng
 - output pixels exist only for transport tiles not yet sent: a processing tile's result goes
   straight into the tiles it touches (feather accumulators for blending stages, allocated on
   first touch), and a tile is freed once sent;
+- an output the stage keeps (persist writes its images; Stage.keeps) is assembled from its
+  sent tiles only a band of rows at a time, each band given to the stage as soon as it is
+  complete, top to bottom; only a stage that asks for whole canvases (persist's JPEG and WebP)
+  gets one;
 - backpressure: while MAX_READY processing tiles have their input and wait to run, the engine
   reads no further input, so a slow stage holds back its input stream (gRPC flow control
   then slows the gateway and the stage before it).
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
@@ -34,9 +39,11 @@ from tilechain.v1 import stage_pb2, tiles_pb2
 from .codecs import canvas_layout, is_latent, transport_edge
 from .config import Settings
 from .params import ParamError
-from .stage import ROLE_NAMES, OutputPlan, Stage, StageError, TileWork
+from .stage import KEEP_ROWS, ROLE_NAMES, OutputPlan, Stage, StageError, TileWork
 from .tiles import Rect, TileError, feather_weights
 from .wire import TileView, encode_tile
+
+log = logging.getLogger("tilechain.engine")
 
 MAX_READY = 2  # processing tiles with all their input, waiting to run, before the engine stops reading
 CELL = 256     # edge of the buckets of the spatial indexes
@@ -200,6 +207,48 @@ class _Output:
         return [row * self.cols + col for row in range(window.y // self.edge, (window.y1 - 1) // self.edge + 1) for col in cols]
 
 
+class _Kept:
+    """An output the stage keeps, assembled from its sent tiles in bands of rows: one row of
+    transport tiles per band (KEEP_ROWS) or the whole canvas as one band (KEEP_CANVAS). A band
+    is allocated when its first tile arrives and given away, in order, once complete; so what
+    is held is the bands from the first incomplete one to the lowest tile received."""
+
+    def __init__(self, out: _Output, mode: str) -> None:
+        self.rows = mode == KEEP_ROWS
+        self.width, self.height, self.chans, self.dtype = out.width, out.height, out.chans, out.dtype
+        self.band = out.edge if self.rows else out.height
+        self.bands: dict[int, np.ndarray] = {}  # band number -> pixels
+        self.missing: dict[int, int] = {}       # band number -> pixels not yet placed in it
+        self.next = 0                           # the next band to give
+
+    def put(self, rect: Rect, pixels: np.ndarray) -> int:
+        """Place a sent tile; the bytes of the bands this allocated."""
+        allocated = 0
+        for number in range(rect.y // self.band, (rect.y1 - 1) // self.band + 1):
+            top = number * self.band
+            band_rect = Rect(0, top, self.width, min(self.band, self.height - top))
+            band = self.bands.get(number)
+            if band is None:
+                band = self.bands[number] = np.empty((band_rect.height, self.width, self.chans), dtype=self.dtype)
+                self.missing[number] = band_rect.area
+                allocated += band.nbytes
+            part = band_rect.intersection(rect)
+            band[part.relative_to(band_rect).slices] = pixels[part.relative_to(rect).slices]  # type: ignore[union-attr]
+            self.missing[number] -= part.area  # type: ignore[union-attr]
+        return allocated
+
+    def complete(self) -> Iterator[tuple[int, np.ndarray]]:
+        """The complete bands not yet given, top to bottom, as (first row, pixels)."""
+        while self.missing.get(self.next) == 0:
+            del self.missing[self.next]
+            yield self.next * self.band, self.bands.pop(self.next)
+            self.next += 1
+
+    @property
+    def done(self) -> bool:
+        return self.next * self.band >= self.height
+
+
 class TileEngine:
     def __init__(
         self,
@@ -222,6 +271,7 @@ class TileEngine:
         whole = stage.needs_whole_canvas
         overlap = 0 if whole else stage.overlap
         self.outputs = [_Output(plan, transport_tile, blend=overlap > 0 and not stage.streams) for plan in outputs]
+        self.kept = {out.id: _Kept(out, mode) for out in self.outputs if (mode := stage.keeps(out.plan))}  # until finished
         self.sources: dict[int, _Input] = {}
         for plan in outputs:
             for source in plan.sources.values():
@@ -495,8 +545,9 @@ class TileEngine:
             pixels = piece
         out.tiles_left -= 1
         self.tiles_emitted += 1
-        if self.stage.keeps_output:
-            self.stage.keep_tile(out.plan, rect, pixels)
+        kept = self.kept.get(out.id)
+        if kept is not None:
+            self._count_output(kept.put(rect, pixels))
         if self._encoded:
             return encode_tile(out.id, rect, pixels)
         message = stage_pb2.StageOutput()
@@ -517,10 +568,36 @@ class TileEngine:
             progress=stage_pb2.Progress(unit="tiles", done=self.tiles_processed, total=len(self.jobs))
         )
 
-    async def _finish(self, out: _Output) -> AsyncIterator[stage_pb2.StageOutput]:
-        if self.stage.keeps_output:
-            for artifact in await asyncio.to_thread(self.stage.finish_output, out.plan):
-                yield stage_pb2.StageOutput(artifact=artifact)
+    async def _give(self, out: _Output) -> AsyncIterator[stage_pb2.StageOutput]:
+        """A kept output's complete bands to the stage, in order (each let go once given); once
+        the whole output has gone, finish it: the artifacts the stage reports."""
+        kept = self.kept.get(out.id)
+        if kept is None:
+            return
+        stage, artifacts = self.stage, []
+        for y, pixels in kept.complete():
+            try:
+                if kept.rows:
+                    await asyncio.to_thread(stage.write_rows, out.plan, y, pixels)
+                else:
+                    artifacts = await asyncio.to_thread(stage.finish, out.plan, pixels)
+            finally:
+                self._count_output(-pixels.nbytes)
+            del pixels  # not held while the next band is written
+        if kept.done:
+            if kept.rows:
+                artifacts = await asyncio.to_thread(stage.finish, out.plan, None)
+            del self.kept[out.id]  # finished: nothing to discard
+        for artifact in artifacts:
+            yield stage_pb2.StageOutput(artifact=artifact)
+
+    def _discard_kept(self) -> None:
+        """Kept outputs the stream ends without finishing: the stage lets go of what it began."""
+        for kept_id in list(self.kept):
+            try:
+                self.stage.discard(self.outputs[kept_id].plan)
+            except Exception:  # the stream's own error is the one to report
+                log.exception("%s: discarding output %d", self.stage.label, kept_id)
 
     # --- running ---------------------------------------------------------------------------
 
@@ -532,8 +609,12 @@ class TileEngine:
         for out in self.outputs:
             yield stage_pb2.StageOutput(canvas=out.plan.canvas)
         body = self._run_streaming(messages) if self.stage.streams else self._run_windows(messages)
-        async for message in body:
-            yield message
+        try:
+            async for message in body:
+                yield message
+        finally:
+            if self.kept:  # shielded: it runs to its end even if this stream is being cancelled
+                await asyncio.shield(asyncio.to_thread(self._discard_kept))
         for notice in self.stage.context.notices:
             yield stage_pb2.StageOutput(notice=stage_pb2.Notice(message=notice))
         yield stage_pb2.StageOutput(
@@ -568,10 +649,8 @@ class TileEngine:
                 for message in self._commit(job, result):
                     yield message
                 remaining -= 1
-                out = self.outputs[job.output]
-                if out.jobs_left == 0:
-                    async for message in self._finish(out):
-                        yield message
+                async for message in self._give(self.outputs[job.output]):
+                    yield message
             await reader  # drain input this stage did not need, so the sender never blocks
         finally:
             reader.cancel()
@@ -605,9 +684,8 @@ class TileEngine:
                     self.tiles_processed += 1
                     for sent in self._place(out, rect, pixels, None, counted=None):
                         yield sent
-                    if out.tiles_left == 0:
-                        async for artifact in self._finish(out):
-                            yield artifact
+                async for artifact in self._give(out):
+                    yield artifact
                 if regions:  # progress in output transport tiles sent
                     yield stage_pb2.StageOutput(progress=stage_pb2.Progress(unit="tiles", done=self.tiles_emitted, total=total))
         incomplete = sorted({cid for cid, pairs in readers.items() for number, _ in pairs if self.outputs[number].tiles_left})

@@ -33,6 +33,7 @@ from PIL import Image
 from tilechain.v1 import tiles_pb2
 
 from .codecs import ImageDecodeError, transport_edge
+from .png import SIGNATURE, chunk
 from .tiles import Rect, transport_grid
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF")
@@ -50,7 +51,6 @@ BAND_BYTES = 4 * 1024 * 1024
 # flat image is not a bomb, whatever its ratio.
 RATIO_FLOOR_BYTES = 64 * 1024 * 1024
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 @dataclass(frozen=True)
@@ -303,7 +303,7 @@ class _Png:
 
 def _png_chunks(data: Buffer) -> tuple[_Png, list[memoryview]]:
     view = memoryview(data)
-    pos, png, idat = len(PNG_SIGNATURE), None, []
+    pos, png, idat = len(SIGNATURE), None, []
     while pos + 8 <= len(data):
         length, kind = struct.unpack(">I4s", view[pos : pos + 8])
         body = view[pos + 8 : pos + 8 + length]
@@ -354,10 +354,6 @@ def _inflate(inflater: zlib._Decompress, pieces: Iterator[memoryview], size: int
     return bytes(out)
 
 
-def _chunk(kind: bytes, body: bytes) -> bytes:
-    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-
 # An 8-bit PNG format with the same bytes per pixel: its decode undoes the filters and keeps
 # every byte as it is (bpp -> bit depth, colour type).
 _SAME_BPP = {1: (8, 0), 2: (8, 4), 3: (8, 2), 4: (8, 6)}
@@ -387,14 +383,14 @@ def _decode_small_png(width: int, height: int, depth: int, colour: int, rows: tu
     compressor = zlib.compressobj(0)
     idat = [compressor.compress(part) for part in rows] + [compressor.flush()]
     small = io.BytesIO()
-    small.write(PNG_SIGNATURE + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)))
+    small.write(SIGNATURE + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)))
     crc = zlib.crc32(b"IDAT")
     small.write(struct.pack(">I", sum(map(len, idat))) + b"IDAT")
     for part in idat:
         small.write(part)
         crc = zlib.crc32(part, crc)
     del idat
-    small.write(struct.pack(">I", crc) + _chunk(b"IEND", b""))
+    small.write(struct.pack(">I", crc) + chunk(b"IEND", b""))
     small.seek(0)
     try:
         with Image.open(small, formats=("PNG",)) as image:

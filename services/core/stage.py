@@ -30,6 +30,7 @@ MASK = tiles_pb2.CANVAS_ROLE_MASK
 CONTROL = tiles_pb2.CANVAS_ROLE_CONTROL
 RGB8, RGBA8, L8 = tiles_pb2.PIXEL_FORMAT_RGB8, tiles_pb2.PIXEL_FORMAT_RGBA8, tiles_pb2.PIXEL_FORMAT_L8
 ROLE_NAMES = {"image": IMAGE, "mask": MASK, "control": CONTROL}
+KEEP_ROWS, KEEP_CANVAS = "rows", "canvas"  # what a stage keeps of an output (Stage.keeps)
 
 # Service-wide counters that stage code bumps where the engine cannot see the work (images
 # through a VAE); the Stats RPC reports them.
@@ -111,7 +112,6 @@ class Stage:
     attachments: ClassVar[tuple[str, ...]] = ()           # roles a caller may attach: "image", "mask", "control"
     required_attachments: ClassVar[tuple[str, ...]] = ()
     size_params: ClassVar[tuple[str, ...]] = ()           # params that set the output size
-    keeps_output: ClassVar[bool] = False    # the engine hands each sent output tile to keep_tile(), then calls finish_output()
     streams: ClassVar[bool] = False         # takes its input tiles one by one (stream_open/stream_tile) instead of processing tiles
     makes_latents: ClassVar[bool] = False   # can emit its images as latents (see emits_latent)
     takes_latents: ClassVar[bool] = False   # can start from latents instead of pixels (accepts_latent)
@@ -124,7 +124,6 @@ class Stage:
         self.p = dict(values)
         self.context = context
         self.latent_output = latent_output  # emit latent canvases (the gateway asked; see emits_latent)
-        self._kept: dict[int, np.ndarray] = {}  # keeps_output: output canvas id -> pixels so far
 
     @property
     def label(self) -> str:
@@ -280,24 +279,28 @@ class Stage:
         """Whole-canvas stages: the output canvas from whole source canvases."""
         raise NotImplementedError
 
-    def keep_tile(self, output: OutputPlan, rect: Rect, pixels: np.ndarray) -> None:
-        """keeps_output stages: each output transport tile as it is sent. By default the tiles
-        are collected into the canvas that finish() gets, which the stage is then the only
-        holder of; a stage that can write as tiles come (a streaming encoder) overrides this
-        and finish_output."""
-        canvas = self._kept.get(output.canvas.id)
-        if canvas is None:
-            height, width, chans = output.canvas.height, output.canvas.width, pixels.shape[2]
-            canvas = self._kept[output.canvas.id] = np.zeros((height, width, chans), dtype=pixels.dtype)
-        canvas[rect.slices] = pixels
+    def keeps(self, output: OutputPlan) -> str:
+        """What the stage keeps of an output's tiles as they are sent (persist writes its
+        images): "" nothing (the default); KEEP_ROWS: its rows, given to write_rows() top to
+        bottom in bands as soon as each band is complete, then finish(output, None); KEEP_CANVAS:
+        the whole canvas, given to finish() once complete. The engine assembles and holds what
+        it has not yet given (docs/design.md, "Engine memory")."""
+        return ""
 
-    def finish_output(self, output: OutputPlan) -> list[stage_pb2.Artifact]:
-        """keeps_output stages: called once every tile of an output has been sent."""
-        return self.finish(output, self._kept.pop(output.canvas.id))
+    def write_rows(self, output: OutputPlan, y: int, pixels: np.ndarray) -> None:
+        """KEEP_ROWS outputs: the next complete rows, y to y + len(pixels), (rows, width,
+        channels), in order. In a worker thread."""
+        raise NotImplementedError
 
-    def finish(self, output: OutputPlan, pixels: np.ndarray) -> list[stage_pb2.Artifact]:
-        """keeps_output stages: called with each finished output canvas."""
+    def finish(self, output: OutputPlan, pixels: np.ndarray | None) -> list[stage_pb2.Artifact]:
+        """Kept outputs, once every tile has been sent: the whole canvas (KEEP_CANVAS), or None
+        (KEEP_ROWS: after the last write_rows). In a worker thread."""
         return []
+
+    def discard(self, output: OutputPlan) -> None:
+        """Kept outputs that will not be finished (the stream failed or was cancelled): let go
+        of what write_rows began (an open file, an upload). In a worker thread, maybe while a
+        write_rows of the same output still runs in another."""
 
     # --- the job's end (the Finish RPC) and the service's start ----------------------------
 

@@ -6,8 +6,10 @@ lanczos: CPU-bound), sent with RunChain from a pool of --workers threads at once
 gateway whose TILECHAIN_UPSCALE_ADDR names one upscale replica, then two (two processes on
 loopback; round_robin spreads the streams). Each configuration runs --repeats times,
 alternating, after a warm-up; the table gives the medians of jobs/s and of each run's p50 and
-p99 job time (RunChain sent -> final status, which includes the time a job waits for a busy
-replica: there is no queue on this branch), and how the streams split over the replicas.
+p99 job time (RunChain sent -> final status, its queue wait included) and of queue wait
+(JobStatus started_at - created_at: admission holds each replica to its stream limit,
+TILECHAIN_UPSCALE_MAX_STREAMS, so a second replica admits twice as many jobs at once), and how
+the streams split over the replicas.
 
 Reconnect: stop the single upscale replica, keep it down --outage seconds while jobs are refused
 (the gateway's channel backs off), start it again on the same port; from its health check saying
@@ -39,6 +41,7 @@ sys.path.insert(0, str(HERE))
 from bench_chain import cpu_seconds, free_port, machine, results_block, write_section  # noqa: E402
 
 from tilechain.client import chain_request, connect  # noqa: E402
+from tilechain.gateway.settings import DEFAULT_MAX_STREAMS  # noqa: E402
 from tilechain.services.core.config import RECONNECT_MAX_MS, RECONNECT_WAIT_S  # noqa: E402
 from tilechain.stack import Stack  # noqa: E402
 from tilechain.v1 import gateway_pb2, stage_pb2, stage_pb2_grpc  # noqa: E402
@@ -68,6 +71,10 @@ def stats(stack: Stack, name: str) -> stage_pb2.ServiceStats:
         return stage_pb2_grpc.StageStub(channel).Stats(stage_pb2.StatsRequest(), timeout=30)
 
 
+def percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
 def run_jobs(stack: Stack, request: gateway_pb2.ChainRequest, jobs: int, workers: int) -> dict:
     """jobs RunChains from workers threads; wall time and each job's time."""
     stub = connect(stack.addresses["gateway"])
@@ -75,22 +82,28 @@ def run_jobs(stack: Stack, request: gateway_pb2.ChainRequest, jobs: int, workers
     streams_before = {n: stats(stack, n).streams_started for n in replicas}
     cpu_before = {n: cpu_seconds(stack.processes[n].pid) for n in replicas}
 
-    def one(_: int) -> float:
+    def one(_: int) -> tuple[float, float]:
         began = time.perf_counter()
         events = list(stub.RunChain(request, timeout=600))
-        if events[-1].status.state != gateway_pb2.JOB_STATE_SUCCEEDED:
-            raise RuntimeError(f"job failed: {events[-1].status}")
-        return time.perf_counter() - began
+        status = events[-1].status
+        if status.state != gateway_pb2.JOB_STATE_SUCCEEDED:
+            raise RuntimeError(f"job failed: {status}")
+        waited = (status.started_at.ToNanoseconds() - status.created_at.ToNanoseconds()) / 1e9
+        return time.perf_counter() - began, waited
 
     began = time.perf_counter()
     with ThreadPoolExecutor(workers) as pool:
-        times = sorted(pool.map(one, range(jobs)))
+        results = list(pool.map(one, range(jobs)))
     wall = time.perf_counter() - began
+    times = sorted(t for t, _ in results)
+    waits = sorted(w for _, w in results)
     return {
         "wall": wall,
         "rate": jobs / wall,
         "p50": statistics.median(times),
-        "p99": times[min(len(times) - 1, round(0.99 * (len(times) - 1)))],
+        "p99": percentile(times, 0.99),
+        "wait50": statistics.median(waits),
+        "wait99": percentile(waits, 0.99),
         "streams": {n: stats(stack, n).streams_started - streams_before[n] for n in replicas},
         "cpu": {n: cpu_seconds(stack.processes[n].pid) - cpu_before[n] for n in replicas},
     }
@@ -162,18 +175,20 @@ def main() -> int:
         f"Jobs: {args.jobs} per run, `source-noise({args.edge}x{args.edge}) -> upscale-simple(scale=2, method=lanczos)`, "
         f"model-free, sent with RunChain from {args.workers} threads at once through one gateway "
         f"(TILE_RETURN_NONE); medians of {args.repeats} runs per configuration, alternating, after a warm-up. "
-        f"Job time = RunChain sent -> final status (it includes any wait for a busy replica: no queue on this branch). "
+        f"Job time = RunChain sent -> final status; queue wait = started_at - created_at (JobStatus); the upscale "
+        f"stream limit per replica is the default ({DEFAULT_MAX_STREAMS['upscale']}), so 2 replicas admit twice the jobs at once. "
         f"Services from {'the slim environment' if python == str(SLIM_PYTHON) else sys.executable}.",
         "",
-        "| upscale replicas | jobs/s | p50 job time | p99 job time | streams per replica (one run) | upscale CPU s per replica (one run) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| upscale replicas | jobs/s | p50 job time | p99 job time | p50 queue wait | p99 queue wait | streams per replica (one run) | upscale CPU s per replica (one run) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for n in (1, 2):
         last = results[n][-1]
         runs = ", ".join(f"{r['rate']:.1f}" for r in results[n])
         lines.append(
             f"| {n} | **{med(n, 'rate'):.1f}** (runs {runs}) | {med(n, 'p50'):.3f} s "
-            f"| {med(n, 'p99'):.3f} s | {' / '.join(str(v) for v in last['streams'].values())} "
+            f"| {med(n, 'p99'):.3f} s | {med(n, 'wait50'):.3f} s | {med(n, 'wait99'):.3f} s "
+            f"| {' / '.join(str(v) for v in last['streams'].values())} "
             f"| {' / '.join(f'{v:.1f}' for v in last['cpu'].values())} |"
         )
     lines += [

@@ -145,7 +145,7 @@ def report(runs: list[dict], thumb: dict, idle: dict[str, int], before: dict[str
     lines = [
         "Chain: `source-noise(uniform, N²) -> upscale-simple(x2, lanczos) -> reduce-thumbnail(1024², lanczos) -> "
         "persist-disk(png)` through the gateway, TILE_RETURN_NONE, transport tiles 512², a fresh stack per size "
-        f"(TILECHAIN_MAX_PIXELS raised to (2N)² for it). Peak = VmHWM during the job; idle = RSS after start-up.",
+        "(TILECHAIN_MAX_PIXELS raised to (2N)² for it). Peak = VmHWM during the job; idle = RSS after start-up.",
         "",
         "| process | " + " | ".join(f"idle / peak / **peak − idle**, N = {r['edge']}" for r in runs)
         + f" | ratio {big['edge']}/{small['edge']} |",

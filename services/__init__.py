@@ -7,8 +7,6 @@ import argparse
 import asyncio
 import logging
 
-from tilechain.v1 import stage_pb2, stage_pb2_grpc
-
 from .core.config import DEFAULT_PORTS, FAMILIES, Settings, address_env, listen_address, preload_names
 from .core.server import serve, setup_logging, tune_malloc
 from .core.servicer import StageServicer, add_stage_servicer

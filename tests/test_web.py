@@ -23,7 +23,7 @@ from tilechain.protos import descriptor_set_path
 from tilechain.v1 import gateway_pb2
 from tilechain.web import WebServer, page_url, split_address
 
-from .conftest import ROOT, free_port
+from .conftest import free_port
 from .test_envoy import grpc_web_frames
 from .web_harness import web  # noqa: F401 (a fixture)
 

@@ -15,7 +15,7 @@ from .core.codecs import match_channels
 from .core.drawing import TextLayer, colour, load_font, render_text
 from .core.models import ModelCache, hub_offline
 from .core.params import Param, ParamError, dict_to_struct, struct_to_dict
-from .core.stage import RGB8, RGBA8, OutputPlan, Stage, StageError, TileWork, register
+from .core.stage import RGB8, RGBA8, OutputPlan, PassThroughStage, Stage, StageError, TileWork, register
 
 
 def image_format(image: tiles_pb2.Canvas) -> int:
@@ -73,7 +73,7 @@ class EditText(Stage):
 
 
 @register
-class EditMetadata(Stage):
+class EditMetadata(PassThroughStage):
     type = "edit-metadata"
     family = "edit"
     doc = (
@@ -96,9 +96,6 @@ class EditMetadata(Stage):
         if self.p["params"]:
             data["params"] = {**data.get("params", {}), **self.p["params"]}
         return dict_to_struct(data)
-
-    def process_tile(self, work: TileWork) -> np.ndarray:
-        return work.pixels()
 
 
 # --- the safety check ----------------------------------------------------------------------

@@ -36,8 +36,7 @@ from .core.codecs import CONTENT_TYPES, png_writer, read_metadata, write_image
 from .core.config import Settings
 from .core.params import Param, ParamError, struct_to_dict
 from .core.png import PngWriter
-from .core.stage import IMAGE, KEEP_CANVAS, KEEP_ROWS, Cancelled, OutputPlan, Stage, StageError, register
-from .core.tiles import Rect
+from .core.stage import IMAGE, KEEP_CANVAS, KEEP_ROWS, Cancelled, OutputPlan, PassThroughStage, Stage, StageError, register
 
 log = logging.getLogger("tilechain.persist")
 
@@ -141,7 +140,7 @@ class Sink(Protocol):
     def discard(self) -> None: ...
 
 
-class PersistStage(Stage):
+class PersistStage(PassThroughStage):
     """What persist-disk and persist-s3 share. Tiles pass straight through as they come (a
     streaming stage: it holds no input), and each image is encoded into the stage's Sink
     (open_sink) as it goes: a PNG band by band as its rows complete (the engine gives them in
@@ -149,7 +148,6 @@ class PersistStage(Stage):
     canvas; JPEG and WebP once the canvas is whole, since Pillow encodes those only from a whole
     image. Masks pass through and are not written."""
 
-    streams = True
     format: str  # png, jpeg or webp (the subclass's NameTemplate decides)
 
     def __init__(self, *args, **kwargs) -> None:
@@ -164,12 +162,6 @@ class PersistStage(Stage):
         if output.canvas.role != IMAGE:
             return ""
         return KEEP_ROWS if self.format == "png" else KEEP_CANVAS
-
-    def stream_open(self, output: OutputPlan) -> None:
-        return None
-
-    def stream_tile(self, state: None, output: OutputPlan, name: str, rect: Rect, pixels: np.ndarray) -> list[tuple[Rect, np.ndarray]]:
-        return [(rect, pixels)]
 
     def metadata(self, canvas: tiles_pb2.Canvas) -> dict[str, Any]:
         return {"job": self.context.job_id, **struct_to_dict(canvas.provenance)}

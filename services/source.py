@@ -15,7 +15,7 @@ from .core.controlnet import control_call, control_images, control_params
 from .core.diffusion import DiffusionStage, count_param, generator, prompt_params, sampling_params
 from .core.params import Param, ParamError
 from .core.resample import resize
-from .core.stage import CONTROL, IMAGE, RGB8, RGBA8, OutputPlan, Stage, StageError, TileWork, register
+from .core.stage import CONTROL, IMAGE, RGB8, RGBA8, OutputPlan, PassThroughStage, Stage, StageError, TileWork, register
 from .core.tiles import Rect
 from tilechain.v1 import tiles_pb2
 
@@ -132,7 +132,7 @@ def noise(method: str, width: int, height: int, seed: int, sample: np.ndarray | 
 
 
 @register
-class SourceImage(Stage):
+class SourceImage(PassThroughStage):
     type = "source-image"
     family = "source"
     doc = "Start from an image attached to the request under this stage's name."
@@ -144,9 +144,6 @@ class SourceImage(Stage):
         canvas = tiles_pb2.Canvas(width=image.width, height=image.height, format=image.format, role=IMAGE, index=0)
         canvas.provenance.CopyFrom(self.provenance())
         return [OutputPlan(canvas, {"image": image})]
-
-    def process_tile(self, work: TileWork) -> np.ndarray:
-        return work.pixels()
 
 
 @register

@@ -230,3 +230,21 @@ def test_a_kept_output_that_never_completes_is_discarded() -> None:
         run_engine(stage, [canvas(64, 64)], {0: image}, {0: [Rect(0, 0, 64, 40)]}, transport_tile=32)
     assert [y for y, _ in stage.rows] == [0]  # the first band was complete and went out
     assert stage.finished == [] and stage.discarded == 1
+
+
+@pytest.mark.parametrize("stage_type", ["source-image", "edit-metadata"])
+def test_a_pass_through_stage_holds_no_input_in_any_order(stage_type: str) -> None:
+    """source-image and edit-metadata stream their tiles straight through (PassThroughStage):
+    the output is the input, and the engine holds no input, even with shuffled irregular tiles
+    (only output tiles being re-cut to the transport grid); tiles on the grid pass untouched."""
+    pixels = RNG.integers(0, 256, (300, 520, 3), dtype=np.uint8)
+    source = canvas(520, 300, attached=stage_type == "source-image")
+    rects = random_partition(520, 300, RNG)
+    RNG.shuffle(rects)
+    out, engine = run_engine(make_stage(stage_type, {}), [source], {0: pixels}, {0: rects})
+    assert np.array_equal(out[0], pixels)
+    assert engine.peak_input == 0 and 0 < engine.peak_output < pixels.nbytes
+    grid = transport_grid(520, 300, 64)
+    out, engine = run_engine(make_stage(stage_type, {}), [source], {0: pixels}, {0: grid[::-1]}, transport_tile=64)
+    assert np.array_equal(out[0], pixels)
+    assert engine.peak_input == 0 and engine.peak_output == 0

@@ -330,6 +330,20 @@ class Stage:
         return 0
 
 
+class PassThroughStage(Stage):
+    """A stage each of whose outputs is its input image unchanged (source-image, edit-metadata,
+    the persist stages): its tiles stream straight through as they arrive, in whatever order,
+    so it holds no input and adds no wait. Its plan maps each output to one source, "image"."""
+
+    streams = True
+
+    def stream_open(self, output: OutputPlan) -> None:
+        return None
+
+    def stream_tile(self, state: None, output: OutputPlan, name: str, rect: Rect, pixels: np.ndarray) -> list[tuple[Rect, np.ndarray]]:
+        return [(rect, pixels)]
+
+
 @functools.cache
 def module_installed(module: str) -> bool:
     """Whether a top-level module can be imported, without importing it (torch alone takes

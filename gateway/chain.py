@@ -540,8 +540,7 @@ async def finish_job(stages: list[PlannedStage], job_id: str, attempt: int, comm
     artifacts: list[stage_pb2.Artifact] = []
     for stage in families.values():
         try:
-            result = await stage.family.stub.Finish(request, timeout=60.0)
+            artifacts += await stage.family.finish(request)
         except grpc.aio.AioRpcError as exc:
             raise rpc_error(stage, exc) from None
-        artifacts += result.artifacts
     return artifacts

@@ -9,6 +9,7 @@ options, keepalives and reconnect backoff are in services/core/config.py)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -16,6 +17,8 @@ import grpc
 from tilechain.services.core.config import FAMILIES, RECONNECT_WAIT_S, channel_target, family_channel_options
 from tilechain.services.core.wire import serialize
 from tilechain.v1 import stage_pb2, stage_pb2_grpc
+
+from .settings import replica_addresses
 
 
 class FamilyUnavailable(Exception):
@@ -70,6 +73,22 @@ class Family:
 
     async def plan(self, start: stage_pb2.StageStart, timeout: float = 10.0) -> stage_pb2.PlanResult:
         return await self.unary(self.stub.Plan, start, timeout)
+
+    async def finish(self, request: stage_pb2.FinishRequest, timeout: float = 60.0) -> list[stage_pb2.Artifact]:
+        """Stage.Finish on every replica, not one that round_robin picks: a job's streams may
+        have run on any of them, and each publishes (or discards) what it staged itself, on
+        its own volume or a shared one (where the first to run publishes it all). The
+        artifacts published, over every replica."""
+        replicas = replica_addresses(self.address)
+        if len(replicas) <= 1:
+            return list((await self.unary(self.stub.Finish, request, timeout)).artifacts)
+
+        async def finish_on(address: str) -> list[stage_pb2.Artifact]:
+            async with grpc.aio.insecure_channel(address, options=family_channel_options()) as channel:
+                return list((await stage_pb2_grpc.StageStub(channel).Finish(request, timeout=timeout)).artifacts)
+
+        results = await asyncio.gather(*(finish_on(a) for a in replicas))
+        return [artifact for artifacts in results for artifact in artifacts]
 
 
 def family_of(stage_type: str) -> str | None:

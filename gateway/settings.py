@@ -62,20 +62,34 @@ def dns_name(target: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def replica_count(address: str, resolve: Resolver = socket.getaddrinfo) -> int:
-    """How many replicas an address setting names: the comma-separated addresses of a list (or
-    of an ipv4:/ipv6: target); for a dns: target (a Kubernetes headless Service), the addresses
-    the name resolves to now, one per ready pod, 0 when it has none (scaled to zero)."""
+def replica_addresses(address: str, resolve: Resolver = socket.getaddrinfo) -> list[str]:
+    """Each replica's host:port in an address setting: the comma-separated addresses of a list
+    (or of an ipv4:/ipv6: target); for a dns: target (a Kubernetes headless Service), the
+    addresses the name resolves to now, one per ready pod, none when it has none (scaled to
+    zero); anything else (one host:port, unix:...) as one replica."""
     target = address.strip()
     if target.startswith("dns:"):
         host, port = dns_name(target)
         try:
-            return len({info[4][0] for info in resolve(host, port, type=socket.SOCK_STREAM)})
+            ips = sorted({info[4][0] for info in resolve(host, port, type=socket.SOCK_STREAM)})
         except OSError:  # socket.gaierror: no such name, or no address (no ready pod)
-            return 0
+            return []
+        return [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips]
     for scheme in ("ipv4:", "ipv6:"):
-        target = target.removeprefix(scheme)
-    return max(1, len([a for a in target.split(",") if a.strip()]))
+        if target.startswith(scheme):
+            target = target.removeprefix(scheme)
+            break
+    else:
+        if target.startswith(("unix:", "unix-abstract:", "xds:")):
+            return [target]
+    return [a.strip() for a in target.split(",") if a.strip()] or [target]
+
+
+def replica_count(address: str, resolve: Resolver = socket.getaddrinfo) -> int:
+    """How many replicas an address setting names (replica_addresses); a dns: target may have
+    none, any other setting counts as one at least."""
+    count = len(replica_addresses(address, resolve))
+    return count if address.strip().startswith("dns:") else max(1, count)
 
 
 class StreamLimits:

@@ -13,7 +13,7 @@ import pytest
 
 from tilechain.services.core.config import FAMILIES
 
-from tilechain.gateway.settings import DEFAULT_MAX_STREAMS, StreamLimits, replica_count
+from tilechain.gateway.settings import DEFAULT_MAX_STREAMS, StreamLimits, replica_addresses, replica_count
 from tilechain.gateway.store import open_store
 from tilechain.gateway.store.base import (
     CANCELLED,
@@ -208,6 +208,12 @@ def test_stream_limits_follow_the_replicas() -> None:
     assert limits.recount() and limits.limits["source"] == 4 * DEFAULT_MAX_STREAMS["source"]
     assert replica_count("dns:///localhost:50051") >= 1  # the real resolver
     assert replica_count("dns://8.8.8.8/nosuchname.invalid:1", lambda *a, **k: []) == 0
+    # each replica's own address: where the gateway sends Finish (every replica publishes its own)
+    assert replica_addresses("dns:///source.tilechain.svc.cluster.local:50051", headless_service) == [f"10.0.0.{n}:50051" for n in range(4)]
+    assert replica_addresses("127.0.0.1:1, 127.0.0.1:2") == ["127.0.0.1:1", "127.0.0.1:2"]
+    assert replica_addresses("ipv6:[::1]:1,[::1]:2") == ["[::1]:1", "[::1]:2"]
+    assert replica_addresses("persist:50055") == ["persist:50055"]
+    assert replica_addresses("unix:/run/persist.sock") == ["unix:/run/persist.sock"]
 
 
 def test_claims_are_shared_and_the_limit_holds_across_gateways(backend) -> None:

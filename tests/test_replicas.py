@@ -154,3 +154,33 @@ def test_a_bad_family_address_stops_the_gateway_with_its_name() -> None:
                          capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 2
     assert "the upscale service's address (--upscale-address)" in out.stderr and "mixes IPv4 and IPv6" in out.stderr
+
+
+def test_every_persist_replica_publishes_what_it_staged(tmp_path: Path) -> None:
+    """Two persist replicas, each with its own output root (a volume per pod): a job's file is
+    staged on the replica that ran its stream, and Finish goes to every replica, so each job's
+    file is published, on that replica's volume, and nothing stays staged."""
+    roots = [(tmp_path / f"outputs-{n}").resolve() for n in (1, 2)]
+    persists = []
+    for n, root in enumerate(roots):
+        persist = Stack({"persist": f"127.0.0.1:{free_port()}"}, tmp_path / f"persist-{n}-logs", python=str(SLIM_PYTHON))
+        persist.start(("persist",), extra_env={"TILECHAIN_OUTPUT_ROOT": str(root)})
+        persists.append(persist)
+    addresses = {c: f"127.0.0.1:{free_port()}" for c in ("source", "gateway")}
+    addresses["persist"] = ",".join(p.addresses["persist"] for p in persists)
+    stack = Stack(addresses, tmp_path / "logs", python=str(SLIM_PYTHON))
+    try:
+        stack.start(("source", "gateway"))
+        save = {"name": "save", "type": "persist-disk", "params": {"filename": "spread/{job}.png"}}
+        statuses = [run(stack, [NOISE_UPSCALE[0], save]) for _ in range(6)]
+        assert [s.state for s in statuses] == [gateway_pb2.JOB_STATE_SUCCEEDED] * 6
+        for status in statuses:
+            [artifact] = status.artifacts
+            assert [root for root in roots if (root / artifact.path).is_file()] != []
+        written = [sorted(p.name for p in (root / "spread").glob("*.png")) if (root / "spread").exists() else [] for root in roots]
+        assert all(written) and sorted(written[0] + written[1]) == sorted(f"{s.job_id}.png" for s in statuses)  # both served
+        assert not [p for root in roots for p in (root / ".tilechain" / "staging").rglob("*") if p.is_file()]
+    finally:
+        stack.stop()
+        for persist in persists:
+            persist.stop()

@@ -98,3 +98,45 @@ def test_deadline_reaches_every_service(gateway, stack: Stack, output_root: Path
     source_after = stats(stack, "source", wait_idle=True)
     assert source_after.active_streams == 0
     assert not (output_root / "deadline").exists() or not any((output_root / "deadline").iterdir())
+
+
+class GoneCaller:
+    """A ServicerContext whose caller has cancelled: answering it is a mistake."""
+
+    def cancelled(self) -> bool:
+        return True
+
+    async def abort(self, code, details):
+        raise AssertionError(f"abort({code}, {details!r}) on a cancelled call")
+
+
+def test_input_that_ends_because_the_caller_cancelled_counts_as_cancelled(tmp_path: Path) -> None:
+    """The caller cancels a persist stream mid-image: its input ends early, which the stage
+    notices first ("input ended before ... complete"). That is a cancel, not a failure, and
+    the service answers nobody (gRPC refuses an abort on a cancelled call)."""
+    import asyncio
+
+    import numpy as np
+
+    from tilechain.services.core.codecs import tile_message
+    from tilechain.services.core.config import Settings
+    from tilechain.services.core.servicer import StageServicer
+    from tilechain.services.core.tiles import Rect
+    from tilechain.v1 import tiles_pb2
+
+    servicer = StageServicer("persist", Settings(output_root=tmp_path.resolve()))
+    canvas = tiles_pb2.Canvas(id=0, width=64, height=64, format=tiles_pb2.PIXEL_FORMAT_RGB8, role=tiles_pb2.CANVAS_ROLE_IMAGE)
+    start = stage_pb2.StageStart(job_id="gone", name="save", type="persist-disk", inputs=[canvas], attempt=1, transport_tile=32)
+    start.params.update({"filename": "gone/{job}.png"})
+    pixels = np.zeros((64, 64, 3), np.uint8)
+
+    async def input_cut_short():
+        yield stage_pb2.StageInput(start=start)
+        yield stage_pb2.StageInput(tile=tile_message(0, Rect(0, 0, 32, 32), pixels[:32, :32]))
+
+    async def run() -> list:
+        return [m async for m in servicer.Process(input_cut_short(), GoneCaller())]
+
+    asyncio.run(run())
+    assert (servicer.stats.streams_cancelled, servicer.stats.streams_failed) == (1, 0)
+    assert not (tmp_path / "gone").exists()

@@ -118,6 +118,9 @@ class InternalErrors(grpc.aio.ServerInterceptor):
         where = f"{self.component} ({method.rsplit('/', 1)[-1]})"
 
         async def fail(exc: Exception, context: grpc.aio.ServicerContext) -> None:
+            if context.cancelled():  # the caller is gone: nobody to answer (abort would raise)
+                log.info("%s: the caller cancelled (%s)", method, type(exc).__name__)
+                return
             log.error("%s failed", method, exc_info=exc)
             await context.abort(grpc.StatusCode.INTERNAL, internal_message(where, exc, self.roots))
 

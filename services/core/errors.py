@@ -67,6 +67,20 @@ def internal_message(where: str, exc: BaseException, roots: Iterable[Path] = ())
 # --- the last line of defence: a server interceptor ------------------------------------------
 
 
+async def abort_unless_gone(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    """End the call with this status (raises AbortError), unless its caller has gone: then it
+    returns. Gone is cancelled, or a status gRPC can no longer send (a cancel that crossed the
+    error: a stream's input stops short before the call reads as cancelled)."""
+    if context.cancelled():
+        return
+    try:
+        await context.abort(code, message)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:  # ExecuteBatchError, "Abort already called": the call had ended
+        return
+
+
 class _Undecodable:
     """Stands for a request message that did not parse (e.g. a Struct nested past protobuf's
     depth limit): the handler refuses it with INVALID_ARGUMENT instead of gRPC's bare error."""
@@ -122,21 +136,20 @@ class InternalErrors(grpc.aio.ServerInterceptor):
                 log.info("%s: the caller cancelled (%s)", method, type(exc).__name__)
                 return
             log.error("%s failed", method, exc_info=exc)
-            try:
-                await context.abort(grpc.StatusCode.INTERNAL, internal_message(where, exc, self.roots))
-            except grpc.aio.AbortError:
-                raise
-            except Exception:  # the call ended meanwhile: the status cannot be sent
-                log.info("%s: the caller had gone; no status sent", method)
+            await abort_unless_gone(context, grpc.StatusCode.INTERNAL, internal_message(where, exc, self.roots))
+            log.info("%s: the caller had gone; no status sent", method)
+
+        async def checked(request, context):
+            """The request, checked: a stream's messages as they are read, one message now."""
+            if handler.request_streaming:
+                return _checked(request, method, context)
+            await _refuse_undecodable(request, method, context)
+            return request
 
         def unary_response(behavior):
             async def call(request, context):
                 try:
-                    if handler.request_streaming:
-                        request = _checked(request, method, context)
-                    else:
-                        await _refuse_undecodable(request, method, context)
-                    return await behavior(request, context)
+                    return await behavior(await checked(request, context), context)
                 except Exception as exc:
                     if isinstance(exc, grpc.aio.AbortError):
                         raise
@@ -146,10 +159,7 @@ class InternalErrors(grpc.aio.ServerInterceptor):
         def stream_response(behavior):
             async def call(request, context):
                 try:
-                    if handler.request_streaming:
-                        request = _checked(request, method, context)
-                    else:
-                        await _refuse_undecodable(request, method, context)
+                    request = await checked(request, context)
                     if inspect.isasyncgenfunction(behavior):
                         responses = behavior(request, context)
                         try:

@@ -16,7 +16,7 @@ from tilechain.v1 import stage_pb2, stage_pb2_grpc
 
 from .config import Settings, transport_tile_problem
 from .engine import TileEngine, plan_outputs
-from .errors import internal_message, public_text
+from .errors import abort_unless_gone, internal_message, public_text
 from .models import ModelRegistry, stay_offline_unless_allowed
 from .params import ParamError, struct_to_dict
 from .stage import SERVICE_COUNTERS, Cancelled, Context, OutputPlan, Stage, StageError, load_family, stage_label
@@ -228,15 +228,8 @@ class StageServicer(stage_pb2_grpc.StageServicer):
             else:
                 log.exception("job %s: %s failed", start.job_id, stage_label(start.name, start.type))
                 code, message = grpc.StatusCode.INTERNAL, self.internal(start, exc)
-            try:
-                await context.abort(code, message)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                # gRPC could not send the status: the call had ended, a cancel that crossed the
-                # error (the input stops short before the call reads as cancelled)
-                outcome = "cancelled"
-                return
+            await abort_unless_gone(context, code, message)
+            outcome = "cancelled"  # returned: the caller had gone while the error was raised
         finally:
             run_context.cancel_event.set()  # stops stage code still running in a worker thread
             if outcome == "finished":

@@ -28,7 +28,6 @@ import datetime as dt
 import platform
 import re
 import resource
-import socket
 import statistics
 import subprocess
 import sys
@@ -45,6 +44,7 @@ from tilechain.services.core.config import Settings, channel_options
 from tilechain.services.core.engine import TileEngine, plan_outputs
 from tilechain.services.core.stage import IMAGE, Context, load_all
 from tilechain.services.core.tiles import transport_grid
+from tilechain.ports import unused_port
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2, stage_pb2, tiles_pb2
 
@@ -152,9 +152,7 @@ def self_cpu() -> float:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return unused_port("127.0.0.1")
 
 
 def med(values) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 
-import socket
 from pathlib import Path
 from typing import Iterator
 
@@ -13,6 +12,7 @@ import grpc
 import pytest
 
 from tilechain.client import connect
+from tilechain.ports import unused_port
 from tilechain.stack import BACKING, COMPONENTS, Stack
 from tilechain.v1 import gateway_pb2_grpc
 
@@ -35,9 +35,7 @@ def memory(pid: int) -> dict[str, int]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return unused_port("127.0.0.1")
 
 
 def job_store_url(directory: Path) -> str:

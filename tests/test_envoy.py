@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import socket
 import struct
 import subprocess
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 from tilechain.client import connect
 from tilechain.envoy import ADMIN_ENV, CORS_ENV, binary, descriptor_set_from_stubs, render, render_yaml, split_address
 from tilechain.services.core.codecs import encode_image
+from tilechain.ports import unused_port
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2
 
@@ -201,9 +201,7 @@ def test_cors_for_browser_apps(stack: Stack, tmp_path: Path) -> None:
     """A second Envoy, started as the stack starts its own, with one allowed origin."""
     origin = "http://localhost:5173"
     host, _ = split_address(stack.addresses["envoy"])
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port = s.getsockname()[1]
+    port = unused_port(host)
     proxy = Stack({"envoy": f"{host}:{port}", "gateway": stack.addresses["gateway"]}, tmp_path)
     proxy.start(("envoy",), extra_env={CORS_ENV: origin, ADMIN_ENV: "off"})
     try:

@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -312,3 +313,52 @@ def test_source_s3_refusals(params: dict, words: list[str], gateway, s3) -> None
     for word in words:
         assert word in error.details()
     assert_still_serving(gateway)
+
+
+def test_weed_dying_at_start_is_started_again_with_fresh_ports(tmp_path: Path) -> None:
+    """The first weed exits 255 at once (as when one of its internal ports was taken before it
+    bound it); the S3 server says so, starts weed again with other ports and serves the buckets.
+    Once stopped, no Unix socket of any start is left in /tmp."""
+    calls = tmp_path / "calls"
+    stand_in = tmp_path / "weed"
+    stand_in.write_text(
+        "#!/bin/sh\n"
+        f'echo "$@" >> {calls}\n'
+        f'[ "$(wc -l < {calls})" -gt 1 ] || exit 255\n'
+        f'exec {s3server.binary()} "$@"\n'
+    )
+    stand_in.chmod(0o755)
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, s3server.BINARY_ENV: str(stand_in)}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tilechain.s3server", "--address", address, "--data-dir", str(tmp_path / "data")],
+        env=env, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        said = []
+        for line in server.stdout:
+            said.append(line)
+            if line.startswith("s3: buckets") or line.startswith("s3: could not"):
+                break
+        assert any("exited with status 255 while starting (start 1 of 3)" in line for line in said), said
+        assert said[-1].startswith("s3: buckets"), said
+        assert s3server.ready(address, env)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    starts = calls.read_text().splitlines()
+    assert len(starts) == 2
+    ports = [weed_ports(start) for start in starts]
+    assert ports[0]["volume"] != ports[1]["volume"]
+    sockets = [path for start in ports for path in s3server.unix_sockets(address, start)]
+    assert [path for path in sockets if path.exists()] == []
+
+
+def weed_ports(command_line: str) -> dict[str, int]:
+    """{"volume": 12345, "volume.grpc": 23456, ...} from "-volume.port=12345 -volume.port.grpc=23456 ..."."""
+    ports = {}
+    for arg in command_line.split():
+        flag, _, value = arg.partition("=")
+        if ".port" in flag and value.isdigit():
+            ports[flag.lstrip("-").replace(".port", "")] = int(value)
+    return ports

@@ -15,7 +15,8 @@ from typing import Iterator
 import pytest
 import redis
 
-from tilechain import envoy, s3server, valkey
+from tilechain import envoy, ports, s3server, valkey
+from tilechain.ports import unused_port
 from tilechain.services.core.config import address_env
 from tilechain.stack import COMPONENTS, LOCAL_COMPONENTS, Stack, job_store_uses
 
@@ -155,3 +156,13 @@ def test_which_job_store_settings_name_the_local_valkey() -> None:
     assert not job_store_uses("127.0.0.1:6379", "redis://valkey.example:6379/0")
     assert not job_store_uses("127.0.0.1:6379", "sqlite:///var/jobs.db")
     assert not job_store_uses("127.0.0.1:6379", "")
+
+
+def test_ports_are_picked_below_the_ephemeral_range_and_never_twice() -> None:
+    """A port an outgoing connection could take as its source port before our server binds it is
+    never picked (the kernel's ephemeral range leaves room below it on Linux by default)."""
+    picked = [unused_port() for _ in range(200)]
+    assert len(set(picked)) == len(picked)
+    low = ports.ephemeral_low()
+    assert all(ports.LOWEST <= port < low for port in picked)
+    assert all(ports.bindable("127.0.0.1", port) for port in picked)

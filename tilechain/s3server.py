@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from typing import Any, Mapping
 
 from tilechain.binaries import find_binary
 from tilechain.envoy import split_address
+from tilechain.ports import unused_port
 from tilechain.services.core.config import DEFAULT_PORTS, address_env, default_address
 
 BINARY_ENV = "TILECHAIN_WEED_BIN"
@@ -50,25 +50,40 @@ def buckets(env: Mapping[str, str] = os.environ) -> list[str]:
     return [b.strip() for b in (env.get(BUCKETS_ENV) or DEFAULT_BUCKETS).split(",") if b.strip()]
 
 
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+# weed's internal servers, each with an HTTP and a gRPC port of its own
+INTERNAL = ("master", "volume", "filer")
+STARTS = 3  # weed server starts tried, each with fresh internal ports, before giving up
 
 
-def command(address: str, data_dir: Path, config: Path) -> list[str]:
+def internal_ports(host: str) -> dict[str, int]:
+    """Fresh ports for the internal servers' HTTP and gRPC listeners and the S3 gateway's gRPC."""
+    names = [*INTERNAL, *(f"{name}.grpc" for name in INTERNAL), "s3.grpc"]
+    return {name: unused_port(host) for name in names}
+
+
+def local_host(address: str) -> str:
+    host, _ = split_address(address)
+    return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+
+def command(address: str, data_dir: Path, config: Path, ports: Mapping[str, int]) -> list[str]:
     host, port = split_address(address)
-    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-    ports = {name: free_port(local) for name in ("master", "volume", "filer")}
     return [
-        binary(), "server", f"-dir={data_dir}", f"-ip={local}", f"-ip.bind={host}",
-        f"-master.port={ports['master']}", f"-master.port.grpc={free_port(local)}",
-        f"-volume.port={ports['volume']}", f"-volume.port.grpc={free_port(local)}",
-        f"-filer.port={ports['filer']}", f"-filer.port.grpc={free_port(local)}",
-        "-s3", f"-s3.port={port}", f"-s3.port.grpc={free_port(local)}", "-s3.port.iceberg=0", "-s3.port.lance=0",
+        binary(), "server", f"-dir={data_dir}", f"-ip={local_host(address)}", f"-ip.bind={host}",
+        *(f"-{name}.port={ports[name]}" for name in INTERNAL),
+        *(f"-{name}.port.grpc={ports[name + '.grpc']}" for name in INTERNAL),
+        "-s3", f"-s3.port={port}", f"-s3.port.grpc={ports['s3.grpc']}", "-s3.port.iceberg=0", "-s3.port.lance=0",
         f"-s3.config={config}", "-volume.max=0", f"-master.volumeSizeLimitMB={VOLUME_MB}",
         "-volume.preStopSeconds=0",  # no load balancer to leave: stop at once
     ]
+
+
+def unix_sockets(address: str, ports: Mapping[str, int]) -> list[Path]:
+    """The Unix sockets weed opens beside its TCP listeners, at fixed paths in /tmp named by port.
+    A weed stopped by SIGKILL leaves them behind, so this process removes them once weed is gone."""
+    _, s3_port = split_address(address)
+    grpc = [Path(f"/tmp/seaweedfs-{name}-grpc-{ports[name + '.grpc']}.sock") for name in (*INTERNAL, "s3")]
+    return [*grpc, Path(f"/tmp/seaweedfs-filer-{ports['filer']}.sock"), Path(f"/tmp/seaweedfs-s3-{s3_port}.sock")]
 
 
 def client(address: str, env: Mapping[str, str] = os.environ) -> Any:
@@ -91,7 +106,11 @@ def ready(address: str, env: Mapping[str, str] = os.environ) -> bool:
     return set(buckets(env)) <= names
 
 
-def create_buckets(address: str, timeout: float = 60.0) -> None:
+class WeedExited(Exception):
+    """weed ended before its S3 gateway served the buckets."""
+
+
+def create_buckets(address: str, weed: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
     s3 = client(address)
     deadline = time.monotonic() + timeout
     for bucket in buckets():
@@ -104,9 +123,16 @@ def create_buckets(address: str, timeout: float = 60.0) -> None:
                     s3.create_bucket(Bucket=bucket)
                     break
                 except Exception:
+                    if weed.poll() is not None:
+                        raise WeedExited() from None
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.2)  # the gateway is still starting: no event to wait on from here
+
+
+def remove_stale(sockets: list[Path]) -> None:
+    for path in sockets:
+        path.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -126,27 +152,45 @@ def main(argv: list[str] | None = None) -> None:
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
     config.chmod(0o600)
-    child = subprocess.Popen(command(args.address, args.data_dir.resolve(), config.resolve()), stdin=subprocess.DEVNULL)
+    weed: subprocess.Popen[bytes] | None = None
+    stopping = threading.Event()
 
     def forward(signum: int, frame: object) -> None:
-        child.send_signal(signum)
+        stopping.set()
+        if weed is None:
+            sys.exit(128 + signum)
+        weed.send_signal(signum)
         # weed's filer waits 15 s for its own S3 gateway's subscription before it forces its
         # gRPC server down; a local stack's data is on disk by then (leveldb and the volume
         # files are journaled), so it gets STOP_SECONDS
-        timer = threading.Timer(STOP_SECONDS, child.kill)
+        timer = threading.Timer(STOP_SECONDS, weed.kill)
         timer.daemon = True
         timer.start()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, forward)
-    try:
-        create_buckets(args.address)
-        print(f"s3: buckets {', '.join(buckets())} at http://{args.address}", flush=True)
-    except Exception as exc:
-        print(f"s3: could not create the buckets: {exc}", flush=True)
-        child.terminate()
-    code = child.wait()
+    for attempt in range(1, STARTS + 1):
+        ports = internal_ports(local_host(args.address))
+        weed = subprocess.Popen(command(args.address, args.data_dir.resolve(), config.resolve(), ports), stdin=subprocess.DEVNULL)
+        try:
+            create_buckets(args.address, weed)
+            print(f"s3: buckets {', '.join(buckets())} at http://{args.address}", flush=True)
+            break
+        except WeedExited:
+            # an internal port taken between the pick and weed's bind, or the like: weed
+            # logged why above; fresh ports make the next start independent of this one
+            remove_stale(unix_sockets(args.address, ports))
+            if stopping.is_set() or attempt == STARTS:
+                break
+            print(f"s3: weed exited with status {weed.returncode} while starting (start {attempt} of {STARTS}); starting it again", flush=True)
+        except Exception as exc:
+            print(f"s3: could not create the buckets: {exc}", flush=True)
+            weed.terminate()
+            break
+    code = weed.wait()
+    remove_stale(unix_sockets(args.address, ports))
     sys.exit(code if code >= 0 else 128 - code)
+
 
 if __name__ == "__main__":
     main()

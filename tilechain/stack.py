@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tilechain.ports import unused_port
 from tilechain.services.core.config import (
     FAMILIES,
     RESOLVER_SCHEMES,
@@ -281,13 +282,6 @@ class Stack:
                 self.processes[name].wait()
             if self.pid_dir is not None:
                 (self.pid_dir / f"{name}.pid").unlink(missing_ok=True)
-
-
-def unused_port() -> int:
-    """A loopback port the kernel has just handed out and taken back."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def address_taken(address: str) -> bool:

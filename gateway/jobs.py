@@ -37,7 +37,7 @@ from .store.base import (
 
 log = logging.getLogger("tilechain.gateway")
 
-QUEUE_TILES = 8          # tiles buffered between two stages
+QUEUE_TILES = 4          # tiles buffered between two stages
 PLANS_KEPT = 16          # plans made at submission, kept for this gateway's own first attempt
 
 

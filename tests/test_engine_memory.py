@@ -44,6 +44,22 @@ def test_a_tile_local_stage_holds_a_band_of_input_not_the_canvas() -> None:
     assert engine.peak_output == 0
 
 
+def test_a_tile_read_in_part_is_kept_only_as_the_rows_still_to_be_read() -> None:
+    """x2 with 512-px tiles in and out: the output row that starts half-way down an input tile
+    row waits for the next row's top halo. What the engine holds meanwhile is the lower half of
+    the row above (plus the halo's few rows), not its whole tiles, and a few tiles of the row
+    coming in, each waiting for its right neighbour."""
+    width, height, tile = 4096, 1536, 512
+    pixels = RNG.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    stage = make_stage("upscale-simple", {"method": "lanczos", "scale": 2}, max_tile=tile)
+    out, engine = run_engine(stage, [canvas(width, height)], {0: pixels}, {0: transport_grid(width, height, tile)}, transport_tile=tile)
+    assert np.array_equal(out[0], resize(pixels, 2 * width, 2 * height, "lanczos"))
+    halo = 16
+    lower_half = width * (tile // 2 + halo) * 3
+    assert engine.peak_input <= lower_half + 3 * tile * tile * 3
+    assert engine.held_input == 0
+
+
 def test_blending_keeps_sums_only_for_tiles_not_yet_sent() -> None:
     pixels = RNG.integers(0, 256, (256, 256, 3), dtype=np.uint8)
     tiled = make_stage("upscale-simple", {"method": "bicubic", "scale": 2}, max_tile=96, overlap=24)

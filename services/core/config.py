@@ -33,6 +33,8 @@ DEFAULT_PORTS: dict[str, int] = {
 # envelope. Requests to the gateway carry attached images, hence its larger limit.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 GATEWAY_MAX_REQUEST_BYTES = 256 * 1024 * 1024
+# HTTP/2 bytes a receiver lets each stream have in flight: a few 512² RGB tiles
+STREAM_WINDOW_BYTES = 2 * 1024 * 1024
 
 # Transport tile edges a chain may ask for: below 16 the per-message overhead dominates (a
 # 1-pixel tile made a job 740x slower); above 4096 a tile cannot fit in one message anyway.
@@ -168,11 +170,20 @@ def _resolve(address: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addres
     return min(ips, key=lambda ip: ip.version), port  # IPv4 first, as most local servers listen there
 
 
+def flow_control_options() -> list[tuple[str, int | str]]:
+    """A fixed HTTP/2 stream window of STREAM_WINDOW_BYTES instead of gRPC's BDP probing, which
+    grows the window (and so the bytes a receiver buffers for each stream) the longer a stream
+    runs: with it, a process's peak grew with the job's length, not its tiles. On loopback
+    the fixed window moves tiles as fast (bench/RESULTS.md, "Memory against image size")."""
+    return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES)]
+
+
 def channel_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int | str]]:
     """Message limits: every channel and server."""
     return [
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.max_receive_message_length", max_bytes),
+        *flow_control_options(),
     ]
 
 
@@ -212,6 +223,7 @@ def server_options(max_receive_bytes: int | None = None) -> list[tuple[str, int 
         # gRPC listens with SO_REUSEPORT by default: a second server on a taken port would start
         # and share it silently (two stacks on one port). Fail instead.
         ("grpc.so_reuseport", 0),
+        *flow_control_options(),
     ]
 
 

@@ -47,7 +47,6 @@ log = logging.getLogger("tilechain.engine")
 
 MAX_READY = 2  # processing tiles with all their input, waiting to run, before the engine stops reading
 CELL = 256     # edge of the buckets of the spatial indexes
-STRIP = 64     # rows: a tile that some processing tiles read only in part is kept as strips this tall
 
 
 def plan_outputs(stage: Stage, inputs: list[tiles_pb2.Canvas], settings: Settings) -> list[OutputPlan]:
@@ -375,14 +374,17 @@ class TileEngine:
                 source.dense = np.empty((source.canvas.height, source.canvas.width, source.chans), dtype=source.dtype)
                 self._count_input(source.dense.nbytes)
             source.dense[rect.slices] = pixels
-        elif rect.height > STRIP and any(need.y > rect.y or need.y1 < rect.y1 for need in needs):
-            # some readers take only some of its rows (a halo, a band): keep it as strips, each
-            # let go when its own readers are done (copies, so that the message can go)
-            for y in range(rect.y, rect.y1, STRIP):
-                strip = Rect(rect.x, y, rect.width, min(STRIP, rect.y1 - y))
-                uses = sum(1 for need in needs if need.intersects(strip))
+        elif any(need.y > rect.y or need.y1 < rect.y1 for need in needs):
+            # some readers take only some of its rows (a halo, a band): keep it as bands cut
+            # where those readers' rows begin and end, each let go when its own readers are
+            # done; a band of the bottom halo stays, the rows above it go (copies, so that the
+            # message can go)
+            cuts = sorted({rect.y, rect.y1, *(y for need in needs for y in (need.y, need.y1) if rect.y < y < rect.y1)})
+            for top, bottom in zip(cuts, cuts[1:]):
+                band = Rect(rect.x, top, rect.width, bottom - top)
+                uses = sum(1 for need in needs if need.intersects(band))
                 if uses:
-                    self._keep(source, strip, pixels[y - rect.y : strip.y1 - rect.y].copy(), uses)
+                    self._keep(source, band, pixels[top - rect.y : bottom - rect.y].copy(), uses)
         elif needs:
             self._keep(source, rect, pixels, len(needs))
 

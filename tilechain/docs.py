@@ -36,6 +36,8 @@ def stage_table(specs: list[stage_pb2.StageSpec] | None = None) -> str:
     for spec in sorted(specs, key=lambda s: (s.family, s.type)):
         if spec.needs_whole_canvas:
             tiling = "whole canvas"
+        elif spec.streams:
+            tiling = "tile by tile, as they arrive"
         else:
             order = "spiral" if spec.order == stage_pb2.TILE_ORDER_SPIRAL else "grid"
             tiling = f"{spec.max_tile} px, overlap {spec.overlap}, {order}"

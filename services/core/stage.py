@@ -167,6 +167,7 @@ class Stage:
             takes_latents=cls.takes_latents,
             unavailable=cls.unavailable(),
             requires=list(cls.requires),
+            streams=cls.streams,
         )
 
     # --- planning ------------------------------------------------------------------------

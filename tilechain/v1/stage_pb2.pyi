@@ -158,7 +158,7 @@ class ParamSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[ParamType, str]] = ..., default: _Optional[_Union[_struct_pb2.Value, _Mapping]] = ..., required: _Optional[bool] = ..., minimum: _Optional[float] = ..., maximum: _Optional[float] = ..., choices: _Optional[_Iterable[_Union[_struct_pb2.Value, _Mapping]]] = ..., doc: _Optional[str] = ..., keywords: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StageSpec(_message.Message):
-    __slots__ = ("type", "family", "doc", "params", "max_tile", "overlap", "needs_whole_canvas", "order", "attachments", "required_attachments", "makes_latents", "takes_latents", "unavailable", "requires")
+    __slots__ = ("type", "family", "doc", "params", "max_tile", "overlap", "needs_whole_canvas", "order", "attachments", "required_attachments", "makes_latents", "takes_latents", "unavailable", "requires", "streams")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     DOC_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +173,7 @@ class StageSpec(_message.Message):
     TAKES_LATENTS_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     REQUIRES_FIELD_NUMBER: _ClassVar[int]
+    STREAMS_FIELD_NUMBER: _ClassVar[int]
     type: str
     family: str
     doc: str
@@ -187,7 +188,8 @@ class StageSpec(_message.Message):
     takes_latents: bool
     unavailable: str
     requires: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, type: _Optional[str] = ..., family: _Optional[str] = ..., doc: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., max_tile: _Optional[int] = ..., overlap: _Optional[int] = ..., needs_whole_canvas: _Optional[bool] = ..., order: _Optional[_Union[TileOrder, str]] = ..., attachments: _Optional[_Iterable[str]] = ..., required_attachments: _Optional[_Iterable[str]] = ..., makes_latents: _Optional[bool] = ..., takes_latents: _Optional[bool] = ..., unavailable: _Optional[str] = ..., requires: _Optional[_Iterable[str]] = ...) -> None: ...
+    streams: bool
+    def __init__(self, type: _Optional[str] = ..., family: _Optional[str] = ..., doc: _Optional[str] = ..., params: _Optional[_Iterable[_Union[ParamSpec, _Mapping]]] = ..., max_tile: _Optional[int] = ..., overlap: _Optional[int] = ..., needs_whole_canvas: _Optional[bool] = ..., order: _Optional[_Union[TileOrder, str]] = ..., attachments: _Optional[_Iterable[str]] = ..., required_attachments: _Optional[_Iterable[str]] = ..., makes_latents: _Optional[bool] = ..., takes_latents: _Optional[bool] = ..., unavailable: _Optional[str] = ..., requires: _Optional[_Iterable[str]] = ..., streams: _Optional[bool] = ...) -> None: ...
 
 class StageCatalog(_message.Message):
     __slots__ = ("family", "stages")

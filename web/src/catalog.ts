@@ -42,6 +42,7 @@ export function paramDefault(param: ParamSpec): string {
 
 export function tiling(spec: StageSpec): string {
   if (spec.needsWholeCanvas || spec.maxTile === 0) return "whole canvas";
+  if (spec.streams) return "tile by tile, as they arrive";
   const order = spec.order === TileOrder.SPIRAL ? "spiral" : "grid";
   return `${spec.maxTile} px tiles, overlap ${spec.overlap}, ${order}`;
 }

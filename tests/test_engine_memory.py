@@ -264,3 +264,49 @@ def test_a_pass_through_stage_holds_no_input_in_any_order(stage_type: str) -> No
     out, engine = run_engine(make_stage(stage_type, {}), [source], {0: pixels}, {0: grid[::-1]}, transport_tile=64)
     assert np.array_equal(out[0], pixels)
     assert engine.peak_input == 0 and engine.peak_output == 0
+
+
+def test_a_tile_still_running_when_its_stream_ends_is_stopped_and_its_end_taken() -> None:
+    """The caller goes away while a processing tile runs in its worker thread: the engine asks
+    the worker to stop (cancel_event) and takes the outcome (Cancelled) when it comes, so
+    asyncio reports no exception that was never retrieved."""
+    import gc
+    import threading
+
+    stage = make_stage("upscale-simple", {"method": "nearest", "scale": 2}, max_tile=64)
+    finished = threading.Event()
+
+    def process_tile(work):
+        try:
+            stage.context.on_step(1, 4)
+            stage.context.cancel_event.wait(30)
+            stage.context.check_cancelled()
+        finally:
+            finished.set()
+
+    stage.process_tile = process_tile
+    source = canvas(64, 64)
+    engine = TileEngine(stage, [source], plan_outputs(stage, [source], Settings()), 64)
+    pixels = np.zeros((64, 64, 3), dtype=np.uint8)
+
+    async def main() -> list:
+        lost: list = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: lost.append(context["message"]))
+
+        async def feed():
+            yield stage_pb2.StageInput(tile=tile_message(0, Rect(0, 0, 64, 64), pixels))
+            yield stage_pb2.StageInput(end=stage_pb2.InputEnd())
+
+        outputs = engine.run(feed())
+        kinds = []
+        while "progress" not in kinds:  # the output canvas first, then the tile's first step
+            kinds.append((await outputs.__anext__()).WhichOneof("kind"))
+        await outputs.aclose()  # the caller has gone
+        await asyncio.to_thread(finished.wait, 30)
+        for _ in range(3):  # the worker's outcome reaches the loop, then the task is let go
+            await asyncio.sleep(0)
+        gc.collect()
+        return lost
+
+    assert asyncio.run(main()) == []
+    assert stage.context.cancel_event.is_set()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import sys
 from pathlib import Path
 
 import grpc
@@ -92,3 +93,27 @@ def test_model_errors_name_the_model_not_the_server_path(gateway, stage: dict) -
     assert f"stage '{stage['name']}' ({stage['type']}): param 'model'" in error.details()
     assert str(ROOT) not in error.details() and "var/models" not in error.details(), error.details()
     assert "0x" not in error.details()
+
+
+def test_a_send_to_a_call_that_has_ended_is_one_info_line() -> None:
+    """What gRPC's asyncio server logs when a response meets a call the caller already
+    cancelled (its own ERROR with a traceback) becomes one INFO line; other errors of that
+    logger stay as they are."""
+    from grpc._cython.cygrpc import ExecuteBatchError
+
+    from tilechain.services.core.server import EndedCallSend
+
+    def logged(exc: BaseException) -> logging.LogRecord:
+        try:
+            raise exc
+        except BaseException:
+            record = logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1, "%s raised in core by servicer method [%s]",
+                                       ("ExecuteBatchError", "/tilechain.v1.Stage/Process"), sys.exc_info())
+        assert EndedCallSend().filter(record)
+        return record
+
+    ended = logged(ExecuteBatchError('Failed "execute_batch"'))
+    assert ended.levelno == logging.INFO and ended.exc_info is None
+    assert ended.getMessage() == "a response was not sent: the call had ended (ExecuteBatchError raised in core by servicer method [/tilechain.v1.Stage/Process])"
+    other = logged(RuntimeError("a bug"))
+    assert other.levelno == logging.ERROR and other.exc_info is not None

@@ -488,6 +488,9 @@ class TileEngine:
             context.on_step = None
             if not work.done():
                 context.cancel_event.set()  # the stream ended: stop the worker at its next step
+                # no one waits for its outcome now (Cancelled, as a rule): take it when it
+                # comes, so that asyncio does not log it as an exception never retrieved
+                work.add_done_callback(lambda finished: finished.cancelled() or finished.exception())
 
     def _step_progress(self, done: int, total: int) -> stage_pb2.StageOutput:
         """Steps over the whole stage: those of the processing tiles before this one, plus

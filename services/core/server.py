@@ -54,8 +54,23 @@ def tune_malloc() -> int:
     return threshold
 
 
+class EndedCallSend(logging.Filter):
+    """gRPC's asyncio server logs an ERROR with a traceback when a streaming method's response
+    cannot be sent because the call has already ended (the caller cancelled or its deadline
+    passed while a tile was on its way). The servicer already logs the stage as cancelled, so
+    this becomes one INFO line without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.ERROR and record.exc_info and type(record.exc_info[1]).__name__ == "ExecuteBatchError":
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "a response was not sent: the call had ended (%s)", (record.getMessage(),)
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("grpc._cython.cygrpc").addFilter(EndedCallSend())
 
 
 async def serve(

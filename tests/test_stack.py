@@ -160,9 +160,12 @@ def test_which_job_store_settings_name_the_local_valkey() -> None:
 
 def test_ports_are_picked_below_the_ephemeral_range_and_never_twice() -> None:
     """A port an outgoing connection could take as its source port before our server binds it is
-    never picked (the kernel's ephemeral range leaves room below it on Linux by default)."""
+    never picked (the kernel's ephemeral range leaves room below it on Linux by default), nor
+    one a backing server's internal listener may pick while the stack's own are not yet bound."""
     picked = [unused_port() for _ in range(200)]
-    assert len(set(picked)) == len(picked)
+    internal = [unused_port(internal=True) for _ in range(200)]
+    assert len(set(picked + internal)) == 400
     low = ports.ephemeral_low()
-    assert all(ports.LOWEST <= port < low for port in picked)
-    assert all(ports.bindable("127.0.0.1", port) for port in picked)
+    assert all(ports.LOWEST <= port < low for port in picked + internal)
+    assert max(internal) < min(picked)
+    assert all(ports.bindable("127.0.0.1", port) for port in picked + internal)

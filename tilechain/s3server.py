@@ -58,7 +58,7 @@ STARTS = 3  # weed server starts tried, each with fresh internal ports, before g
 def internal_ports(host: str) -> dict[str, int]:
     """Fresh ports for the internal servers' HTTP and gRPC listeners and the S3 gateway's gRPC."""
     names = [*INTERNAL, *(f"{name}.grpc" for name in INTERNAL), "s3.grpc"]
-    return {name: unused_port(host) for name in names}
+    return {name: unused_port(host, internal=True) for name in names}
 
 
 def local_host(address: str) -> str:

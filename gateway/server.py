@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> None:
             return [gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name]
 
         try:
-            await serve(args.address, add, max_receive_bytes=GATEWAY_MAX_REQUEST_BYTES, on_stop=servicer.stop)
+            await serve(args.address, add, max_receive_bytes=GATEWAY_MAX_REQUEST_BYTES, on_stop=servicer.stop, fixed_window=False)
         finally:
             following.cancel()
             await store.close()

@@ -16,12 +16,14 @@ import pytest
 
 from tilechain.client import chain_request, connect
 from tilechain.services.core.config import (
+    FAMILIES,
     RECONNECT_MAX_MS,
+    STREAM_WINDOW_BYTES,
+    channel_options,
     channel_target,
     family_channel_options,
     server_options,
 )
-from tilechain.services.core.config import FAMILIES
 from tilechain.stack import Stack
 from tilechain.v1 import gateway_pb2, stage_pb2, stage_pb2_grpc
 
@@ -59,6 +61,11 @@ def test_channel_and_server_options() -> None:
     assert 0 < server["grpc.max_connection_age_ms"] < server["grpc.max_connection_age_grace_ms"]
     assert server["grpc.so_reuseport"] == 0
     assert dict(server_options(1 << 28))["grpc.max_receive_message_length"] == 1 << 28
+    # a fixed stream window inside the chain (gateway -> services); gRPC's probing at the edge
+    fixed = {"grpc.http2.bdp_probe": 0, "grpc.http2.lookahead_bytes": STREAM_WINDOW_BYTES}
+    assert fixed.items() <= channel.items() and fixed.items() <= server.items()
+    assert not {"grpc.http2.bdp_probe", "grpc.http2.lookahead_bytes"} & set(dict(server_options(fixed_window=False)))
+    assert not {"grpc.http2.bdp_probe", "grpc.http2.lookahead_bytes"} & set(dict(channel_options()))
 
 
 @pytest.fixture(scope="module")

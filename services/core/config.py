@@ -171,10 +171,13 @@ def _resolve(address: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Addres
 
 
 def flow_control_options() -> list[tuple[str, int | str]]:
-    """A fixed HTTP/2 stream window of STREAM_WINDOW_BYTES instead of gRPC's BDP probing, which
-    grows the window (and so the bytes a receiver buffers for each stream) the longer a stream
-    runs: with it, a process's peak grew with the job's length, not its tiles. On loopback
-    the fixed window moves tiles as fast (bench/RESULTS.md, "Memory against image size")."""
+    """Inside a chain (the gateway's channels to the services, the services' servers): a fixed
+    HTTP/2 stream window of STREAM_WINDOW_BYTES instead of gRPC's BDP probing, which grows the
+    window (and so the bytes a receiver buffers for each stream) the longer a stream runs: with
+    it, a process's peak grew with the job's length, not its tiles. On loopback and in a
+    cluster the fixed window moves tiles as fast (bench/RESULTS.md, "Memory against image
+    size"). The gateway's own server and the client keep BDP probing: a caller may be far
+    away, where the window has to grow with the path."""
     return [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", STREAM_WINDOW_BYTES)]
 
 
@@ -183,7 +186,6 @@ def channel_options(max_bytes: int = MAX_MESSAGE_BYTES) -> list[tuple[str, int |
     return [
         ("grpc.max_send_message_length", max_bytes),
         ("grpc.max_receive_message_length", max_bytes),
-        *flow_control_options(),
     ]
 
 
@@ -192,6 +194,7 @@ def family_channel_options() -> list[tuple[str, int | str]]:
     keepalives, fast reconnects."""
     return [
         *channel_options(),
+        *flow_control_options(),
         ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
         ("grpc.service_config_disable_resolution", 1),  # ours, not one from DNS TXT records
         ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
@@ -205,9 +208,10 @@ def family_channel_options() -> list[tuple[str, int | str]]:
     ]
 
 
-def server_options(max_receive_bytes: int | None = None) -> list[tuple[str, int | str]]:
+def server_options(max_receive_bytes: int | None = None, fixed_window: bool = True) -> list[tuple[str, int | str]]:
     """Every server (the services and the gateway): message limits, keepalives from clients
-    allowed, a maximum connection age, and a port of its own."""
+    allowed, a maximum connection age, a port of its own, and (fixed_window: the services)
+    the fixed stream window of flow_control_options."""
     env = os.environ
     age_s = float(env.get("TILECHAIN_MAX_CONNECTION_AGE", MAX_CONNECTION_AGE_S))
     grace_s = float(env.get("TILECHAIN_MAX_CONNECTION_AGE_GRACE", MAX_CONNECTION_AGE_GRACE_S))
@@ -223,7 +227,7 @@ def server_options(max_receive_bytes: int | None = None) -> list[tuple[str, int 
         # gRPC listens with SO_REUSEPORT by default: a second server on a taken port would start
         # and share it silently (two stacks on one port). Fail instead.
         ("grpc.so_reuseport", 0),
-        *flow_control_options(),
+        *(flow_control_options() if fixed_window else []),
     ]
 
 

@@ -81,6 +81,7 @@ async def serve(
     on_stop: Callable[[], Awaitable[None]] | None = None,
     ready: Callable[[], Awaitable[None]] | None = None,
     stopping: asyncio.Event | None = None,
+    fixed_window: bool = True,
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop accepting and drain for up to DRAIN_SECONDS.
     add_services registers the servicers and returns their full service names. component
@@ -88,10 +89,12 @@ async def serve(
     on_stop runs once health says NOT_SERVING, before the drain (the gateway hands its jobs
     back there). With ready (preloading models), the health check answers NOT_SERVING until it
     has returned; if it raises, the process exits with its message. stopping: an event that
-    stops the server in place of the signals (for running it inside another program)."""
+    stops the server in place of the signals (for running it inside another program).
+    fixed_window: config.flow_control_options for what callers send (the services; the
+    gateway's callers may be far away and keep gRPC's probing)."""
     settings = Settings.from_env()
     internal_errors = InternalErrors(component, [settings.output_root, settings.models_root])
-    server = grpc.aio.server(options=server_options(max_receive_bytes), interceptors=[internal_errors])
+    server = grpc.aio.server(options=server_options(max_receive_bytes, fixed_window), interceptors=[internal_errors])
     names = add_services(server)
     internal_errors.component = component or names[0].rsplit(".", 1)[-1].lower()
     health_servicer = health.aio.HealthServicer()

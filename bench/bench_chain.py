@@ -624,6 +624,13 @@ def write_section(begin: str, end: str, block: str, heading: str = "") -> None:
         RESULTS.write_text(lead + (heading + "\n\n" if heading else "") + block + "\n")
 
 
+def publish(begin: str, end: str, block: str, write: bool) -> None:
+    """Print a bench's section and, when write (no --no-write), put it into bench/RESULTS.md."""
+    print(block)
+    if write:
+        write_section(begin, end, block)
+
+
 # --- main ---------------------------------------------------------------------------------
 
 def main() -> int:

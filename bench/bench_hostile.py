@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-from bench_chain import free_port, machine, proc_status, reset_peak, results_block, write_section  # noqa: E402
+from bench_chain import free_port, machine, proc_status, reset_peak, results_block, publish  # noqa: E402
 
 from tests.test_images import bomb_png  # noqa: E402  (the hostile PNG the tests send too)
 
@@ -169,11 +169,9 @@ def main() -> int:
                      f"{delta(r1['kept'])}, {delta(r2['kept'])} |")
     lines += ["", f"Bench wall time {time.perf_counter() - began:.0f} s; 1-minute load average {load_start:.2f} at the start, "
               f"{os.getloadavg()[0]:.2f} at the end (the machine is shared: other work was running)."]
-    print("\n".join(lines))
-    if not args.no_write:
-        block = results_block(BEGIN, END, "bench_hostile.py", info, "no GPU", "", "`make bench` (`python bench/bench_hostile.py`)",
-                              lines, title="Hostile requests: refused early, at no memory cost")
-        write_section(BEGIN, END, block)
+    block = results_block(BEGIN, END, "bench_hostile.py", info, "no GPU", "", "`make bench` (`python bench/bench_hostile.py`)",
+                          lines, title="Hostile requests: refused early, at no memory cost")
+    publish(BEGIN, END, block, write=not args.no_write)
     return 0
 
 

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench_chain import free_port, machine, results_block, write_section  # noqa: E402
+from bench_chain import free_port, machine, results_block, publish  # noqa: E402
 
 from tests.valkey import ValkeyServer  # noqa: E402
 from tilechain.client import chain_request, connect  # noqa: E402
@@ -190,9 +190,7 @@ def main() -> int:
     ]
     block = results_block(BEGIN, END, "bench_jobs.py", info, "no GPU", f"Python {info['python']}, {info['libs']}",
                           f"`python bench/bench_jobs.py --jobs {args.jobs}`", lines, "Jobs: throughput, queue wait, store overhead")
-    print(block)
-    if not args.no_write:
-        write_section(BEGIN, END, block)
+    publish(BEGIN, END, block, write=not args.no_write)
     return 0
 
 

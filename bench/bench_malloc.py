@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_chain import machine, results_block, write_section  # noqa: E402
+from bench_chain import machine, results_block, publish  # noqa: E402
 from bench_diffusion import start_stack  # noqa: E402
 from bench_upscale import make_image, upscale_chain  # noqa: E402
 
@@ -105,9 +105,7 @@ def main() -> int:
     ]
     block = results_block(BEGIN, END, "bench_malloc.py", machine(), "no GPU", "",
                           f"`python bench/bench_malloc.py --edge {args.edge} --repeats {args.repeats}`", lines, "Malloc tuning in the services")
-    print(block)
-    if not args.no_write:
-        write_section(BEGIN, END, block)
+    publish(BEGIN, END, block, write=not args.no_write)
     return 0
 
 

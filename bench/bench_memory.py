@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_chain import free_port, machine, med, mib, proc_status, results_block, write_section  # noqa: E402
+from bench_chain import free_port, machine, med, mib, proc_status, results_block, publish  # noqa: E402
 
 from tilechain.client import chain_request, connect  # noqa: E402
 from tilechain.services.core.codecs import tile_message  # noqa: E402
@@ -199,11 +199,9 @@ def main() -> int:
             print(json.dumps({k: v for k, v in runs[-1].items()}, default=str))
     lines = report(runs, thumb, idle, before)
     lines.append(f"\nBench wall time {time.perf_counter() - began:.0f} s.")
-    print("\n".join(lines))
-    if not args.no_write:
-        block = results_block(BEGIN, END, "bench_memory.py", info, "no GPU", "", "`make bench` (`python bench/bench_memory.py`)",
-                              lines, title="Memory against image size (issue 11)")
-        write_section(BEGIN, END, block)
+    block = results_block(BEGIN, END, "bench_memory.py", info, "no GPU", "", "`make bench` (`python bench/bench_memory.py`)",
+                          lines, title="Memory against image size (issue 11)")
+    publish(BEGIN, END, block, write=not args.no_write)
     return 0
 
 

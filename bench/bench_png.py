@@ -24,7 +24,7 @@ from PIL import Image
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_chain import machine, results_block, write_section  # noqa: E402
+from bench_chain import machine, results_block, publish  # noqa: E402
 
 from tilechain.services.core.codecs import png_writer  # noqa: E402
 
@@ -101,9 +101,7 @@ def main() -> int:
     info = machine()
     block = results_block(BEGIN, END, "bench_png.py", info, "no GPU", info["libs"], "`python bench/bench_png.py`", lines,
                           "PNG: the streaming encoder against Pillow's")
-    print(block)
-    if not args.no_write:
-        write_section(BEGIN, END, block)
+    publish(BEGIN, END, block, write=not args.no_write)
     return 0
 
 

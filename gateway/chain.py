@@ -425,10 +425,10 @@ async def plan_chain(
 
     previous: list[tiles_pb2.Canvas] = []
     for stage in planned:
-        await plan_stage(stage, previous, job_id)
+        await plan_stage(stage, previous, job_id, request.transport_tile)
         previous = stage.outputs
     if not request.decode_between_stages and request.return_tiles != gateway_pb2.TILE_RETURN_ALL:
-        await plan_latent_handoffs(planned, job_id)
+        await plan_latent_handoffs(planned, job_id, request.transport_tile)
     check_job_pixels(planned, specs, settings)
     return planned
 
@@ -461,8 +461,9 @@ def onnx_web_only(stage_type: str) -> str:
     return ""
 
 
-async def plan_stage(stage: PlannedStage, previous: list[tiles_pb2.Canvas], job_id: str) -> None:
-    """Ask the stage's service to plan it on the previous stage's outputs plus its attachments."""
+async def plan_stage(stage: PlannedStage, previous: list[tiles_pb2.Canvas], job_id: str, transport_tile: int) -> None:
+    """Ask the stage's service to plan it on the previous stage's outputs plus its attachments
+    (with the job's transport tile: the outputs' grids depend on it)."""
     stage.inputs = list(previous)
     for attached in stage.attachments:
         role = ROLE_NAMES[attached.role]
@@ -478,14 +479,14 @@ async def plan_stage(stage: PlannedStage, previous: list[tiles_pb2.Canvas], job_
         )
         stage.inputs.append(attached.canvas)
     try:
-        result = await stage.family.plan(stage.start(job_id, 0), timeout=plan_timeout())
+        result = await stage.family.plan(stage.start(job_id, transport_tile), timeout=plan_timeout())
     except grpc.aio.AioRpcError as exc:
         raise rpc_error(stage, exc) from None
     stage.outputs = list(result.outputs)
     stage.emits_latent, stage.accepts_latent = result.emits_latent, result.accepts_latent
 
 
-async def plan_latent_handoffs(planned: list[PlannedStage], job_id: str) -> None:
+async def plan_latent_handoffs(planned: list[PlannedStage], job_id: str, transport_tile: int) -> None:
     """Where a stage can emit latents in the space the next stage accepts (two diffusion stages
     on one VAE), re-plan the pair to hand over latents: the first skips its VAE decode and the
     second its encode. The caller sees pixels only from the last stage, which never hands over."""
@@ -495,8 +496,8 @@ async def plan_latent_handoffs(planned: list[PlannedStage], job_id: str) -> None
         if any(a.joins_inputs for a in after.attachments):
             continue  # an attached image joins its inputs as pixels: no mixing with latents
         before.latent_output = True
-        await plan_stage(before, planned[before.index - 1].outputs if before.index else [], job_id)
-        await plan_stage(after, before.outputs, job_id)
+        await plan_stage(before, planned[before.index - 1].outputs if before.index else [], job_id, transport_tile)
+        await plan_stage(after, before.outputs, job_id, transport_tile)
         log.info("job %s: %s hands latents (%s) to %s", job_id, before.label, before.emits_latent, after.label)
 
 

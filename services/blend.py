@@ -22,6 +22,7 @@ class _BlendStage(Stage):
     family = "blend"
     attachments = ("image",)
     required_attachments = ("image",)
+    exact_tiles = True  # pixel by pixel
 
     def plan(self, inputs: list[tiles_pb2.Canvas]) -> list[OutputPlan]:
         other = self.attached(inputs, IMAGE)
@@ -290,6 +291,7 @@ class _Denoise(Stage):
     family = "blend"
     requires = ("cv2",)
     halo: ClassVar[int] = 0
+    exact_tiles = True
 
     def output_canvas(self, image: tiles_pb2.Canvas) -> tiles_pb2.Canvas:
         return self.derived(image, image.width, image.height, RGB8)

@@ -25,6 +25,7 @@ class ReduceCrop(Stage):
         Param("height", int, doc="Height of the rectangle.", min=1),
     )
     size_params = ("width", "height")
+    exact_tiles = True  # a copy of input pixels
 
     def output_canvas(self, image: tiles_pb2.Canvas) -> tiles_pb2.Canvas:
         p = self.p

@@ -63,9 +63,9 @@ class SourceNoise(Stage):
             outputs.append(OutputPlan(canvas, sources))
         return outputs
 
-    def windows(self, output: tiles_pb2.Canvas, overlap: int) -> list[Rect]:
+    def windows(self, output: tiles_pb2.Canvas, overlap: int, row_shift: int = 0) -> list[Rect]:
         if self.p["method"] != "gaussian":
-            return super().windows(output, overlap)
+            return super().windows(output, overlap, row_shift)
         # full-width bands, run in order (the engine runs ready tiles by rank): each continues
         # the one generator; ~4 MiB of float64 normals per band
         rows = max(1, GAUSSIAN_BAND_VALUES // (output.width * 3))

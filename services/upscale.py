@@ -30,6 +30,7 @@ class UpscaleSimple(Stage):
         Param("scale", int, 2, "Factor applied to width and height; 1 passes images through unchanged (as onnx-web's scale 1).", min=1, max=8),
     )
     size_params = ("scale",)
+    exact_tiles = True  # each tile reads its filter's whole support: tiled equals untiled
 
     def output_canvas(self, image: tiles_pb2.Canvas) -> tiles_pb2.Canvas:
         return self.derived(image, image.width * self.p["scale"], image.height * self.p["scale"])

@@ -61,7 +61,7 @@ def run_stage(
 
     async def main() -> dict[int, np.ndarray]:
         output_seen = asyncio.Event()
-        outputs = plan_outputs(stage, inputs, stage.context.settings)
+        outputs = plan_outputs(stage, inputs, stage.context.settings, transport_tile)
         engine = TileEngine(stage, inputs, outputs, transport_tile)
         if engines is not None:
             engines.append(engine)

@@ -14,7 +14,7 @@ from tilechain.services.core.config import Settings
 from tilechain.services.core.engine import MAX_READY, TileEngine, plan_outputs
 from tilechain.services.core.resample import FILTERS, StreamingResize, resize
 from tilechain.services.core.stage import KEEP_CANVAS, KEEP_ROWS, Context, OutputPlan, Stage, StageError
-from tilechain.services.core.tiles import Rect, transport_grid
+from tilechain.services.core.tiles import Rect, plan_windows, transport_grid
 from tilechain.services.core.wire import TileView, encode_tile, is_tile_message, parse_stage_input, parse_tile_message
 from tilechain.services.source import noise
 from tilechain.v1 import stage_pb2, tiles_pb2
@@ -44,20 +44,53 @@ def test_a_tile_local_stage_holds_a_band_of_input_not_the_canvas() -> None:
     assert engine.peak_output == 0
 
 
-def test_a_tile_read_in_part_is_kept_only_as_the_rows_still_to_be_read() -> None:
-    """x2 with 512-px tiles in and out: the output row that starts half-way down an input tile
-    row waits for the next row's top halo. What the engine holds meanwhile is the lower half of
-    the row above (plus the halo's few rows), not its whole tiles, and a few tiles of the row
-    coming in, each waiting for its right neighbour."""
+@pytest.mark.parametrize("method", ["lanczos", "nearest"])
+def test_a_resize_cuts_its_output_rows_where_the_input_rows_end(method: str) -> None:
+    """x2 with 512-px tiles in and out. On a plain grid the output row that starts half-way
+    down an input tile row would need the next row's top halo, so the lower half of the row
+    above would wait for it: a band as wide as the image. The output grid is shifted up
+    instead (Canvas.grid), so that every output row needs only input rows already received:
+    all that waits is a halo's rows, and a few tiles of the row coming in."""
     width, height, tile = 4096, 1536, 512
     pixels = RNG.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    stage = make_stage("upscale-simple", {"method": "lanczos", "scale": 2}, max_tile=tile)
+    stage = make_stage("upscale-simple", {"method": method, "scale": 2}, max_tile=tile)
     out, engine = run_engine(stage, [canvas(width, height)], {0: pixels}, {0: transport_grid(width, height, tile)}, transport_tile=tile)
-    assert np.array_equal(out[0], resize(pixels, 2 * width, 2 * height, "lanczos"))
-    halo = 16
-    lower_half = width * (tile // 2 + halo) * 3
-    assert engine.peak_input <= lower_half + 3 * tile * tile * 3
+    assert np.array_equal(out[0], resize(pixels, 2 * width, 2 * height, method))
+    grid = engine.outputs[0].plan.canvas.grid
+    assert grid.edge == tile and 0 < grid.row_shift < 32
+    halo_rows = 16
+    assert engine.peak_input <= width * halo_rows * 3 + 3 * tile * tile * 3
     assert engine.held_input == 0
+
+
+def test_stages_after_a_shifted_grid_line_their_rows_up_with_it() -> None:
+    """The grid is a hint carried by the planned canvas: a second resize plans its rows on
+    the first's shifted rows, and a pass-through stage (persist) takes them as they are, so
+    each tile it receives is a tile it sends and a band it keeps."""
+    settings = Settings()
+    first = make_stage("upscale-simple", {"method": "lanczos", "scale": 2}, max_tile=64)
+    middle = plan_outputs(first, [canvas(256, 256)], settings, 64)[0].canvas
+    second = make_stage("upscale-simple", {"method": "lanczos", "scale": 2}, max_tile=64)
+    pixels = RNG.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    rows = transport_grid(512, 512, 64, middle.grid.row_shift)
+    out, engine = run_engine(second, [middle], {0: pixels}, {0: rows}, transport_tile=64)
+    assert np.array_equal(out[0], resize(pixels, 1024, 1024, "lanczos"))
+    assert engine.peak_input <= 512 * 16 * 3 + 3 * 64 * 64 * 3  # a halo's rows, as above
+    kept = KeepingStage(KEEP_ROWS)
+    out, engine = run_engine(kept, [middle], {0: pixels}, {0: rows}, transport_tile=64)
+    assert engine.outputs[0].plan.canvas.grid == middle.grid
+    assert np.array_equal(out[0], pixels)
+    assert [y for y, _ in kept.rows] == sorted({r.y for r in rows})  # a band per row received
+    assert engine.peak_output == max(r.height for r in rows) * 512 * 3  # one band at a time
+
+
+def test_a_shifted_grid_and_windows_line_up() -> None:
+    rects = transport_grid(100, 150, 64, 20)
+    assert sorted({(r.y, r.height) for r in rects}) == [(0, 44), (44, 64), (108, 42)]
+    assert sum(r.area for r in rects) == 100 * 150
+    windows = plan_windows(100, 150, 32, 0, row_shift=20)  # rows of 32 lie within rows of 64
+    assert sorted({(w.y, w.height) for w in windows}) == [(0, 12), (12, 32), (44, 32), (76, 32), (108, 32), (140, 10)]
+    assert {r.y for r in rects} <= {w.y for w in windows}
 
 
 def test_blending_keeps_sums_only_for_tiles_not_yet_sent() -> None:

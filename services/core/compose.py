@@ -53,7 +53,7 @@ def run_in_memory(
         yield stage_pb2.StageInput(end=stage_pb2.InputEnd())
 
     async def run() -> list[Image]:
-        outputs = plan_outputs(stage, canvases, stage.context.settings)
+        outputs = plan_outputs(stage, canvases, stage.context.settings, transport_tile)
         engine = TileEngine(stage, canvases, outputs, transport_tile)
         images: dict[int, Image] = {}
         async for message in engine.run(feed()):

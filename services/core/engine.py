@@ -40,7 +40,7 @@ from .codecs import canvas_layout, is_latent, transport_edge
 from .config import Settings
 from .params import ParamError
 from .stage import KEEP_ROWS, ROLE_NAMES, OutputPlan, Stage, StageError, TileWork
-from .tiles import Rect, TileError, feather_weights
+from .tiles import Rect, Rows, TileError, feather_weights
 from .wire import TileView, encode_tile
 
 log = logging.getLogger("tilechain.engine")
@@ -49,9 +49,10 @@ MAX_READY = 2  # processing tiles with all their input, waiting to run, before t
 CELL = 256     # edge of the buckets of the spatial indexes
 
 
-def plan_outputs(stage: Stage, inputs: list[tiles_pb2.Canvas], settings: Settings) -> list[OutputPlan]:
-    """The stage's output canvases for these inputs, numbered, and checked against the limits
-    and against what the stage can take and make (latents only where it says so)."""
+def plan_outputs(stage: Stage, inputs: list[tiles_pb2.Canvas], settings: Settings, transport_tile: int = 0) -> list[OutputPlan]:
+    """The stage's output canvases for these inputs, numbered, each with the grid its transport
+    tiles will be cut on, and checked against the limits and against what the stage can take
+    and make (latents only where it says so). transport_tile: the job's (0: the settings')."""
     for canvas in inputs:
         try:
             canvas_layout(canvas)
@@ -81,7 +82,62 @@ def plan_outputs(stage: Stage, inputs: list[tiles_pb2.Canvas], settings: Setting
             )
     if stage.latent_output and not stage.emits_latent(outputs):
         raise StageError(grpc.StatusCode.INVALID_ARGUMENT, f"{stage.label}: cannot emit latents for these inputs and params (latent_output)")
+    for output in outputs:
+        output.canvas.grid.CopyFrom(output_grid(stage, output, transport_tile or settings.transport_tile))
     return outputs
+
+
+def output_grid(stage: Stage, output: OutputPlan, transport_tile: int) -> tiles_pb2.TileGrid:
+    """The transport grid of an output: rows shifted so that each lies within what the rows
+    of the input received so far can make.
+
+    Input tiles arrive row by row. An output row that needs a few rows of the next input row
+    (a resize's halo) cannot be made until that row comes, so the rows above it in the input
+    would wait too: a band as wide as the image. So the output's rows end where the rows
+    computable from whole input rows end (found by asking the stage's input_rect), and only a
+    halo's rows wait; for stages whose result does not depend on the cut (Stage.exact_tiles).
+    Stages that pass tiles through take their input's grid; the others, and stages that blend
+    overlapping processing tiles, keep the plain grid."""
+    canvas = output.canvas
+    chans, dtype = canvas_layout(canvas)
+    edge = transport_edge(transport_tile, chans * dtype.itemsize)
+    grid = tiles_pb2.TileGrid(edge=edge)
+    if not output.sources or stage.needs_whole_canvas:
+        return grid
+    name, source = next(iter(output.sources.items()))
+    if "image" in output.sources:
+        name, source = "image", output.sources["image"]
+    if source.grid.edge:
+        in_rows = Rows(source.grid.edge, source.grid.row_shift, source.height)
+    else:  # no hint (an attachment): cut as this service would cut it
+        in_chans, in_dtype = canvas_layout(source)
+        in_rows = Rows(transport_edge(transport_tile, in_chans * in_dtype.itemsize), 0, source.height)
+    if stage.streams:
+        if source.height == canvas.height and in_rows.edge == edge:
+            grid.row_shift = in_rows.shift  # a pass-through: emit the rows as received
+        return grid
+    if stage.overlap or not stage.exact_tiles:
+        return grid  # where tiles are cut shows in the result: cut them as always
+
+    def last_row_within(y: int) -> int:
+        """The most output rows (from the top) that need no input row at or below y."""
+        low, high = 0, canvas.height
+        while low < high:
+            middle = (low + high + 1) // 2
+            need = stage.input_rect(Rect(0, middle - 1, canvas.width, 1), name, source, canvas)
+            if need.expand(0, source.width, source.height).y1 <= y:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    # two input row edges in the middle (away from the clamping at the canvas's borders): the
+    # output rows ending there are a whole number of output rows apart, or no shift serves both
+    middle = in_rows.of(source.height // 2)
+    ends = [last_row_within(in_rows.top(row)) for row in (middle, middle + 1) if 0 < in_rows.top(row) < source.height]
+    if len(ends) == 2 and 0 < ends[0] < ends[1] < canvas.height and (ends[1] - ends[0]) % edge == 0:
+        grid.row_shift = -ends[0] % edge
+    return grid
 
 
 class _Cells:
@@ -177,8 +233,8 @@ class _Job:
 
 
 class _Output:
-    """One output canvas: its transport tiles, the pixels of those not yet sent, and how much
-    work each still waits for (processing tiles, or pixels for streaming stages)."""
+    """One output canvas: its transport tiles (on its grid), the pixels of those not yet sent,
+    and how much work each still waits for (processing tiles, or pixels for streaming stages)."""
 
     def __init__(self, plan: OutputPlan, edge: int, blend: bool) -> None:
         canvas = plan.canvas
@@ -188,22 +244,29 @@ class _Output:
         self.chans, self.dtype = canvas_layout(canvas)
         self.blend = blend
         self.edge = transport_edge(edge, self.chans * self.dtype.itemsize)
+        shift = canvas.grid.row_shift if canvas.grid.edge == self.edge and canvas.grid.row_shift < self.edge else 0
+        canvas.grid.CopyFrom(tiles_pb2.TileGrid(edge=self.edge, row_shift=shift))  # as it is cut
+        self.grid_rows = Rows(self.edge, shift, self.height)
         self.cols = -(-canvas.width // self.edge)
-        self.rows = -(-canvas.height // self.edge)
+        self.rows = self.grid_rows.count
         self.pending = [0] * (self.cols * self.rows)
         self.partial: dict[int, np.ndarray] = {}                   # tile -> pixels assembled so far
         self.sums: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # tile -> (weighted sum, weight) when blending
         self.jobs_left = 0
         self.tiles_left = len(self.pending)
 
+    def row_rect(self, row: int) -> Rect:
+        top = self.grid_rows.top(row)
+        return Rect(0, top, self.width, self.grid_rows.top(row + 1) - top)
+
     def rect(self, i: int) -> Rect:
         row, col = divmod(i, self.cols)
-        x, y = col * self.edge, row * self.edge
-        return Rect(x, y, min(self.edge, self.width - x), min(self.edge, self.height - y))
+        x, band = col * self.edge, self.row_rect(row)
+        return Rect(x, band.y, min(self.edge, self.width - x), band.height)
 
     def touching(self, window: Rect) -> list[int]:
         cols = range(window.x // self.edge, (window.x1 - 1) // self.edge + 1)
-        return [row * self.cols + col for row in range(window.y // self.edge, (window.y1 - 1) // self.edge + 1) for col in cols]
+        return [row * self.cols + col for row in self.grid_rows.span(window.y, window.y1) for col in cols]
 
 
 class _Kept:
@@ -213,22 +276,25 @@ class _Kept:
     is held is the bands from the first incomplete one to the lowest tile received."""
 
     def __init__(self, out: _Output, mode: str) -> None:
+        self.out = out
         self.rows = mode == KEEP_ROWS
-        self.width, self.height, self.chans, self.dtype = out.width, out.height, out.chans, out.dtype
-        self.band = out.edge if self.rows else out.height
+        self.count = out.rows if self.rows else 1
         self.bands: dict[int, np.ndarray] = {}  # band number -> pixels
         self.missing: dict[int, int] = {}       # band number -> pixels not yet placed in it
         self.next = 0                           # the next band to give
 
+    def _band(self, number: int) -> Rect:
+        return self.out.row_rect(number) if self.rows else Rect(0, 0, self.out.width, self.out.height)
+
     def put(self, rect: Rect, pixels: np.ndarray) -> int:
         """Place a sent tile; the bytes of the bands this allocated."""
         allocated = 0
-        for number in range(rect.y // self.band, (rect.y1 - 1) // self.band + 1):
-            top = number * self.band
-            band_rect = Rect(0, top, self.width, min(self.band, self.height - top))
+        out = self.out
+        for number in out.grid_rows.span(rect.y, rect.y1) if self.rows else (0,):
+            band_rect = self._band(number)
             band = self.bands.get(number)
             if band is None:
-                band = self.bands[number] = np.empty((band_rect.height, self.width, self.chans), dtype=self.dtype)
+                band = self.bands[number] = np.empty((band_rect.height, out.width, out.chans), dtype=out.dtype)
                 self.missing[number] = band_rect.area
                 allocated += band.nbytes
             part = band_rect.intersection(rect)
@@ -240,12 +306,12 @@ class _Kept:
         """The complete bands not yet given, top to bottom, as (first row, pixels)."""
         while self.missing.get(self.next) == 0:
             del self.missing[self.next]
-            yield self.next * self.band, self.bands.pop(self.next)
+            yield self._band(self.next).y, self.bands.pop(self.next)
             self.next += 1
 
     @property
     def done(self) -> bool:
-        return self.next * self.band >= self.height
+        return self.next >= self.count
 
 
 class TileEngine:
@@ -294,7 +360,7 @@ class TileEngine:
         stage, planned = self.stage, []
         for number, out in enumerate(self.outputs):
             canvas = out.plan.canvas
-            for order, window in enumerate(stage.windows(canvas, overlap)):
+            for order, window in enumerate(stage.windows(canvas, overlap, out.grid_rows.shift)):
                 needs = {}
                 for name, source in out.plan.sources.items():
                     if stage.needs_whole_canvas:

@@ -81,7 +81,7 @@ class StageServicer(stage_pb2_grpc.StageServicer):
     def _plan(self, start: stage_pb2.StageStart, context: Context) -> tuple[Stage, list[OutputPlan]]:
         """Create and plan a stage (in a worker thread: it may load a model)."""
         stage = self._create(start, context)
-        return stage, plan_outputs(stage, list(start.inputs), self.settings)
+        return stage, plan_outputs(stage, list(start.inputs), self.settings, start.transport_tile)
 
     def _plan_result(self, start: stage_pb2.StageStart) -> stage_pb2.PlanResult:
         stage, outputs = self._plan(start, Context(start.job_id, self.settings, self.models, attempt=start.attempt or 1))

@@ -108,6 +108,10 @@ class Stage:
     max_tile: ClassVar[int] = 512          # processing tile edge in output pixels; 0 = whole canvas
     overlap: ClassVar[int] = 0             # output pixels shared by neighbouring processing tiles
     order: ClassVar[str] = "grid"          # or "spiral"
+    # the result does not depend on where the processing tiles are cut (a resize, a per-pixel
+    # or halo-exact filter): the engine may cut them, and the output's rows, to line up with
+    # the input's rows (engine.output_grid), which keeps less input waiting
+    exact_tiles: ClassVar[bool] = False
     needs_whole_canvas: bool = False      # a class default; a stage may decide per request (source-noise)
     attachments: ClassVar[tuple[str, ...]] = ()           # roles a caller may attach: "image", "mask", "control"
     required_attachments: ClassVar[tuple[str, ...]] = ()
@@ -257,9 +261,10 @@ class Stage:
     def tile_size(self) -> int:
         return 0 if self.needs_whole_canvas else self.max_tile
 
-    def windows(self, output: Canvas, overlap: int) -> list[Rect]:
-        """The processing tiles of an output canvas, in the order they should run."""
-        return plan_windows(output.width, output.height, self.tile_size(), overlap, self.order)
+    def windows(self, output: Canvas, overlap: int, row_shift: int = 0) -> list[Rect]:
+        """The processing tiles of an output canvas, in the order they should run; row_shift:
+        the output's transport rows are shifted up by it (tiles.Rows), as they should be."""
+        return plan_windows(output.width, output.height, self.tile_size(), overlap, self.order, row_shift)
 
     def input_rect(self, window: Rect, name: str, source: Canvas, output: Canvas) -> Rect:
         """The rect of source that the output window is computed from, including any context

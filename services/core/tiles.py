@@ -73,15 +73,21 @@ def _axis_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [min(i * stride, length - tile) for i in range(count)]
 
 
-def plan_windows(width: int, height: int, max_tile: int, overlap: int, order: str = "grid") -> list[Rect]:
-    """Processing tiles covering a width x height canvas, in the order they should run."""
+def plan_windows(width: int, height: int, max_tile: int, overlap: int, order: str = "grid", row_shift: int = 0) -> list[Rect]:
+    """Processing tiles covering a width x height canvas, in the order they should run.
+    row_shift (without overlap): rows shifted up as a transport grid's are (Rows), so that each
+    row of processing tiles lies within one row of the output's transport tiles."""
     if max_tile <= 0:
         return [Rect(0, 0, width, height)]
     if overlap >= max_tile:
         raise ValueError(f"overlap {overlap} must be smaller than the tile {max_tile}")
     xs = _axis_starts(width, max_tile, overlap)
-    ys = _axis_starts(height, max_tile, overlap)
-    grid = [[Rect(x, y, min(max_tile, width - x), min(max_tile, height - y)) for x in xs] for y in ys]
+    if overlap == 0 and row_shift % max_tile:
+        rows = Rows(max_tile, row_shift % max_tile, height)
+        bands = [(rows.top(r), rows.top(r + 1)) for r in range(rows.count)]
+    else:
+        bands = [(y, min(y + max_tile, height)) for y in _axis_starts(height, max_tile, overlap)]
+    grid = [[Rect(x, y, min(max_tile, width - x), y1 - y) for x in xs] for y, y1 in bands]
     if order == "spiral":
         return _spiral(grid)
     return [r for row in grid for r in row]
@@ -124,11 +130,38 @@ def feather_weights(window: Rect, width: int, height: int, overlap: int) -> np.n
     return wy[:, None] * wx[None, :]
 
 
-def transport_grid(width: int, height: int, edge: int) -> list[Rect]:
-    """Non-overlapping transport tiles of at most edge x edge pixels, row-major."""
+@dataclass(frozen=True)
+class Rows:
+    """The rows of a transport grid (tiles_pb2.TileGrid): the first starts at 0, the others at
+    k * edge - shift for k >= 1."""
+
+    edge: int
+    shift: int
+    height: int
+
+    @property
+    def count(self) -> int:
+        return -(-(self.height + self.shift) // self.edge)
+
+    def top(self, row: int) -> int:
+        return 0 if row <= 0 else min(self.height, row * self.edge - self.shift)
+
+    def of(self, y: int) -> int:
+        """The row holding pixel row y."""
+        return (y + self.shift) // self.edge
+
+    def span(self, y: int, y1: int) -> range:
+        """The rows that pixel rows y..y1-1 touch."""
+        return range(self.of(y), self.of(y1 - 1) + 1)
+
+
+def transport_grid(width: int, height: int, edge: int, row_shift: int = 0) -> list[Rect]:
+    """Non-overlapping transport tiles of at most edge x edge pixels, row-major; rows shifted
+    up by row_shift (Rows)."""
+    rows = Rows(edge, row_shift, height)
     return [
-        Rect(x, y, min(edge, width - x), min(edge, height - y))
-        for y in range(0, height, edge)
+        Rect(x, rows.top(r), min(edge, width - x), rows.top(r + 1) - rows.top(r))
+        for r in range(rows.count)
         for x in range(0, width, edge)
     ]
 

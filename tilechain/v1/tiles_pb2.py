@@ -25,21 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tilechain/v1/tiles.proto\x12\x0ctilechain.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xfa\x01\n\x06\x43\x61nvas\x12\n\n\x02id\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12)\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x19.tilechain.v1.PixelFormat\x12&\n\x04role\x18\x05 \x01(\x0e\x32\x18.tilechain.v1.CanvasRole\x12\r\n\x05index\x18\x06 \x01(\r\x12\x10\n\x08\x61ttached\x18\x07 \x01(\x08\x12+\n\nprovenance\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12$\n\x06latent\x18\t \x01(\x0b\x32\x14.tilechain.v1.Latent\"8\n\x06Latent\x12\r\n\x05space\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\r\x12\r\n\x05scale\x18\x03 \x01(\r\"^\n\x04Tile\x12\x11\n\tcanvas_id\x18\x01 \x01(\r\x12\t\n\x01x\x18\x02 \x01(\r\x12\t\n\x01y\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x0e\n\x06pixels\x18\x06 \x01(\x0c*\x8c\x01\n\x0bPixelFormat\x12\x1c\n\x18PIXEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11PIXEL_FORMAT_RGB8\x10\x01\x12\x16\n\x12PIXEL_FORMAT_RGBA8\x10\x02\x12\x13\n\x0fPIXEL_FORMAT_L8\x10\x03\x12\x1b\n\x17PIXEL_FORMAT_LATENT_F32\x10\x04*o\n\nCanvasRole\x12\x1b\n\x17\x43\x41NVAS_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41NVAS_ROLE_IMAGE\x10\x01\x12\x14\n\x10\x43\x41NVAS_ROLE_MASK\x10\x02\x12\x17\n\x13\x43\x41NVAS_ROLE_CONTROL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18tilechain/v1/tiles.proto\x12\x0ctilechain.v1\x1a\x1cgoogle/protobuf/struct.proto\"\xa0\x02\n\x06\x43\x61nvas\x12\n\n\x02id\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12)\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x19.tilechain.v1.PixelFormat\x12&\n\x04role\x18\x05 \x01(\x0e\x32\x18.tilechain.v1.CanvasRole\x12\r\n\x05index\x18\x06 \x01(\r\x12\x10\n\x08\x61ttached\x18\x07 \x01(\x08\x12+\n\nprovenance\x18\x08 \x01(\x0b\x32\x17.google.protobuf.Struct\x12$\n\x06latent\x18\t \x01(\x0b\x32\x14.tilechain.v1.Latent\x12$\n\x04grid\x18\n \x01(\x0b\x32\x16.tilechain.v1.TileGrid\"+\n\x08TileGrid\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\r\x12\x11\n\trow_shift\x18\x02 \x01(\r\"8\n\x06Latent\x12\r\n\x05space\x18\x01 \x01(\t\x12\x10\n\x08\x63hannels\x18\x02 \x01(\r\x12\r\n\x05scale\x18\x03 \x01(\r\"^\n\x04Tile\x12\x11\n\tcanvas_id\x18\x01 \x01(\r\x12\t\n\x01x\x18\x02 \x01(\r\x12\t\n\x01y\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\x12\x0e\n\x06height\x18\x05 \x01(\r\x12\x0e\n\x06pixels\x18\x06 \x01(\x0c*\x8c\x01\n\x0bPixelFormat\x12\x1c\n\x18PIXEL_FORMAT_UNSPECIFIED\x10\x00\x12\x15\n\x11PIXEL_FORMAT_RGB8\x10\x01\x12\x16\n\x12PIXEL_FORMAT_RGBA8\x10\x02\x12\x13\n\x0fPIXEL_FORMAT_L8\x10\x03\x12\x1b\n\x17PIXEL_FORMAT_LATENT_F32\x10\x04*o\n\nCanvasRole\x12\x1b\n\x17\x43\x41NVAS_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43\x41NVAS_ROLE_IMAGE\x10\x01\x12\x14\n\x10\x43\x41NVAS_ROLE_MASK\x10\x02\x12\x17\n\x13\x43\x41NVAS_ROLE_CONTROL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tilechain.v1.tiles_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PIXELFORMAT']._serialized_start=480
-  _globals['_PIXELFORMAT']._serialized_end=620
-  _globals['_CANVASROLE']._serialized_start=622
-  _globals['_CANVASROLE']._serialized_end=733
+  _globals['_PIXELFORMAT']._serialized_start=563
+  _globals['_PIXELFORMAT']._serialized_end=703
+  _globals['_CANVASROLE']._serialized_start=705
+  _globals['_CANVASROLE']._serialized_end=816
   _globals['_CANVAS']._serialized_start=73
-  _globals['_CANVAS']._serialized_end=323
-  _globals['_LATENT']._serialized_start=325
-  _globals['_LATENT']._serialized_end=381
-  _globals['_TILE']._serialized_start=383
-  _globals['_TILE']._serialized_end=477
+  _globals['_CANVAS']._serialized_end=361
+  _globals['_TILEGRID']._serialized_start=363
+  _globals['_TILEGRID']._serialized_end=406
+  _globals['_LATENT']._serialized_start=408
+  _globals['_LATENT']._serialized_end=464
+  _globals['_TILE']._serialized_start=466
+  _globals['_TILE']._serialized_end=560
 # @@protoc_insertion_point(module_scope)

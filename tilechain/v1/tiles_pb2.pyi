@@ -32,7 +32,7 @@ CANVAS_ROLE_MASK: CanvasRole
 CANVAS_ROLE_CONTROL: CanvasRole
 
 class Canvas(_message.Message):
-    __slots__ = ("id", "width", "height", "format", "role", "index", "attached", "provenance", "latent")
+    __slots__ = ("id", "width", "height", "format", "role", "index", "attached", "provenance", "latent", "grid")
     ID_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class Canvas(_message.Message):
     ATTACHED_FIELD_NUMBER: _ClassVar[int]
     PROVENANCE_FIELD_NUMBER: _ClassVar[int]
     LATENT_FIELD_NUMBER: _ClassVar[int]
+    GRID_FIELD_NUMBER: _ClassVar[int]
     id: int
     width: int
     height: int
@@ -51,7 +52,16 @@ class Canvas(_message.Message):
     attached: bool
     provenance: _struct_pb2.Struct
     latent: Latent
-    def __init__(self, id: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[PixelFormat, str]] = ..., role: _Optional[_Union[CanvasRole, str]] = ..., index: _Optional[int] = ..., attached: _Optional[bool] = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., latent: _Optional[_Union[Latent, _Mapping]] = ...) -> None: ...
+    grid: TileGrid
+    def __init__(self, id: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., format: _Optional[_Union[PixelFormat, str]] = ..., role: _Optional[_Union[CanvasRole, str]] = ..., index: _Optional[int] = ..., attached: _Optional[bool] = ..., provenance: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., latent: _Optional[_Union[Latent, _Mapping]] = ..., grid: _Optional[_Union[TileGrid, _Mapping]] = ...) -> None: ...
+
+class TileGrid(_message.Message):
+    __slots__ = ("edge", "row_shift")
+    EDGE_FIELD_NUMBER: _ClassVar[int]
+    ROW_SHIFT_FIELD_NUMBER: _ClassVar[int]
+    edge: int
+    row_shift: int
+    def __init__(self, edge: _Optional[int] = ..., row_shift: _Optional[int] = ...) -> None: ...
 
 class Latent(_message.Message):
     __slots__ = ("space", "channels", "scale")

@@ -11,7 +11,7 @@ import type { JsonObject, Message } from "@bufbuild/protobuf";
  * Describes the file tilechain/v1/tiles.proto.
  */
 export const file_tilechain_v1_tiles: GenFile = /*@__PURE__*/
-  fileDesc("Chh0aWxlY2hhaW4vdjEvdGlsZXMucHJvdG8SDHRpbGVjaGFpbi52MSL6AQoGQ2FudmFzEgoKAmlkGAEgASgNEg0KBXdpZHRoGAIgASgNEg4KBmhlaWdodBgDIAEoDRIpCgZmb3JtYXQYBCABKA4yGS50aWxlY2hhaW4udjEuUGl4ZWxGb3JtYXQSJgoEcm9sZRgFIAEoDjIYLnRpbGVjaGFpbi52MS5DYW52YXNSb2xlEg0KBWluZGV4GAYgASgNEhAKCGF0dGFjaGVkGAcgASgIEisKCnByb3ZlbmFuY2UYCCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EiQKBmxhdGVudBgJIAEoCzIULnRpbGVjaGFpbi52MS5MYXRlbnQiOAoGTGF0ZW50Eg0KBXNwYWNlGAEgASgJEhAKCGNoYW5uZWxzGAIgASgNEg0KBXNjYWxlGAMgASgNIl4KBFRpbGUSEQoJY2FudmFzX2lkGAEgASgNEgkKAXgYAiABKA0SCQoBeRgDIAEoDRINCgV3aWR0aBgEIAEoDRIOCgZoZWlnaHQYBSABKA0SDgoGcGl4ZWxzGAYgASgMKowBCgtQaXhlbEZvcm1hdBIcChhQSVhFTF9GT1JNQVRfVU5TUEVDSUZJRUQQABIVChFQSVhFTF9GT1JNQVRfUkdCOBABEhYKElBJWEVMX0ZPUk1BVF9SR0JBOBACEhMKD1BJWEVMX0ZPUk1BVF9MOBADEhsKF1BJWEVMX0ZPUk1BVF9MQVRFTlRfRjMyEAQqbwoKQ2FudmFzUm9sZRIbChdDQU5WQVNfUk9MRV9VTlNQRUNJRklFRBAAEhUKEUNBTlZBU19ST0xFX0lNQUdFEAESFAoQQ0FOVkFTX1JPTEVfTUFTSxACEhcKE0NBTlZBU19ST0xFX0NPTlRST0wQA2IGcHJvdG8z", [file_google_protobuf_struct]);
+  fileDesc("Chh0aWxlY2hhaW4vdjEvdGlsZXMucHJvdG8SDHRpbGVjaGFpbi52MSKgAgoGQ2FudmFzEgoKAmlkGAEgASgNEg0KBXdpZHRoGAIgASgNEg4KBmhlaWdodBgDIAEoDRIpCgZmb3JtYXQYBCABKA4yGS50aWxlY2hhaW4udjEuUGl4ZWxGb3JtYXQSJgoEcm9sZRgFIAEoDjIYLnRpbGVjaGFpbi52MS5DYW52YXNSb2xlEg0KBWluZGV4GAYgASgNEhAKCGF0dGFjaGVkGAcgASgIEisKCnByb3ZlbmFuY2UYCCABKAsyFy5nb29nbGUucHJvdG9idWYuU3RydWN0EiQKBmxhdGVudBgJIAEoCzIULnRpbGVjaGFpbi52MS5MYXRlbnQSJAoEZ3JpZBgKIAEoCzIWLnRpbGVjaGFpbi52MS5UaWxlR3JpZCIrCghUaWxlR3JpZBIMCgRlZGdlGAEgASgNEhEKCXJvd19zaGlmdBgCIAEoDSI4CgZMYXRlbnQSDQoFc3BhY2UYASABKAkSEAoIY2hhbm5lbHMYAiABKA0SDQoFc2NhbGUYAyABKA0iXgoEVGlsZRIRCgljYW52YXNfaWQYASABKA0SCQoBeBgCIAEoDRIJCgF5GAMgASgNEg0KBXdpZHRoGAQgASgNEg4KBmhlaWdodBgFIAEoDRIOCgZwaXhlbHMYBiABKAwqjAEKC1BpeGVsRm9ybWF0EhwKGFBJWEVMX0ZPUk1BVF9VTlNQRUNJRklFRBAAEhUKEVBJWEVMX0ZPUk1BVF9SR0I4EAESFgoSUElYRUxfRk9STUFUX1JHQkE4EAISEwoPUElYRUxfRk9STUFUX0w4EAMSGwoXUElYRUxfRk9STUFUX0xBVEVOVF9GMzIQBCpvCgpDYW52YXNSb2xlEhsKF0NBTlZBU19ST0xFX1VOU1BFQ0lGSUVEEAASFQoRQ0FOVkFTX1JPTEVfSU1BR0UQARIUChBDQU5WQVNfUk9MRV9NQVNLEAISFwoTQ0FOVkFTX1JPTEVfQ09OVFJPTBADYgZwcm90bzM", [file_google_protobuf_struct]);
 
 /**
  * @generated from message tilechain.v1.Canvas
@@ -61,6 +61,11 @@ export type Canvas = Message<"tilechain.v1.Canvas"> & {
    * @generated from field: tilechain.v1.Latent latent = 9;
    */
   latent?: Latent | undefined;
+
+  /**
+   * @generated from field: tilechain.v1.TileGrid grid = 10;
+   */
+  grid?: TileGrid | undefined;
 };
 
 /**
@@ -69,6 +74,28 @@ export type Canvas = Message<"tilechain.v1.Canvas"> & {
  */
 export const CanvasSchema: GenMessage<Canvas> = /*@__PURE__*/
   messageDesc(file_tilechain_v1_tiles, 0);
+
+/**
+ * @generated from message tilechain.v1.TileGrid
+ */
+export type TileGrid = Message<"tilechain.v1.TileGrid"> & {
+  /**
+   * @generated from field: uint32 edge = 1;
+   */
+  edge: number;
+
+  /**
+   * @generated from field: uint32 row_shift = 2;
+   */
+  rowShift: number;
+};
+
+/**
+ * Describes the message tilechain.v1.TileGrid.
+ * Use `create(TileGridSchema)` to create a new message.
+ */
+export const TileGridSchema: GenMessage<TileGrid> = /*@__PURE__*/
+  messageDesc(file_tilechain_v1_tiles, 1);
 
 /**
  * @generated from message tilechain.v1.Latent
@@ -95,7 +122,7 @@ export type Latent = Message<"tilechain.v1.Latent"> & {
  * Use `create(LatentSchema)` to create a new message.
  */
 export const LatentSchema: GenMessage<Latent> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_tiles, 1);
+  messageDesc(file_tilechain_v1_tiles, 2);
 
 /**
  * @generated from message tilechain.v1.Tile
@@ -137,7 +164,7 @@ export type Tile = Message<"tilechain.v1.Tile"> & {
  * Use `create(TileSchema)` to create a new message.
  */
 export const TileSchema: GenMessage<Tile> = /*@__PURE__*/
-  messageDesc(file_tilechain_v1_tiles, 2);
+  messageDesc(file_tilechain_v1_tiles, 3);
 
 /**
  * @generated from enum tilechain.v1.PixelFormat

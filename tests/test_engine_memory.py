@@ -84,6 +84,21 @@ def test_stages_after_a_shifted_grid_line_their_rows_up_with_it() -> None:
     assert engine.peak_output == max(r.height for r in rows) * 512 * 3  # one band at a time
 
 
+@pytest.mark.parametrize("edge, shift", [(64, 63), (7, 100), (4096, 5)])
+def test_a_grid_hint_that_is_wrong_costs_memory_not_correctness(edge: int, shift: int) -> None:
+    """The grid is a hint from whoever made the start message: one that does not match the
+    tiles sent (or is nonsense) still gives the exact result."""
+    source = canvas(256, 192)
+    source.grid.edge, source.grid.row_shift = edge, shift
+    pixels = RNG.integers(0, 256, (192, 256, 3), dtype=np.uint8)
+    stage = make_stage("upscale-simple", {"method": "bicubic", "scale": 2}, max_tile=64)
+    out, engine = run_engine(stage, [source], {0: pixels}, {0: transport_grid(256, 192, 64)}, transport_tile=64)
+    assert np.array_equal(out[0], resize(pixels, 512, 384, "bicubic"))
+    assert engine.outputs[0].plan.canvas.grid.row_shift < 64 and engine.held_input == 0
+    out, _ = run_engine(KeepingStage(KEEP_ROWS), [source], {0: pixels}, {0: transport_grid(256, 192, 64, 20)}, transport_tile=64)
+    assert np.array_equal(out[0], pixels)
+
+
 def test_a_shifted_grid_and_windows_line_up() -> None:
     rects = transport_grid(100, 150, 64, 20)
     assert sorted({(r.y, r.height) for r in rects}) == [(0, 44), (44, 64), (108, 42)]

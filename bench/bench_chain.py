@@ -45,7 +45,7 @@ from tilechain.services.core.engine import TileEngine, plan_outputs
 from tilechain.services.core.stage import IMAGE, Context, load_all
 from tilechain.services.core.tiles import transport_grid
 from tilechain.ports import unused_port
-from tilechain.stack import Stack
+from tilechain.stack import Stack, process_memory
 from tilechain.v1 import gateway_pb2, stage_pb2, tiles_pb2
 
 HERE = Path(__file__).resolve().parent
@@ -116,16 +116,6 @@ def machine() -> dict[str, str]:
         "rev": rev,
         "date": dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
     }
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process, in KiB."""
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0])
-    return out
 
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -263,7 +253,7 @@ class GatewayChain:
         request = chain_request(self.chain, attachments_of(self.chain, self.png), return_tiles=return_tiles)
         gateway = self.pids["gateway"]
         peak_reset = reset_peak(gateway)
-        rss_before = proc_status(gateway)["VmRSS"]
+        rss_before = process_memory(gateway)["VmRSS"]
         cpu0 = {c: cpu_seconds(p) for c, p in self.pids.items()}
         client0 = self_cpu()
         tiles: dict[str, int] = {}
@@ -286,7 +276,7 @@ class GatewayChain:
             raise RuntimeError(f"the gateway chain did not succeed: {status}")
         cpu = {c: cpu_seconds(p) - cpu0[c] for c, p in self.pids.items()}
         cpu["client"] = self_cpu() - client0
-        after = proc_status(gateway)
+        after = process_memory(gateway)
         rss = {"before": rss_before, "peak": after["VmHWM"] if peak_reset else None, "after": after["VmRSS"]}
         final = assembler.images.get((self.chain["stages"][-1]["name"], 0))
         return {"wall": wall, "cpu": cpu, "tiles": tiles, "bytes": tile_bytes, "final": final, "rss": rss}
@@ -659,13 +649,13 @@ def main() -> int:
         try:
             stack.start(components=COMPONENTS, extra_env={"TILECHAIN_OUTPUT_ROOT": str(Path(tmp) / "outputs")})
             gateway_pid = stack.processes["gateway"].pid
-            rss_idle = proc_status(gateway_pid)
+            rss_idle = process_memory(gateway_pid)
             log(f"stack up ({', '.join(COMPONENTS)}); gateway pid {gateway_pid}, RSS {mib(rss_idle['VmRSS'])}")
             head = bench_chain("lanczos", make_chain("lanczos"), stack, png, args.repeats, log)
             light = bench_chain("nearest", make_chain("nearest"), stack, png, args.repeats, log)
             passthrough = bench_chain("near-free", make_passthrough(), stack, png, args.repeats, log)
-            rss_end = proc_status(gateway_pid)
-            services_hwm = {c: proc_status(stack.processes[c].pid)["VmHWM"] for c in COMPONENTS if c != "gateway"}
+            rss_end = process_memory(gateway_pid)
+            services_hwm = {c: process_memory(stack.processes[c].pid)["VmHWM"] for c in COMPONENTS if c != "gateway"}
         finally:
             stack.stop()
 

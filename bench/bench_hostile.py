@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-from bench_chain import free_port, machine, proc_status, reset_peak, results_block, publish  # noqa: E402
+from bench_chain import free_port, machine, process_memory, reset_peak, results_block, publish  # noqa: E402
 
 from tests.test_images import bomb_png  # noqa: E402  (the hostile PNG the tests send too)
 
@@ -88,7 +88,7 @@ def big_attachment(stack: Stack, stub, png: bytes, streamed: bool) -> dict:
     chain = {"stages": [{"name": "load", "type": "source-image"},
                         {"name": "small", "type": "reduce-thumbnail", "params": {"width": 256, "height": 256}}]}
     pid = stack.processes["gateway"].pid
-    before = proc_status(pid)
+    before = process_memory(pid)
     reset_peak(pid)
     t0 = time.perf_counter()
     if streamed:
@@ -99,7 +99,7 @@ def big_attachment(stack: Stack, stub, png: bytes, streamed: bool) -> dict:
     seconds = time.perf_counter() - t0
     if final.state != gateway_pb2.JOB_STATE_SUCCEEDED:
         raise RuntimeError(final.message)
-    after = proc_status(pid)
+    after = process_memory(pid)
     return {"seconds": seconds, "peak_above": after["VmHWM"] - before["VmRSS"], "kept": after["VmRSS"] - before["VmRSS"]}
 
 
@@ -124,9 +124,9 @@ def main() -> int:
             for request in cases.values():
                 refuse(stub, request)
             for name, request in cases.items():
-                before = {p: proc_status(pid) for p, pid in pids.items()}
+                before = {p: process_memory(pid) for p, pid in pids.items()}
                 times = [refuse(stub, request) for _ in range(args.repeats)]
-                after = {p: proc_status(pid) for p, pid in pids.items()}
+                after = {p: process_memory(pid) for p, pid in pids.items()}
                 rows.append((name, times, before, after))
                 print(f"{name}: median {statistics.median(times) * 1000:.1f} ms, gateway RSS "
                       f"{delta(after['gateway']['VmRSS'] - before['gateway']['VmRSS'])}", flush=True)

@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_chain import free_port, machine, med, mib, proc_status, results_block, publish  # noqa: E402
+from bench_chain import free_port, machine, med, mib, process_memory, results_block, publish  # noqa: E402
 
 from tilechain.client import chain_request, connect  # noqa: E402
 from tilechain.services.core.codecs import tile_message  # noqa: E402
@@ -62,7 +62,7 @@ def run_size(edge: int, tmp: Path) -> dict:
     stack.start(components=COMPONENTS, extra_env=env)
     try:
         pids = {c: stack.processes[c].pid for c in COMPONENTS}
-        idle = {c: proc_status(p)["VmRSS"] for c, p in pids.items()}
+        idle = {c: process_memory(p)["VmRSS"] for c, p in pids.items()}
         stubs = {c: stage_pb2_grpc.StageStub(grpc.insecure_channel(stack.addresses[c])) for c in SERVICES}
         t0 = time.perf_counter()
         status = None
@@ -73,7 +73,7 @@ def run_size(edge: int, tmp: Path) -> dict:
         if status is None or status.state != gateway_pb2.JOB_STATE_SUCCEEDED:
             raise RuntimeError(f"{edge}: the job failed: {status}")
         stats = {c: stubs[c].Stats(stage_pb2.StatsRequest(wait_idle=True), timeout=60) for c in SERVICES}
-        peak = {c: proc_status(p)["VmHWM"] for c, p in pids.items()}
+        peak = {c: process_memory(p)["VmHWM"] for c, p in pids.items()}
         return {
             "edge": edge, "wall": wall, "idle": idle, "peak": peak,
             "rise": {c: peak[c] - idle[c] for c in COMPONENTS},
@@ -101,7 +101,7 @@ def idle_rss(launcher: list[str], tmp: Path) -> dict[str, int]:
                 stub = health_pb2_grpc.HealthStub(channel)
                 while stub.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=120).status != health_pb2.HealthCheckResponse.SERVING:
                     time.sleep(0.1)  # a bench, not a test: polling the health check
-            out[component] = proc_status(process.pid)["VmRSS"]
+            out[component] = process_memory(process.pid)["VmRSS"]
         finally:
             process.terminate()
             process.wait(30)

@@ -38,7 +38,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_chain import TICK, results_block, write_section, cpu_seconds, free_port, machine, med, mib, proc_status, reset_peak, secs, self_cpu  # noqa: E402
+from bench_chain import TICK, results_block, write_section, cpu_seconds, free_port, machine, med, mib, process_memory, reset_peak, secs, self_cpu  # noqa: E402
 
 from tilechain.client import TileAssembler, chain_request, connect  # noqa: E402
 from tilechain.services.core.codecs import decode_image, encode_image  # noqa: E402
@@ -206,17 +206,17 @@ class Direct:
         return {
             "wall": wall, "cpu": cpu, "others": max(0.0, machine_busy() - busy0 - cpu), "sys": r1.ru_stime - r0.ru_stime, "minflt": r1.ru_minflt - r0.ru_minflt, "preempted": r1.ru_nivcsw - r0.ru_nivcsw, "forward": forward_s, "forward_cpu": forward_cpu, "blend": blend_s,
             "tiles": len(tile_walls), "tile_walls": tile_walls, "input_px": input_px, "image": image,
-            "hwm": proc_status(os.getpid())["VmHWM"],
+            "hwm": process_memory(os.getpid())["VmHWM"],
         }
 
     def untiled(self, png: bytes) -> dict:
         """The whole image in one model call."""
         self_hwm_reset()
-        before = proc_status(os.getpid())["VmRSS"]
+        before = process_memory(os.getpid())["VmRSS"]
         cpu0, t0 = self_cpu(), time.perf_counter()
         image = self._forward(decode_image(png))
         return {"wall": time.perf_counter() - t0, "cpu": self_cpu() - cpu0, "image": image,
-                "rise": proc_status(os.getpid())["VmHWM"] - before}
+                "rise": process_memory(os.getpid())["VmHWM"] - before}
 
 
 PROBE_EDGE = TILE + 2 * OVERLAP  # an interior processing tile's input: 576²
@@ -237,7 +237,7 @@ def probe() -> dict:
         direct._forward(pixels)
         wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
         runs.append({"wall": wall, "user": r1.ru_utime - r0.ru_utime, "sys": r1.ru_stime - r0.ru_stime,
-                     "minflt": r1.ru_minflt - r0.ru_minflt, "hwm": proc_status(os.getpid())["VmHWM"]})
+                     "minflt": r1.ru_minflt - r0.ru_minflt, "hwm": process_memory(os.getpid())["VmHWM"]})
     return min(runs, key=lambda r: r["wall"])
 
 
@@ -294,7 +294,7 @@ class Gateway:
         cpu["client"] = self_cpu() - client0
         times = {k: v - times0[k] for k, v in proc_times(up).items()}
         others = max(0.0, machine_busy() - busy0 - sum(cpu.values()))
-        hwm = {c: proc_status(p)["VmHWM"] if peaks[c] else None for c, p in self.pids.items()}
+        hwm = {c: process_memory(p)["VmHWM"] if peaks[c] else None for c, p in self.pids.items()}
         return {
             "wall": wall, "others": others, "first_tile": first_tile, "progress": progress, "tiles": tiles, "bytes": tile_bytes,
             "cpu": cpu, "up_sys": times["sys"], "up_minflt": times["minflt"], "up_threads": thread_groups(up, threads0, thread_cpu(up)), "hwm": hwm,

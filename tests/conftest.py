@@ -24,16 +24,6 @@ SLIM_PYTHON = ROOT / "var" / "venv-slim" / "bin" / "python"
 os.environ["HF_HUB_OFFLINE"] = "1"  # the in-process model tests never reach the network either
 
 
-def memory(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM (peak) of a process, in KiB."""
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            fields[key] = int(value.split()[0])
-    return fields
-
-
 def free_port() -> int:
     return unused_port("127.0.0.1")
 

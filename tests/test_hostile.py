@@ -17,10 +17,10 @@ import pytest
 
 from tilechain.client import chain_request, connect
 from tilechain.services.core.params import dict_to_struct
-from tilechain.stack import Stack
+from tilechain.stack import Stack, process_memory
 from tilechain.v1 import gateway_pb2
 
-from .conftest import free_port, memory, run_events
+from .conftest import free_port, run_events
 from .test_images import bomb_png
 
 NOISE = {"name": "noise", "type": "source-noise", "params": {"width": 32, "height": 32, "seed": 1}}
@@ -208,11 +208,11 @@ def test_gateway_memory_stays_flat_over_16_of_each(strict: Stack) -> None:
     cases = [request for request, _ in HOSTILE.values()] + [deep_struct_chain(1000)]
     for request in cases:  # once first: imports and caches settle
         assert send(address, request).code() == grpc.StatusCode.INVALID_ARGUMENT
-    before = memory(pid)
+    before = process_memory(pid)
     for _ in range(16):
         for request in cases:
             assert send(address, request).code() == grpc.StatusCode.INVALID_ARGUMENT
-    after = memory(pid)
+    after = process_memory(pid)
     mib = 1024
     # growth only: the allocator handing pages back (RSS falling) is no failure
     assert after["VmRSS"] - before["VmRSS"] <= 20 * mib, (before, after)

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from tilechain.client import chain_request, connect
-from tilechain.stack import Stack
+from tilechain.stack import Stack, process_memory
 from tilechain.v1 import gateway_pb2, stage_pb2, stage_pb2_grpc
 
-from .conftest import free_port, memory
+from .conftest import free_port
 
 SERVICES = ("source", "upscale", "reduce", "persist")
 EDGE = 4096  # source canvas; x2 makes the 8192² canvas (201 MB of RGB) that upscale and reduce stream
@@ -38,7 +38,7 @@ def lean_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def test_a_fast_source_feeding_a_slower_stage_keeps_every_process_flat(lean_stack: Stack) -> None:
     pids = {c: lean_stack.processes[c].pid for c in (*SERVICES, "gateway")}
-    idle = {c: memory(pid)["VmRSS"] * 1024 for c, pid in pids.items()}
+    idle = {c: process_memory(pid)["VmRSS"] * 1024 for c, pid in pids.items()}
     stubs = {c: stage_pb2_grpc.StageStub(grpc.insecure_channel(lean_stack.addresses[c])) for c in SERVICES}
     for stub in stubs.values():
         stub.Stats(stage_pb2.StatsRequest(reset_peaks=True), timeout=30)
@@ -66,7 +66,7 @@ def test_a_fast_source_feeding_a_slower_stage_keeps_every_process_flat(lean_stac
     # every process, as the kernel counts it: the peak above its idle size stays a fraction
     # of the 201 MB canvas that went through it (the whole-canvas engine held over 1 GB here)
     for component, pid in pids.items():
-        rise = memory(pid)["VmHWM"] * 1024 - idle[component]
+        rise = process_memory(pid)["VmHWM"] * 1024 - idle[component]
         assert rise < big_bytes / 3, f"{component} rose {rise / MiB:.0f} MiB for a {big_bytes / MiB:.0f} MiB canvas"
 
 

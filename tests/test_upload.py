@@ -15,10 +15,10 @@ from PIL import Image
 
 from tilechain.client import STREAM_ABOVE_BYTES, chain_request, submit_stream, upload_messages
 from tilechain.services.core.codecs import encode_image
-from tilechain.stack import Stack
+from tilechain.stack import Stack, process_memory
 from tilechain.v1 import gateway_pb2
 
-from .conftest import memory, run_events
+from .conftest import run_events
 from .test_images import bomb_png
 
 COPY = {"stages": [{"name": "load", "type": "source-image"},
@@ -115,9 +115,9 @@ def test_finished_jobs_keep_nothing_of_their_attachments(gateway, stack: Stack) 
     requests = [chain_request(chain, [("load", "image", random_png(1024, seed)[1])]) for seed in range(19)]
     for request in requests[:3]:  # warm up: the allocator and the job store's pages settle
         assert run_events(gateway, request)[-1].status.state == gateway_pb2.JOB_STATE_SUCCEEDED
-    before = memory(pid)
+    before = process_memory(pid)
     for request in requests[3:]:
         assert run_events(gateway, request)[-1].status.state == gateway_pb2.JOB_STATE_SUCCEEDED
-    after = memory(pid)
+    after = process_memory(pid)
     # Growth only: the allocator may hand pages back after the warm-up (CI saw -80 MiB), which is fine.
     assert after["VmRSS"] - before["VmRSS"] <= 20 * 1024, (before, after)  # 16 x 3 MiB would show

@@ -303,6 +303,16 @@ def address_taken(address: str) -> bool:
     return False
 
 
+def process_memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, in KiB (for the tests and benches that measure it)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
 def log_tail(path: Path, lines: int = 5) -> str:
     """The last lines of a log, to say why a component failed."""
     try:

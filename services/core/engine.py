@@ -104,9 +104,8 @@ def output_grid(stage: Stage, output: OutputPlan, transport_tile: int) -> tiles_
     grid = tiles_pb2.TileGrid(edge=edge)
     if not output.sources or stage.needs_whole_canvas:
         return grid
-    name, source = next(iter(output.sources.items()))
-    if "image" in output.sources:
-        name, source = "image", output.sources["image"]
+    name = "image" if "image" in output.sources else next(iter(output.sources))
+    source = output.sources[name]
     if source.grid.edge:
         in_rows = Rows(source.grid.edge, source.grid.row_shift, source.height)
     else:  # no hint (an attachment): cut as this service would cut it
